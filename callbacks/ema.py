@@ -1,0 +1,107 @@
+"""Exponential moving average of a module's weights, shared by every method that needs one.
+
+The averaged copy is a plain attribute, never a registered submodule, so DDP does not wrap it
+(Lightning issue #17847), its buffers are not broadcast from rank 0, and it receives no gradient.
+The update is one multi-tensor ``torch._foreach_lerp_`` call per dtype/device group.
+
+Usage::
+
+    ema = EMAModel(net, decay=0.999)
+    ...  # after each optimizer step
+    ema.update(net)
+    logits = ema.module(images)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+
+class EMAModel:
+    """Keeps ``module``, an exponential moving average of another module's weights.
+
+    Args:
+        model: the module to average; it is deep-copied once.
+        decay: weight of the old average, ``ema = decay * ema + (1 - decay) * weights``.
+        warmup_power: if set, the decay ramps up as ``min(decay, 1 - (1 + t) ** -warmup_power)``
+            over update count ``t`` (timm's ModelEmaV3 warm-up; 2/3 or 3/4 are usual).
+        buffers: ``"copy"`` takes BatchNorm statistics from the model (FixMatch, USB),
+            ``"average"`` averages floating-point buffers like parameters.
+        device: keep the copy on this device (e.g. ``"cpu"`` to save accelerator memory).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.999,
+        warmup_power: float | None = None,
+        buffers: Literal["copy", "average"] = "copy",
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+        if buffers not in ("copy", "average"):
+            raise ValueError(f"buffers must be 'copy' or 'average', got {buffers!r}")
+        self.decay = decay
+        self.warmup_power = warmup_power
+        self.buffers = buffers
+        self.device = torch.device(device) if device is not None else None
+        self.num_updates = 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        if self.device is not None:
+            self.module.to(self.device)
+
+    def current_decay(self) -> float:
+        if self.warmup_power is None:
+            return self.decay
+        return min(self.decay, 1.0 - (1.0 + self.num_updates) ** -self.warmup_power)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the average one step towards ``model``'s current weights."""
+        weight = 1.0 - self.current_decay()
+        ema_params = list(self.module.parameters())
+        params = [p.detach() for p in model.parameters()]
+        if len(ema_params) != len(params):
+            raise ValueError("EMAModel.update got a model with another parameter list than the averaged one")
+        _lerp_grouped(ema_params, params, weight)
+        float_pairs, other_pairs = [], []
+        for ema_b, b in zip(self.module.buffers(), model.buffers()):
+            (float_pairs if ema_b.is_floating_point() else other_pairs).append((ema_b, b))
+        if self.buffers == "average":
+            _lerp_grouped([e for e, _ in float_pairs], [b for _, b in float_pairs], weight)
+        else:
+            other_pairs += float_pairs
+        for ema_b, b in other_pairs:
+            ema_b.copy_(b, non_blocking=True)
+        self.num_updates += 1
+
+    def to(self, device: torch.device | str) -> "EMAModel":
+        """Follow the trained model to ``device`` unless a fixed device was asked for."""
+        if self.device is None:
+            self.module.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.num_updates = int(state["num_updates"])
+
+
+def _lerp_grouped(targets: list[torch.Tensor], sources: list[torch.Tensor], weight: float) -> None:
+    """``targets += weight * (sources - targets)``, one foreach call per (device, dtype) group."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
+    for t, s in zip(targets, sources):
+        key = (t.device, t.dtype)
+        if key not in groups:
+            groups[key] = ([], [])
+        groups[key][0].append(t)
+        groups[key][1].append(s.to(device=t.device, dtype=t.dtype, non_blocking=True))
+    for ts, ss in groups.values():
+        torch._foreach_lerp_(ts, ss, weight)
