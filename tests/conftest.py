@@ -16,7 +16,8 @@ SHARED_DATA = Path(os.environ.get("LABELWISE_SHARED_DATA", REPO.parent / "shared
 
 def _read_cifar_jpegs(split: str, n: int) -> tuple[torch.Tensor, list[str]]:
     """Decode the first `n` JPEGs of the CIFAR-10 tarball without unpacking it."""
-    from torchvision.io import decode_jpeg
+    import numpy as np
+    from PIL import Image
 
     path = SHARED_DATA / "cifar10" / f"{split}.tar.gz"
     if not path.exists():
@@ -26,8 +27,8 @@ def _read_cifar_jpegs(split: str, n: int) -> tuple[torch.Tensor, list[str]]:
         for member in tar:
             if not member.isfile() or not member.name.endswith(".jpg"):
                 continue
-            data = torch.frombuffer(bytearray(tar.extractfile(member).read()), dtype=torch.uint8)
-            images.append(decode_jpeg(data))
+            with Image.open(io.BytesIO(tar.extractfile(member).read())) as pil:
+                images.append(torch.from_numpy(np.asarray(pil.convert("RGB")).copy()).permute(2, 0, 1))
             names.append(member.name)
             if len(images) == n:
                 break
@@ -45,3 +46,32 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"{SHARED_DATA} not found")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cifar_folder(tmp_path_factory) -> Path:
+    """A real ImageFolder tree: 20 train and 5 test CIFAR-10 JPEGs per class, from the test tarball."""
+    path = SHARED_DATA / "cifar10" / "test.tar.gz"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    root = tmp_path_factory.mktemp("cifar_folder")
+    seen: dict[str, int] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile() or not member.name.endswith(".jpg"):
+                continue
+            cls = member.name.split("/")[-2]
+            k = seen.get(cls, 0)
+            if k >= 25:
+                continue
+            seen[cls] = k + 1
+            out = root / ("train" if k < 20 else "test") / cls / Path(member.name).name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(tar.extractfile(member).read())
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own working directory, so runs and split files never land in the repo."""
+    monkeypatch.chdir(tmp_path)

@@ -1,0 +1,245 @@
+"""The labeled/unlabeled DataModule base that every classification data set builds on.
+
+Images stay in memory as uint8 tensors and the loaders yield uint8 batches; augmentation runs
+after the batch reaches its device (``on_after_batch_transfer``), batched with per-sample random
+parameters, so the same code runs on CPU and GPU and the loader is never the bottleneck.
+
+A training batch is ``{"labeled": {"image", "target", "index"}, "unlabeled": {<view>: ..., "index"}}``.
+The unlabeled views are the ones the LightningModule lists in its ``unlabeled_views`` attribute
+(``("weak", "strong")`` for FixMatch, none for ``Supervised``); any name starting with ``weak`` or
+``strong`` gets an independent draw of that augmentation, so ``("weak", "weak2")`` gives two.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from lightning import LightningDataModule
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from datamodules.augment import normalize, strong_augment, weak_augment
+from datamodules.split import LabeledSplit, class_balanced_split, load_split, save_split
+
+log = logging.getLogger(__name__)
+
+
+class IndexedImages(Dataset):
+    """Rows ``indices`` of an in-memory uint8 image tensor; batches are gathered in one indexing op."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor | None = None) -> None:
+        self.images, self.targets = images, targets
+        self.indices = torch.arange(len(images)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i])
+
+    def __getitems__(self, positions: Sequence[int]) -> dict[str, torch.Tensor]:
+        index = self.indices[torch.as_tensor(positions, dtype=torch.long)]
+        return {"image": self.images[index], "target": self.targets[index], "index": index}
+
+
+def _keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Collate function: ``IndexedImages.__getitems__`` already returns a whole batch."""
+    return batch
+
+
+class SSLDataModule(LightningDataModule):
+    """Base for labeled/unlabeled classification data.
+
+    Subclasses set ``num_classes``, ``num_channels``, ``mean``, ``std`` and implement
+    ``load_train`` and ``load_test`` (uint8 images ``(N, C, H, W)`` and int64 targets); those with
+    extra unlabeled images (STL-10) override ``load_extra_unlabeled``.
+
+    Args:
+        root: where the data set lives (or is downloaded to).
+        download: download the data set into ``root`` if it is not there.
+        num_labeled: labeled images, drawn class-balanced (``num_labeled / num_classes`` per class);
+            ``None`` labels the whole training set.
+        batch_size: labeled images per step.
+        uratio: unlabeled images per labeled image in a step (FixMatch's mu).
+        steps_per_epoch: an epoch is this many steps, whatever the size of the labeled set.
+        eval_batch_size: batch size for validation, test and predict.
+        seed: seed of the labeled/unlabeled split.
+        split_file: reuse a ``split.json`` saved by an earlier run instead of drawing a split.
+        include_labeled_in_unlabeled: labeled images also appear, without labels, in the
+            unlabeled stream (FixMatch's and USB's default).
+        hflip: random horizontal flips in the weak view (``None``: the data set's default).
+        pad_fraction: weak-view translation, as reflect-padding of this fraction of the size.
+        randaugment_ops: RandAugment ops per image in the strong view.
+        cutout_fraction: largest Cutout side in the strong view, as a fraction of the image.
+        unlabeled_views: override the views the model asks for.
+        num_workers: loader processes; 0 is right for in-memory data.
+    """
+
+    num_classes: int
+    num_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    default_hflip: bool = True
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = False,
+        num_labeled: int | None = 4000,
+        batch_size: int = 64,
+        uratio: int = 7,
+        steps_per_epoch: int = 1024,
+        eval_batch_size: int = 256,
+        seed: int = 0,
+        split_file: str | None = None,
+        include_labeled_in_unlabeled: bool = True,
+        hflip: bool | None = None,
+        pad_fraction: float = 0.125,
+        randaugment_ops: int = 2,
+        cutout_fraction: float = 0.5,
+        unlabeled_views: list[str] | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("uratio", uratio), ("steps_per_epoch", steps_per_epoch)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self.root = Path(root).expanduser()
+        self.download = download
+        self.num_labeled = num_labeled
+        self.batch_size, self.uratio = batch_size, uratio
+        self.steps_per_epoch, self.eval_batch_size = steps_per_epoch, eval_batch_size
+        self.seed, self.split_file = seed, split_file
+        self.include_labeled_in_unlabeled = include_labeled_in_unlabeled
+        self.hflip = self.default_hflip if hflip is None else hflip
+        self.pad_fraction, self.randaugment_ops, self.cutout_fraction = pad_fraction, randaugment_ops, cutout_fraction
+        self.unlabeled_views = unlabeled_views
+        self.num_workers = num_workers
+        self.split: LabeledSplit | None = None
+        self.split_path: Path | None = None
+        self._train: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._test: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # --- what a concrete data set provides -------------------------------------------------
+    def load_train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_extra_unlabeled(self) -> torch.Tensor | None:
+        return None
+
+    # --- set-up ----------------------------------------------------------------------------
+    @property
+    def dataset_name(self) -> str:
+        return type(self).__name__
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            if self._train is None:
+                self._train = self.load_train()
+                self._extra = self.load_extra_unlabeled()
+            self.split = self._make_split(self._train[1])
+            self._save_split()
+        if self._test is None and stage in ("fit", "validate", "test", "predict"):
+            self._test = self.load_test()
+
+    def _make_split(self, targets: torch.Tensor) -> LabeledSplit:
+        if self.split_file is not None:
+            split = load_split(self.split_file, targets, self.dataset_name)
+            log.info("loaded the labeled/unlabeled split from %s", self.split_file)
+            return split
+        if self.num_labeled is None:
+            return LabeledSplit(torch.arange(len(targets)), torch.empty(0, dtype=torch.long), self.seed)
+        return class_balanced_split(targets, self.num_labeled, self.num_classes, self.seed)
+
+    def _save_split(self) -> None:
+        trainer = self.trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        self.split_path = save_split(Path(log_dir) / "split.json", self.split, self._train[1], self.dataset_name)
+
+    # --- loaders ---------------------------------------------------------------------------
+    def requested_unlabeled_views(self) -> tuple[str, ...]:
+        if self.unlabeled_views is not None:
+            return tuple(self.unlabeled_views)
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        return tuple(getattr(model, "unlabeled_views", ("weak", "strong")))
+
+    def _stream(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        # Sampling without replacement over as many passes as the epoch's steps need.
+        sampler = RandomSampler(dataset, num_samples=self.steps_per_epoch * batch_size)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                          collate_fn=_keep_batch, num_workers=self.num_workers)
+
+    def unlabeled_dataset(self) -> IndexedImages:
+        images, targets = self._train
+        indices = self.split.unlabeled
+        if self.include_labeled_in_unlabeled:
+            indices = torch.cat([self.split.labeled, indices]).sort().values
+        if self._extra is not None:  # extra images carry target -1 and indices after the training set
+            images = torch.cat([images, self._extra])
+            targets = torch.cat([targets, torch.full((len(self._extra),), -1, dtype=targets.dtype)])
+            indices = torch.cat([indices, torch.arange(len(self._train[0]), len(images))])
+        return IndexedImages(images, targets, indices)
+
+    def train_dataloader(self) -> CombinedLoader:
+        images, targets = self._train
+        loaders = {"labeled": self._stream(IndexedImages(images, targets, self.split.labeled), self.batch_size)}
+        if self.requested_unlabeled_views():
+            unlabeled = self.unlabeled_dataset()
+            if len(unlabeled) == 0:
+                raise ValueError(f"{self.dataset_name}: the unlabeled set is empty; lower num_labeled or include labeled images")
+            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio)
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def _eval_loader(self) -> DataLoader:
+        return DataLoader(IndexedImages(*self._test), batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=_keep_batch, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        # Like USB and TorchSSL, validation reports on the test set; nothing is selected by it.
+        return self._eval_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    # --- augmentation, on the batch's device ----------------------------------------------
+    def weak(self, images: torch.Tensor) -> torch.Tensor:
+        return weak_augment(images, hflip=self.hflip, pad_fraction=self.pad_fraction)
+
+    def strong(self, images: torch.Tensor) -> torch.Tensor:
+        return strong_augment(images, hflip=self.hflip, pad_fraction=self.pad_fraction,
+                              num_ops=self.randaugment_ops, cutout_fraction=self.cutout_fraction)
+
+    def view(self, name: str, images: torch.Tensor) -> torch.Tensor:
+        if name.startswith("weak"):
+            return self.weak(images)
+        if name.startswith("strong"):
+            return self.strong(images)
+        if name.startswith("plain"):
+            return images
+        raise ValueError(f"unknown view {name!r}: view names start with 'weak', 'strong' or 'plain'")
+
+    def to_float(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(images, self.mean, self.std)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "labeled" in batch:
+            labeled = dict(batch["labeled"], image=self.to_float(self.weak(batch["labeled"]["image"])))
+            out = {"labeled": labeled}
+            if "unlabeled" in batch:
+                raw = batch["unlabeled"]
+                out["unlabeled"] = {"index": raw["index"], "target": raw["target"]}
+                for name in self.requested_unlabeled_views():
+                    out["unlabeled"][name] = self.to_float(self.view(name, raw["image"]))
+            return out
+        return dict(batch, image=self.to_float(batch["image"]))

@@ -1,0 +1,122 @@
+"""Class-balanced labeled/unlabeled splits, saved as JSON so a run can be reproduced exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SPLIT_FORMAT = "labelwise-split/1"
+
+
+@dataclass(frozen=True)
+class LabeledSplit:
+    """Indices into a training set: ``labeled`` and ``unlabeled`` are disjoint and sorted."""
+
+    labeled: torch.Tensor
+    unlabeled: torch.Tensor
+    seed: int
+
+
+def class_balanced_split(targets: torch.Tensor, num_labeled: int, num_classes: int, seed: int) -> LabeledSplit:
+    """Draw exactly ``num_labeled / num_classes`` labeled images per class; the rest is unlabeled.
+
+    Raises ``ValueError`` naming the problem when the counts cannot be met.
+    """
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    total = targets.numel()
+    if num_labeled <= 0:
+        raise ValueError(f"num_labeled must be positive, got {num_labeled}")
+    if num_labeled > total:
+        raise ValueError(
+            f"num_labeled={num_labeled} is larger than the training set ({total} images): "
+            f"choose at most {total - total % num_classes}"
+        )
+    if num_labeled % num_classes:
+        below = num_labeled - num_labeled % num_classes
+        raise ValueError(
+            f"num_labeled={num_labeled} cannot be split into equal per-class counts over {num_classes} "
+            f"classes: use a multiple of {num_classes} such as {below or num_classes} or {below + num_classes}"
+        )
+    per_class = num_labeled // num_classes
+    counts = torch.bincount(targets, minlength=num_classes)
+    short = [c for c in range(num_classes) if counts[c] < per_class]
+    if short:
+        raise ValueError(
+            f"num_labeled={num_labeled} needs {per_class} labeled images per class, but class(es) "
+            f"{short} have only {[int(counts[c]) for c in short]}: lower num_labeled to at most "
+            f"{int(counts.min()) * num_classes}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    labeled = []
+    for c in range(num_classes):
+        members = torch.nonzero(targets == c).flatten()
+        labeled.append(members[torch.randperm(members.numel(), generator=generator)[:per_class]])
+    labeled_idx = torch.cat(labeled).sort().values
+    is_labeled = torch.zeros(total, dtype=torch.bool)
+    is_labeled[labeled_idx] = True
+    return LabeledSplit(labeled_idx, torch.nonzero(~is_labeled).flatten(), seed)
+
+
+def targets_fingerprint(targets: torch.Tensor) -> str:
+    """A short hash of the training labels, so a split file cannot be applied to another dataset."""
+    data = torch.as_tensor(targets, dtype=torch.int64).contiguous().numpy().tobytes()
+    return hashlib.sha1(data).hexdigest()[:16]
+
+
+def save_split(path: str | os.PathLike, split: LabeledSplit, targets: torch.Tensor, dataset: str) -> Path:
+    """Write the split as JSON atomically (temporary file + rename): never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "format": SPLIT_FORMAT,
+        "dataset": dataset,
+        "num_train": int(torch.as_tensor(targets).numel()),
+        "targets_sha1": targets_fingerprint(targets),
+        "seed": split.seed,
+        "num_labeled": int(split.labeled.numel()),
+        "labeled": split.labeled.tolist(),
+        "unlabeled": split.unlabeled.tolist(),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_split(path: str | os.PathLike, targets: torch.Tensor, dataset: str) -> LabeledSplit:
+    """Read a split written by :func:`save_split` and check it belongs to this training set."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split_file {path} does not exist: pass the split.json saved in a run's log dir")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"split_file {path} is not valid JSON ({err}): it may be truncated or not a split file") from err
+    if record.get("format") != SPLIT_FORMAT:
+        raise ValueError(f"split_file {path} is not a labelwise split (format {record.get('format')!r})")
+    num_train = int(torch.as_tensor(targets).numel())
+    if record["dataset"] != dataset or record["num_train"] != num_train or record["targets_sha1"] != targets_fingerprint(targets):
+        raise ValueError(
+            f"split_file {path} was made for {record['dataset']} with {record['num_train']} training images "
+            f"(labels {record['targets_sha1']}), but this run uses {dataset} with {num_train} "
+            f"(labels {targets_fingerprint(targets)}): pass the split file of this dataset"
+        )
+    labeled = torch.tensor(record["labeled"], dtype=torch.long)
+    unlabeled = torch.tensor(record["unlabeled"], dtype=torch.long)
+    everything = torch.cat([labeled, unlabeled])
+    if everything.numel() != num_train or torch.unique(everything).numel() != num_train:
+        raise ValueError(f"split_file {path} does not partition the {num_train} training images into labeled and unlabeled")
+    return LabeledSplit(labeled, unlabeled, int(record["seed"]))

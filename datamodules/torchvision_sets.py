@@ -1,0 +1,135 @@
+"""CIFAR-10, CIFAR-100, SVHN and STL-10 through torchvision, with torchvision's own download code."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchvision
+
+from datamodules.base import SSLDataModule
+
+
+class TorchvisionSSL(SSLDataModule):
+    """Shared loading for the torchvision data sets; subclasses name the class and its splits."""
+
+    dataset_class: type
+    folder_hint: str
+
+    def prepare_data(self) -> None:
+        if self.download:
+            for split in self._splits():
+                self._open(split, download=True)
+
+    def _splits(self) -> tuple[str, ...]:
+        return ("train", "test")
+
+    def _kwargs(self, split: str) -> dict:
+        return {"train": split == "train"}
+
+    def _open(self, split: str, download: bool = False):
+        try:
+            return self.dataset_class(str(self.root), download=download, **self._kwargs(split))
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+            raise FileNotFoundError(
+                f"{self.dataset_name}: no {split} data under root={str(self.root)!r} (expected {self.folder_hint}). "
+                f"Pass --data.download true to download it there, or point --data.root at the folder that holds it."
+            ) from err
+
+    @staticmethod
+    def _to_tensors(data: np.ndarray, targets, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.from_numpy(np.ascontiguousarray(data))
+        if channels_last:
+            images = images.permute(0, 3, 1, 2).contiguous()
+        return images, torch.as_tensor(np.asarray(targets), dtype=torch.long)
+
+    def load_train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = self._open("train")
+        return self._to_tensors(ds.data, ds.targets, channels_last=True)
+
+    def load_test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = self._open("test")
+        return self._to_tensors(ds.data, ds.targets, channels_last=True)
+
+
+class CIFAR10SSL(TorchvisionSSL):
+    """CIFAR-10: 50,000 train / 10,000 test 32x32 colour images in 10 classes."""
+
+    dataset_class = torchvision.datasets.CIFAR10
+    folder_hint = "cifar-10-batches-py/"
+    num_classes, num_channels = 10, 3
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+
+
+class CIFAR100SSL(TorchvisionSSL):
+    """CIFAR-100: 50,000 train / 10,000 test 32x32 colour images in 100 classes."""
+
+    dataset_class = torchvision.datasets.CIFAR100
+    folder_hint = "cifar-100-python/"
+    num_classes, num_channels = 100, 3
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+    def __init__(self, num_labeled: int | None = 10000, **kwargs) -> None:
+        super().__init__(num_labeled=num_labeled, **kwargs)
+
+
+class SVHNSSL(TorchvisionSSL):
+    """SVHN: 73,257 train / 26,032 test digits; ``use_extra`` adds the 531,131 extra images as unlabeled.
+
+    No flips (digits), as in FixMatch's SVHN recipe.
+    """
+
+    dataset_class = torchvision.datasets.SVHN
+    folder_hint = "train_32x32.mat, test_32x32.mat"
+    num_classes, num_channels = 10, 3
+    mean, std = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
+    default_hflip = False
+
+    def __init__(self, num_labeled: int | None = 1000, use_extra: bool = False, **kwargs) -> None:
+        super().__init__(num_labeled=num_labeled, **kwargs)
+        self.use_extra = use_extra
+
+    def _splits(self) -> tuple[str, ...]:
+        return ("train", "test", "extra") if self.use_extra else ("train", "test")
+
+    def _kwargs(self, split: str) -> dict:
+        return {"split": split}
+
+    def load_train(self):
+        ds = self._open("train")
+        return self._to_tensors(ds.data, ds.labels, channels_last=False)
+
+    def load_test(self):
+        ds = self._open("test")
+        return self._to_tensors(ds.data, ds.labels, channels_last=False)
+
+    def load_extra_unlabeled(self) -> torch.Tensor | None:
+        return torch.from_numpy(self._open("extra").data) if self.use_extra else None
+
+
+class STL10SSL(TorchvisionSSL):
+    """STL-10: 5,000 labeled train / 8,000 test 96x96 images, plus 100,000 unlabeled images."""
+
+    dataset_class = torchvision.datasets.STL10
+    folder_hint = "stl10_binary/"
+    num_classes, num_channels = 10, 3
+    mean, std = (0.4409, 0.4279, 0.3868), (0.2683, 0.2610, 0.2687)
+
+    def __init__(self, num_labeled: int | None = 1000, **kwargs) -> None:
+        super().__init__(num_labeled=num_labeled, **kwargs)
+
+    def _splits(self) -> tuple[str, ...]:
+        return ("train", "test", "unlabeled")
+
+    def _kwargs(self, split: str) -> dict:
+        return {"split": split}
+
+    def load_train(self):
+        ds = self._open("train")
+        return self._to_tensors(ds.data, ds.labels, channels_last=False)
+
+    def load_test(self):
+        ds = self._open("test")
+        return self._to_tensors(ds.data, ds.labels, channels_last=False)
+
+    def load_extra_unlabeled(self) -> torch.Tensor:
+        return torch.from_numpy(self._open("unlabeled").data)
