@@ -1,0 +1,172 @@
+"""The base every semi-supervised classifier (and the supervised baseline) builds on.
+
+The base owns what methods share: the network, the labeled loss, SGD with Nesterov momentum and
+FixMatch's cosine schedule, an EMA copy of the weights used for validation, test and predict,
+and logging. A method subclass says only what makes it different: which unlabeled views it
+needs (``unlabeled_views``) and its ``unlabeled_loss``; methods whose forward is not a plain
+pass over the views (MixMatch's mixup) override ``compute_losses``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from callbacks.ema import EMAModel
+from lightning_modules.networks import build_network
+
+
+class SemiSupervisedModule(LightningModule):
+    """Shared training, evaluation and optimization for semi-supervised classifiers.
+
+    Args:
+        num_classes: classes of the data (linked from the DataModule by ``train.py``).
+        in_channels: image channels (linked from the DataModule by ``train.py``).
+        network: a name for :func:`lightning_modules.networks.build_network` (``wrn28_2``,
+            ``wrn28_8``, ``resnet18``, ``timm:<name>``, ...).
+        network_kwargs: extra arguments for the network constructor.
+        lr, momentum, nesterov, weight_decay: SGD; weight decay skips biases and norm weights.
+        cosine_fraction: ``lr = lr0 * cos(pi * cosine_fraction * k / K)``, 7/16 in FixMatch.
+        warmup_steps: linear learning-rate warm-up steps.
+        ema_decay: decay of the evaluation EMA; ``None`` evaluates the raw weights.
+        unlabeled_loss_weight: lambda_u, the weight of the unlabeled loss.
+        concat_forward: one forward over labeled and unlabeled images together (BatchNorm sees
+            the whole step's batch, as in FixMatch) instead of one forward per view.
+    """
+
+    #: unlabeled views the DataModule must produce for this method
+    unlabeled_views: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        network: str = "wrn28_2",
+        network_kwargs: dict[str, Any] | None = None,
+        lr: float = 0.03,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 5e-4,
+        cosine_fraction: float = 7 / 16,
+        warmup_steps: int = 0,
+        ema_decay: float | None = 0.999,
+        unlabeled_loss_weight: float = 1.0,
+        concat_forward: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_network(network, num_classes=num_classes, in_channels=in_channels, **(network_kwargs or {}))
+        # A plain attribute, not a submodule: DDP never wraps it and it gets no gradient.
+        self.ema = EMAModel(self.net, decay=ema_decay) if ema_decay is not None else None
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """The weights used for validation, test and predict: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def forward_views(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Logits of each batch in ``images``: one concatenated forward, or one forward each."""
+        if not self.hparams.concat_forward:
+            return [self.net(x) for x in images]
+        return list(self.net(torch.cat(images)).split([len(x) for x in images]))
+
+    # --- training --------------------------------------------------------------------------
+    def labeled_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets)
+
+    def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return ``{"unlabeled_loss": ..., <diagnostics>...}`` from the logits of each unlabeled view."""
+        raise NotImplementedError(f"{type(self).__name__} lists unlabeled views but defines no unlabeled_loss")
+
+    def unlabeled_weight(self) -> float:
+        """lambda_u at the current step; methods with a ramp-up override this."""
+        return self.hparams.unlabeled_loss_weight
+
+    def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        labeled, unlabeled = batch["labeled"], batch.get("unlabeled")
+        views = self.unlabeled_views if unlabeled is not None else ()
+        logits = self.forward_views([labeled["image"]] + [unlabeled[v] for v in views])
+        losses = {"labeled_loss": self.labeled_loss(logits[0], labeled["target"])}
+        if views:
+            losses.update(self.unlabeled_loss(dict(zip(views, logits[1:])), unlabeled))
+        return losses
+
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(batch)
+        loss = losses["labeled_loss"]
+        if "unlabeled_loss" in losses:
+            loss = loss + self.unlabeled_weight() * losses["unlabeled_loss"]
+        logged = {f"train/{k}": v.detach() for k, v in losses.items()}
+        logged["train/loss"] = loss.detach()
+        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=len(batch["labeled"]["target"]))
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.net)
+
+    # --- evaluation ------------------------------------------------------------------------
+    def _sync_ema_device(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    on_fit_start = on_validation_start = on_test_start = on_predict_start = _sync_ema_device
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> None:
+        logits = self.eval_net(batch["image"])
+        metric.update(logits.argmax(dim=1), batch["target"])
+        self.log(f"{stage}/loss", F.cross_entropy(logits, batch["target"]), batch_size=len(logits))
+        self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=stage == "val", batch_size=len(logits))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        probs = torch.softmax(self.eval_net(batch["image"]).float(), dim=1)
+        return {"index": batch["index"], "probs": probs, "prediction": probs.argmax(dim=1)}
+
+    # --- optimization ----------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay = [p for p in self.net.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.net.parameters() if p.ndim <= 1]
+        optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda k: cosine_with_warmup(k, total, hp.warmup_steps, hp.cosine_fraction))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int = 0, fraction: float = 7 / 16) -> float:
+    """Learning-rate factor: linear warm-up, then ``cos(pi * fraction * step / total)``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return math.cos(math.pi * fraction * min(step, total) / total)
