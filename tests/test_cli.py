@@ -1,0 +1,59 @@
+"""train.py: --print_config for every registered class and config, and fit/validate/test/predict."""
+
+from pathlib import Path
+
+import pytest
+
+import datamodules
+import lightning_modules
+from train import cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def _print_config(args, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args + ["--print_config"])
+    assert exit_info.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", lightning_modules.MODELS)
+def test_print_config_for_every_model(model, capsys):
+    out = _print_config(["fit", "--model", model, "--data", "DigitsSSL"], capsys)
+    assert f"class_path: lightning_modules.{model}" in out and "network: wrn28_2" in out
+
+
+@pytest.mark.parametrize("data", datamodules.DATAMODULES)
+def test_print_config_for_every_data_class(data, capsys):
+    out = _print_config(["fit", "--model", "FixMatch", "--data", data], capsys)
+    assert f"class_path: datamodules.{data}" in out and "num_labeled:" in out and "uratio:" in out
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config, capsys):
+    out = _print_config(["fit", "--config", str(config)], capsys)
+    assert "class_path: lightning_modules." in out
+
+
+def test_unknown_model_name_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model", "NoSuchMethod", "--data", "DigitsSSL"])
+    assert "NoSuchMethod" in capsys.readouterr().err
+
+
+def test_fit_then_validate_test_predict_from_the_checkpoint(tmp_path, capsys):
+    quick = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--trainer.default_root_dir", str(tmp_path),
+             "--trainer.enable_progress_bar", "false", "--data.steps_per_epoch", "4", "--data.batch_size", "8"]
+    cli = cli_main(["fit", *quick, "--trainer.max_epochs", "1"])
+    assert "test/acc" in cli.trainer.callback_metrics  # test_after_fit ran on the final weights
+    assert cli.model.hparams.num_classes == 10 and cli.model.hparams.in_channels == 1  # linked from the data
+    log_dir = Path(cli.trainer.log_dir)
+    assert (log_dir / "split.json").is_file() and (log_dir / "config.yaml").is_file()
+    ckpt = next(log_dir.glob("checkpoints/*.ckpt"))
+    for command in ("validate", "test"):
+        cli = cli_main([command, *quick, "--ckpt_path", str(ckpt)])
+        assert f"{'val' if command == 'validate' else 'test'}/acc" in cli.trainer.callback_metrics
+    cli = cli_main(["predict", *quick, "--ckpt_path", str(ckpt)])
+    assert cli.trainer.predict_loop.predictions is not None

@@ -1,0 +1,49 @@
+"""labelwise's command line: LightningCLI with models and data selected by class name.
+
+    python train.py fit --config configs/quickstart.yaml
+    python train.py fit --model FixMatch --data CIFAR10SSL --data.num_labeled 4000 --data.download true
+    python train.py test --config configs/fixmatch_cifar10.yaml --ckpt_path path/to/last.ckpt
+    python train.py fit --model FixMatch --data DigitsSSL --print_config
+"""
+
+from __future__ import annotations
+
+from lightning import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+import callbacks  # noqa: F401  (registers callbacks for --trainer.callbacks by name)
+import datamodules  # noqa: F401  (registers DataModules for --data by name)
+import lightning_modules  # noqa: F401  (registers methods for --model by name)
+
+
+class LabelwiseCLI(LightningCLI):
+    """Links the data's class and channel counts into the model, and tests after ``fit``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.num_channels", "model.init_args.in_channels", apply_on="instantiate")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="After fit, test the final (EMA) weights on the test set and print the accuracy.")
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
+            self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    return LabelwiseCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        # 1024 epochs x 1024 steps = 2^20 steps, the FixMatch-family budget.
+        trainer_defaults={"max_epochs": 1024},
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    cli_main()
