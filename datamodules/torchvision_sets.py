@@ -14,6 +14,8 @@ class TorchvisionSSL(SSLDataModule):
 
     dataset_class: type
     folder_hint: str
+    targets_attribute = "targets"  # SVHN and STL-10 call it "labels"
+    channels_last_storage = True  # CIFAR stores (N, H, W, C); SVHN and STL-10 (N, C, H, W)
 
     def prepare_data(self) -> None:
         if self.download:
@@ -35,20 +37,18 @@ class TorchvisionSSL(SSLDataModule):
                 f"Pass --data.download true to download it there, or point --data.root at the folder that holds it."
             ) from err
 
-    @staticmethod
-    def _to_tensors(data: np.ndarray, targets, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(np.ascontiguousarray(data))
-        if channels_last:
+    def _tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = self._open(split)
+        images = torch.from_numpy(np.ascontiguousarray(ds.data))
+        if self.channels_last_storage:
             images = images.permute(0, 3, 1, 2).contiguous()
-        return images, torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        return images, torch.as_tensor(np.asarray(getattr(ds, self.targets_attribute)), dtype=torch.long)
 
     def load_train(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = self._open("train")
-        return self._to_tensors(ds.data, ds.targets, channels_last=True)
+        return self._tensors("train")
 
     def load_test(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = self._open("test")
-        return self._to_tensors(ds.data, ds.targets, channels_last=True)
+        return self._tensors("test")
 
 
 class CIFAR10SSL(TorchvisionSSL):
@@ -83,6 +83,7 @@ class SVHNSSL(TorchvisionSSL):
     num_classes, num_channels = 10, 3
     mean, std = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
     default_hflip = False
+    targets_attribute, channels_last_storage = "labels", False
 
     def __init__(self, num_labeled: int | None = 1000, use_extra: bool = False, **kwargs) -> None:
         super().__init__(num_labeled=num_labeled, **kwargs)
@@ -93,14 +94,6 @@ class SVHNSSL(TorchvisionSSL):
 
     def _kwargs(self, split: str) -> dict:
         return {"split": split}
-
-    def load_train(self):
-        ds = self._open("train")
-        return self._to_tensors(ds.data, ds.labels, channels_last=False)
-
-    def load_test(self):
-        ds = self._open("test")
-        return self._to_tensors(ds.data, ds.labels, channels_last=False)
 
     def load_extra_unlabeled(self) -> torch.Tensor | None:
         return torch.from_numpy(self._open("extra").data) if self.use_extra else None
@@ -113,6 +106,7 @@ class STL10SSL(TorchvisionSSL):
     folder_hint = "stl10_binary/"
     num_classes, num_channels = 10, 3
     mean, std = (0.4409, 0.4279, 0.3868), (0.2683, 0.2610, 0.2687)
+    targets_attribute, channels_last_storage = "labels", False
 
     def __init__(self, num_labeled: int | None = 1000, **kwargs) -> None:
         super().__init__(num_labeled=num_labeled, **kwargs)
@@ -122,14 +116,6 @@ class STL10SSL(TorchvisionSSL):
 
     def _kwargs(self, split: str) -> dict:
         return {"split": split}
-
-    def load_train(self):
-        ds = self._open("train")
-        return self._to_tensors(ds.data, ds.labels, channels_last=False)
-
-    def load_test(self):
-        ds = self._open("test")
-        return self._to_tensors(ds.data, ds.labels, channels_last=False)
 
     def load_extra_unlabeled(self) -> torch.Tensor:
         return torch.from_numpy(self._open("unlabeled").data)
