@@ -38,7 +38,8 @@ class IndexedImages(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.__getitems__([i])
+        index = self.indices[i]
+        return {"image": self.images[index], "target": self.targets[index], "index": index}
 
     def __getitems__(self, positions: Sequence[int]) -> dict[str, torch.Tensor]:
         index = self.indices[torch.as_tensor(positions, dtype=torch.long)]
@@ -122,6 +123,7 @@ class SSLDataModule(LightningDataModule):
         self.split_path: Path | None = None
         self._train: tuple[torch.Tensor, torch.Tensor] | None = None
         self._test: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._extra: torch.Tensor | None = None
 
     # --- what a concrete data set provides -------------------------------------------------
     def load_train(self) -> tuple[torch.Tensor, torch.Tensor]:

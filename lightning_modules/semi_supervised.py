@@ -103,11 +103,19 @@ class SemiSupervisedModule(LightningModule):
             losses.update(self.unlabeled_loss(dict(zip(views, logits[1:])), unlabeled))
         return losses
 
-    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
-        losses = self.compute_losses(batch)
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = losses["labeled_loss"]
         if "unlabeled_loss" in losses:
             loss = loss + self.unlabeled_weight() * losses["unlabeled_loss"]
+        return loss
+
+    def training_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The step's total loss without logging: what callbacks that need extra passes (FGM, PGD) call."""
+        return self.total_loss(self.compute_losses(batch))
+
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(batch)
+        loss = self.total_loss(losses)
         logged = {f"train/{k}": v.detach() for k, v in losses.items()}
         logged["train/loss"] = loss.detach()
         self.log_dict(logged, on_step=True, on_epoch=False, batch_size=len(batch["labeled"]["target"]))

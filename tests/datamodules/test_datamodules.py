@@ -127,3 +127,15 @@ def test_mixed_sizes_and_corrupt_file(cifar_folder, tmp_path):
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="cannot decode .*broken.jpg"):
         ImageFolderSSL(root=str(root), num_labeled=50).setup("fit")
+
+
+def test_single_items_and_batches_agree():
+    dm = DigitsSSL(num_labeled=50)
+    dm.setup("fit")
+    from datamodules import IndexedImages
+
+    ds = IndexedImages(*dm._train, dm.split.labeled)
+    batch = ds.__getitems__([3, 7])
+    item = ds[7]
+    assert item["image"].shape == (1, 8, 8) and torch.equal(batch["image"][1], item["image"])
+    assert int(batch["index"][1]) == int(item["index"]) == int(dm.split.labeled[7])
