@@ -42,10 +42,7 @@ class EMAModel:
         buffers: Literal["copy", "average"] = "copy",
         device: torch.device | str | None = None,
     ) -> None:
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
-        if buffers not in ("copy", "average"):
-            raise ValueError(f"buffers must be 'copy' or 'average', got {buffers!r}")
+        check_ema_arguments(decay, buffers)
         self.decay = decay
         self.warmup_power = warmup_power
         self.buffers = buffers
@@ -68,12 +65,12 @@ class EMAModel:
         params = [p.detach() for p in model.parameters()]
         if len(ema_params) != len(params):
             raise ValueError("EMAModel.update got a model with another parameter list than the averaged one")
-        _lerp_grouped(ema_params, params, weight)
+        lerp_grouped(ema_params, params, weight)
         float_pairs, other_pairs = [], []
         for ema_b, b in zip(self.module.buffers(), model.buffers()):
             (float_pairs if ema_b.is_floating_point() else other_pairs).append((ema_b, b))
         if self.buffers == "average":
-            _lerp_grouped([e for e, _ in float_pairs], [b for _, b in float_pairs], weight)
+            lerp_grouped([e for e, _ in float_pairs], [b for _, b in float_pairs], weight)
         else:
             other_pairs += float_pairs
         for ema_b, b in other_pairs:
@@ -94,7 +91,15 @@ class EMAModel:
         self.num_updates = int(state["num_updates"])
 
 
-def _lerp_grouped(targets: list[torch.Tensor], sources: list[torch.Tensor], weight: float) -> None:
+def check_ema_arguments(decay: float, buffers: str) -> None:
+    """Refuse a decay outside [0, 1] or an unknown buffer mode, naming the bad value."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+    if buffers not in ("copy", "average"):
+        raise ValueError(f"buffers must be 'copy' or 'average', got {buffers!r}")
+
+
+def lerp_grouped(targets: list[torch.Tensor], sources: list[torch.Tensor], weight: float) -> None:
     """``targets += weight * (sources - targets)``, one foreach call per (device, dtype) group."""
     groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
     for t, s in zip(targets, sources):
