@@ -75,3 +75,12 @@ def cifar_folder(tmp_path_factory) -> Path:
 def _run_in_tmp(tmp_path, monkeypatch):
     """Every test runs in its own working directory, so runs and split files never land in the repo."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tiny-batch training tests: on 2 shared cores, two threads oversubscribe."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

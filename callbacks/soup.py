@@ -1,0 +1,187 @@
+"""Greedy model soup (Wortsman et al. 2022): average fine-tuned checkpoints while validation improves.
+
+Ingredients are ranked best-first by their own validation score; the soup starts as the best one
+and each next ingredient joins only if the uniform average of the soup's members plus it scores
+at least as well as the current soup. The soup is therefore never worse on validation than its
+best ingredient.
+
+When a checkpoint holds a labelwise EMA copy (``checkpoint["ema"]``), the EMA weights are the ones
+the module evaluates with, so they are the ones souped: they replace the ``net.`` entries of the
+ingredient's state dict, and the soup checkpoint carries the soup in both places.
+
+Checkpoints are read with ``torch.load(weights_only=False)``: soup only checkpoints you trust.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from callbacks.swa import _unwrap_batches, recompute_batch_norm
+
+EMA_PREFIX = "net."
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"soup ingredient {str(path)!r} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds no checkpoint dict")
+    return checkpoint
+
+
+def eval_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a module evaluates with: ``state_dict``, with the EMA copy in place of ``net.``."""
+    state = dict(checkpoint["state_dict"]) if "state_dict" in checkpoint else dict(checkpoint)
+    ema = checkpoint.get("ema")
+    if isinstance(ema, dict) and "module" in ema:
+        for k, v in ema["module"].items():
+            state[EMA_PREFIX + k] = v
+    return state
+
+
+def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Uniform mean of floating-point entries; other entries (counters) come from the first."""
+    if not states:
+        raise ValueError("nothing to average")
+    keys = list(states[0])
+    for s in states[1:]:
+        if list(s) != keys:
+            raise ValueError("soup ingredients have different state-dict keys: not the same architecture")
+    out = {}
+    for k in keys:
+        first = states[0][k]
+        if torch.is_tensor(first) and first.is_floating_point():
+            out[k] = torch.stack([s[k].to(first.dtype) for s in states]).mean(0) if len(states) > 1 else first.clone()
+        else:
+            out[k] = first
+    return out
+
+
+def greedy_soup(
+    checkpoints: Sequence[str | os.PathLike],
+    evaluate: Callable[[dict[str, torch.Tensor]], float],
+    higher_is_better: bool = True,
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, float]]:
+    """Greedy soup of ``checkpoints`` under the validation score ``evaluate(state_dict)``.
+
+    Returns the soup's state dict, the chosen checkpoints (best first) and the scores: each
+    ingredient's under its path and the soup's under ``"soup"``.
+    """
+    if not checkpoints:
+        raise ValueError("greedy_soup needs at least one checkpoint")
+    paths = [str(p) for p in checkpoints]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"soup ingredients not found: {missing}")
+    states = {p: eval_state_dict(load_checkpoint(p)) for p in paths}
+    scores = {p: float(evaluate(states[p])) for p in paths}
+    sign = 1.0 if higher_is_better else -1.0
+    ranked = sorted(paths, key=lambda p: -sign * scores[p])   # stable: ties keep the given order
+    chosen = [ranked[0]]
+    soup, best = states[ranked[0]], scores[ranked[0]]
+    for p in ranked[1:]:
+        candidate = average_state_dicts([states[c] for c in chosen + [p]])
+        score = float(evaluate(candidate))
+        if sign * score >= sign * best:
+            chosen.append(p)
+            soup, best = candidate, score
+    scores["soup"] = best
+    return soup, chosen, scores
+
+
+def _load_module(checkpoint: str, module_class: type | None):
+    from lightning import LightningModule
+
+    cls = module_class or LightningModule
+    # Checkpoints from train.py's LightningCLI carry an ``_instantiator`` in their hparams, so the
+    # base class can rebuild the right subclass; other checkpoints need ``module_class``.
+    try:
+        return cls.load_from_checkpoint(checkpoint, map_location="cpu")
+    except Exception as err:  # noqa: BLE001
+        if module_class is None:
+            raise ValueError(f"could not rebuild the module of {checkpoint} from its checkpoint alone; "
+                             f"pass module_class (--model): {err}") from err
+        raise
+
+
+def load_into(module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` (an :func:`eval_state_dict`) into ``module``, and into its EMA copy if it has one."""
+    module.load_state_dict(state)
+    ema = getattr(module, "ema", None)
+    if ema is not None and hasattr(ema, "module"):
+        ema.module.load_state_dict({k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)})
+
+
+def soup_from_checkpoints(
+    checkpoints: Sequence[str | os.PathLike],
+    datamodule,
+    metric: str = "val/acc",
+    update_bn: bool = False,
+    module_class: type | None = None,
+    higher_is_better: bool = True,
+    bn_batches: int | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+):
+    """Greedy soup scored by ``Trainer.validate`` on ``datamodule``'s validation set.
+
+    With ``update_bn`` every candidate's BatchNorm statistics are re-estimated on the training
+    data before it is scored (and kept in the soup). Returns ``(module, chosen, scores)`` with the
+    soup loaded into ``module``.
+    """
+    import lightning as L
+
+    if not checkpoints:
+        raise ValueError("soup_from_checkpoints needs at least one checkpoint")
+    for p in checkpoints:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"soup ingredient {str(p)!r} does not exist")
+    module = _load_module(str(checkpoints[0]), module_class)
+    kwargs = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False)
+    kwargs.update(trainer_kwargs or {})
+    trainer = L.Trainer(**kwargs)
+
+    def bn_pass(m) -> None:
+        datamodule.setup("fit")
+        recompute_batch_norm(m, _unwrap_batches(datamodule.train_dataloader()), device=m.device,
+                             transform=lambda b: datamodule.on_after_batch_transfer(b, 0), num_batches=bn_batches)
+        ema = getattr(m, "ema", None)
+        if ema is not None and hasattr(ema, "module"):
+            ema.module.load_state_dict(m.net.state_dict())
+
+    def evaluate(state: dict[str, torch.Tensor]) -> float:
+        load_into(module, state)
+        if update_bn:
+            bn_pass(module)
+            state.update({k: v.detach().clone() for k, v in module.state_dict().items() if k in state})
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+        if metric not in results[0]:
+            raise KeyError(f"metric {metric!r} not logged by validation; got {sorted(results[0])}")
+        return float(results[0][metric])
+
+    soup, chosen, scores = greedy_soup(checkpoints, evaluate, higher_is_better=higher_is_better)
+    load_into(module, soup)
+    return module, chosen, scores
+
+
+def save_soup(module, checkpoints: Sequence[str], chosen: list[str], scores: dict[str, float], output: str) -> None:
+    """Write the soup as a checkpoint (the best ingredient's, weights replaced) atomically."""
+    base = load_checkpoint(chosen[0])
+    base["state_dict"] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    ema = getattr(module, "ema", None)
+    if "ema" in base and ema is not None:
+        base["ema"] = ema.state_dict()
+    for key in ("optimizer_states", "lr_schedulers"):
+        base.pop(key, None)   # a soup is for evaluation / fine-tuning anew, not for resuming
+    base["soup"] = {"ingredients": list(map(str, checkpoints)), "chosen": chosen, "scores": scores}
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + f".tmp{os.getpid()}")
+    torch.save(base, tmp)
+    os.replace(tmp, output)

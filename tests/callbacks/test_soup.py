@@ -1,0 +1,118 @@
+"""Greedy soup over real digits runs written by train.py's CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from callbacks.soup import average_state_dicts, greedy_soup, soup_from_checkpoints
+from datamodules import DigitsSSL
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def ingredients(tmp_path_factory):
+    """Three short Supervised runs with other seeds and learning rates, fit through the CLI."""
+    from train import cli_main
+
+    root = tmp_path_factory.mktemp("runs")
+    paths = []
+    torch.set_num_threads(1)
+    for seed, lr in [(0, 0.05), (1, 0.03), (2, 0.1)]:
+        out = root / f"run{seed}"
+        cli_main(["fit", "--model", "Supervised", "--model.network", "wrn10_1",
+                  "--model.network_kwargs", '{"bn_momentum": 0.1}', "--model.ema_decay", "null",
+                  "--model.lr", str(lr), "--data", "DigitsSSL", "--data.num_labeled", "50",
+                  "--data.batch_size", "16", "--data.steps_per_epoch", "10", "--trainer.max_epochs", "2",
+                  "--seed_everything", str(seed), "--trainer.default_root_dir", str(out),
+                  "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                  "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
+                  "--test_after_fit", "false",
+                  "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={out}",
+                  "--trainer.callbacks.filename=final"])
+        paths.append(str(out / "final.ckpt"))
+    return paths
+
+
+def _data():
+    return DigitsSSL(num_labeled=50, batch_size=16, steps_per_epoch=3)
+
+
+def test_soup_is_never_worse_than_its_best_ingredient(ingredients):
+    module, chosen, scores = soup_from_checkpoints(ingredients, _data(), metric="val/acc")
+    best = max(scores[p] for p in ingredients)
+    assert scores["soup"] >= best
+    assert chosen[0] == max(ingredients, key=lambda p: scores[p])
+    assert type(module).__name__ == "Supervised"       # rebuilt by LightningModule.load_from_checkpoint
+    # the returned module holds the soup
+    import lightning as L
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert trainer.validate(module, datamodule=_data(), verbose=False)[0]["val/acc"] == pytest.approx(scores["soup"])
+
+
+def test_update_bn_soup_is_never_worse_than_its_best_ingredient(ingredients):
+    _, chosen, scores = soup_from_checkpoints(ingredients, _data(), update_bn=True, bn_batches=2)
+    assert scores["soup"] >= max(scores[p] for p in ingredients)
+
+
+def test_identical_checkpoints_soup_to_the_same_weights(ingredients):
+    state = torch.load(ingredients[0], map_location="cpu", weights_only=False)["state_dict"]
+    soup, chosen, scores = greedy_soup([ingredients[0]] * 3, lambda s: 0.5)
+    assert len(chosen) == 3 and scores["soup"] == 0.5
+    for k, v in state.items():
+        torch.testing.assert_close(soup[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_greedy_rule_on_a_known_score():
+    """Score = -|w - 1|: ingredients 1.0, 0.0 and 2.0; the soup keeps 1.0, refuses 0.0 alone but..."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        paths = []
+        for i, w in enumerate([0.0, 1.2, 3.0]):
+            paths.append(f"{d}/{i}.ckpt")
+            torch.save({"state_dict": {"w": torch.tensor([w])}}, paths[-1])
+        soup, chosen, scores = greedy_soup(paths, lambda s: -abs(float(s["w"]) - 1.0))
+        # 1.2 is best (-0.2); with 0.0 the mean 0.6 scores -0.4 (rejected); with 3.0: 2.1 (rejected)
+        assert chosen == [paths[1]] and float(soup["w"]) == pytest.approx(1.2)
+        soup, chosen, _ = greedy_soup(paths, lambda s: float(s["w"]), higher_is_better=False)
+        assert chosen == [paths[0]]
+
+
+def test_bad_checkpoint_lists_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="at least one"):
+        greedy_soup([], lambda s: 0.0)
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        greedy_soup([str(tmp_path / "missing.ckpt")], lambda s: 0.0)
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        soup_from_checkpoints([str(tmp_path / "missing.ckpt")], _data())
+    with pytest.raises(ValueError, match="different state-dict keys"):
+        average_state_dicts([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}])
+
+
+def test_command_line_writes_the_soup(ingredients, tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import soup as soup_script
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "soup.ckpt"
+    result = soup_script.main(["--checkpoints", *ingredients, "--data", "DigitsSSL", "--data_kwargs",
+                               '{"num_labeled": 50, "batch_size": 16, "steps_per_epoch": 3}',
+                               "--metric", "val/acc", "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert "soup" in printed and all(p in printed for p in ingredients)
+    checkpoint = torch.load(out, map_location="cpu", weights_only=False)
+    assert checkpoint["soup"]["chosen"] == result["chosen"]
+    assert "optimizer_states" not in checkpoint
+    assert not list(tmp_path.glob("*.tmp*"))
+    import lightning as L
+    module = L.LightningModule.load_from_checkpoint(out)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    acc = trainer.validate(module, datamodule=_data(), verbose=False)[0]["val/acc"]
+    assert acc == pytest.approx(result["scores"]["soup"])
