@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from datamodules.augment import normalize, strong_augment, weak_augment
-from datamodules.split import LabeledSplit, class_balanced_split, load_split, save_split
+from datamodules.split import LabeledSplit, class_balanced_split, load_split, save_split, stratified_kfold
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,18 @@ class SSLDataModule(LightningDataModule):
         cutout_fraction: largest Cutout side in the strong view, as a fraction of the image.
         unlabeled_views: override the views the model asks for.
         num_workers: loader processes; 0 is right for in-memory data.
+        num_folds: stratified k-fold cross-validation over the training set (``None``: off). At
+            ``setup("fit")`` the training set is split by :func:`datamodules.split.stratified_kfold`
+            (seeded by ``seed``); the labeled/unlabeled split is then drawn from the fold's
+            training part only, the held-out fold is neither labeled nor unlabeled, and
+            ``val_dataloader`` returns the held-out fold with its labels instead of the test set.
+            Indices stay relative to the full training set, and ``split.json`` records
+            ``num_folds``, ``fold`` and the held-out indices, so ``split_file`` reproduces the fold.
+        fold: which fold is held out, ``0 .. num_folds - 1``.
+
+    Cross-validation, e.g. 5 runs ``--data.num_folds 5 --data.fold k`` for ``k`` in ``0..4``:
+    every training image is held out exactly once, and ``val/acc`` is the held-out accuracy.
+    Test and predict always use the test set.
     """
 
     num_classes: int
@@ -103,6 +115,8 @@ class SSLDataModule(LightningDataModule):
         cutout_fraction: float = 0.5,
         unlabeled_views: list[str] | None = None,
         num_workers: int = 0,
+        num_folds: int | None = None,
+        fold: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("uratio", uratio), ("steps_per_epoch", steps_per_epoch)):
@@ -119,6 +133,11 @@ class SSLDataModule(LightningDataModule):
         self.pad_fraction, self.randaugment_ops, self.cutout_fraction = pad_fraction, randaugment_ops, cutout_fraction
         self.unlabeled_views = unlabeled_views
         self.num_workers = num_workers
+        if num_folds is not None and num_folds < 2:
+            raise ValueError(f"num_folds must be at least 2 (or None for no cross-validation), got {num_folds}")
+        if num_folds is not None and not 0 <= fold < num_folds:
+            raise ValueError(f"fold must be in 0..{num_folds - 1} for num_folds={num_folds}, got {fold}")
+        self.num_folds, self.fold = num_folds, fold
         self.split: LabeledSplit | None = None
         self.split_path: Path | None = None
         self._train: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -141,20 +160,39 @@ class SSLDataModule(LightningDataModule):
         return type(self).__name__
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":
+        # validate needs the split too when validation runs on a held-out fold
+        fold_or_file = self.num_folds is not None or self.split_file is not None
+        needs_split = stage == "fit" or (stage == "validate" and fold_or_file)
+        if needs_split:
             if self._train is None:
                 self._train = self.load_train()
                 self._extra = self.load_extra_unlabeled()
             self.split = self._make_split(self._train[1])
-            self._save_split()
+            if stage == "fit":
+                self._save_split()
         if self._test is None and stage in ("fit", "validate", "test", "predict"):
             self._test = self.load_test()
 
     def _make_split(self, targets: torch.Tensor) -> LabeledSplit:
         if self.split_file is not None:
             split = load_split(self.split_file, targets, self.dataset_name)
+            if self.num_folds is not None and (split.num_folds, split.fold) != (self.num_folds, self.fold):
+                found = "no fold" if split.num_folds is None else f"fold {split.fold} of {split.num_folds}"
+                raise ValueError(
+                    f"split_file {self.split_file} holds {found}, but num_folds={self.num_folds}, fold={self.fold} "
+                    f"was asked for: drop num_folds/fold to use the file's split, or pass the matching file"
+                )
             log.info("loaded the labeled/unlabeled split from %s", self.split_file)
             return split
+        if self.num_folds is None:
+            return self._labeled_split(targets)
+        train_idx, val_idx = stratified_kfold(targets, self.num_folds, self.fold, self.seed)
+        inner = self._labeled_split(targets[train_idx])
+        # back to indices into the full training set (train_idx is sorted, so order is kept)
+        return LabeledSplit(train_idx[inner.labeled], train_idx[inner.unlabeled], self.seed,
+                            val_idx, self.num_folds, self.fold)
+
+    def _labeled_split(self, targets: torch.Tensor) -> LabeledSplit:
         if self.num_labeled is None:
             return LabeledSplit(torch.arange(len(targets)), torch.empty(0, dtype=torch.long), self.seed)
         return class_balanced_split(targets, self.num_labeled, self.num_classes, self.seed)
@@ -205,6 +243,10 @@ class SSLDataModule(LightningDataModule):
                           collate_fn=_keep_batch, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
+        if self.split is not None and self.split.val is not None:
+            # k-fold: the held-out fold of the training set, with its labels
+            return DataLoader(IndexedImages(*self._train, self.split.val), batch_size=self.eval_batch_size,
+                              shuffle=False, collate_fn=_keep_batch, num_workers=self.num_workers)
         # Like USB and TorchSSL, validation reports on the test set; nothing is selected by it.
         return self._eval_loader()
 

@@ -1,4 +1,5 @@
-"""Class-balanced labeled/unlabeled splits, saved as JSON so a run can be reproduced exactly."""
+"""Class-balanced labeled/unlabeled splits and stratified k-fold splits, saved as JSON so a run
+can be reproduced exactly."""
 
 from __future__ import annotations
 
@@ -16,11 +17,51 @@ SPLIT_FORMAT = "labelwise-split/1"
 
 @dataclass(frozen=True)
 class LabeledSplit:
-    """Indices into a training set: ``labeled`` and ``unlabeled`` are disjoint and sorted."""
+    """Indices into a training set: ``labeled`` and ``unlabeled`` are disjoint and sorted.
+
+    With k-fold cross-validation, ``val`` holds the held-out fold (sorted, disjoint from both) and
+    ``num_folds``/``fold`` say which fold it is; without it they are ``None``.
+    """
 
     labeled: torch.Tensor
     unlabeled: torch.Tensor
     seed: int
+    val: torch.Tensor | None = None
+    num_folds: int | None = None
+    fold: int | None = None
+
+
+def stratified_kfold(targets: torch.Tensor, num_folds: int, fold: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices ``0..N-1`` into the training part and the held-out ``fold`` of ``num_folds``.
+
+    Each class's indices are shuffled with ``seed`` and dealt into the folds round-robin (the
+    dealing continues from class to class, so fold sizes also differ by at most one). The folds
+    are therefore disjoint, cover the data, and hold each class's images in counts that differ by
+    at most one. Returns ``(train_indices, val_indices)``, both sorted.
+    """
+    targets = torch.as_tensor(targets, dtype=torch.long).flatten()
+    if isinstance(num_folds, bool) or not isinstance(num_folds, int) or num_folds < 2:
+        raise ValueError(f"num_folds must be an integer of at least 2, got {num_folds!r}")
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in 0..{num_folds - 1} for num_folds={num_folds}, got {fold!r}")
+    classes, counts = torch.unique(targets, return_counts=True)
+    short = [(int(c), int(n)) for c, n in zip(classes, counts) if n < num_folds]
+    if short:
+        raise ValueError(
+            f"num_folds={num_folds} needs at least {num_folds} images of every class, but "
+            + ", ".join(f"class {c} has {n}" for c, n in short)
+            + f": use at most {int(counts.min())} folds"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    assignment = torch.empty(targets.numel(), dtype=torch.long)
+    dealt = 0
+    for c in classes.tolist():
+        members = torch.nonzero(targets == c).flatten()
+        members = members[torch.randperm(members.numel(), generator=generator)]
+        assignment[members] = (torch.arange(members.numel()) + dealt) % num_folds
+        dealt += members.numel()
+    held_out = assignment == fold
+    return torch.nonzero(~held_out).flatten(), torch.nonzero(held_out).flatten()
 
 
 def class_balanced_split(targets: torch.Tensor, num_labeled: int, num_classes: int, seed: int) -> LabeledSplit:
@@ -83,6 +124,8 @@ def save_split(path: str | os.PathLike, split: LabeledSplit, targets: torch.Tens
         "labeled": split.labeled.tolist(),
         "unlabeled": split.unlabeled.tolist(),
     }
+    if split.val is not None:  # k-fold: the held-out fold, so the file still partitions the training set
+        record.update(num_folds=split.num_folds, fold=split.fold, val=split.val.tolist())
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -116,7 +159,11 @@ def load_split(path: str | os.PathLike, targets: torch.Tensor, dataset: str) -> 
         )
     labeled = torch.tensor(record["labeled"], dtype=torch.long)
     unlabeled = torch.tensor(record["unlabeled"], dtype=torch.long)
-    everything = torch.cat([labeled, unlabeled])
+    val = torch.tensor(record["val"], dtype=torch.long) if record.get("val") is not None else None
+    everything = torch.cat([labeled, unlabeled] + ([val] if val is not None else []))
     if everything.numel() != num_train or torch.unique(everything).numel() != num_train:
-        raise ValueError(f"split_file {path} does not partition the {num_train} training images into labeled and unlabeled")
+        parts = "labeled, unlabeled and held-out fold" if val is not None else "labeled and unlabeled"
+        raise ValueError(f"split_file {path} does not partition the {num_train} training images into {parts}")
+    if val is not None:
+        return LabeledSplit(labeled, unlabeled, int(record["seed"]), val, int(record["num_folds"]), int(record["fold"]))
     return LabeledSplit(labeled, unlabeled, int(record["seed"]))
