@@ -1,5 +1,13 @@
-"""Callbacks and training machinery that any labelwise method can use."""
+"""Callbacks any labelwise method can use, selectable by class name (``--trainer.callbacks+=EMA``)."""
 
-from callbacks.ema import EMAModel
+from callbacks.adversarial import FGM, PGD
+from callbacks.ema import EMAModel, lerp_grouped
+from callbacks.ema_callback import EMA, ema_weights_from_checkpoint
+from callbacks.soup import greedy_soup, save_soup, soup_from_checkpoints
+from callbacks.swa import SWA, recompute_batch_norm
 
-__all__ = ["EMAModel"]
+__all__ = [
+    "EMA", "SWA", "FGM", "PGD",
+    "EMAModel", "lerp_grouped", "ema_weights_from_checkpoint",
+    "greedy_soup", "soup_from_checkpoints", "save_soup", "recompute_batch_norm",
+]
