@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from callbacks.ema import EMAModel
 from lightning_modules.networks import build_network
+from lightning_modules.ssl_losses import RAMPUPS
 
 
 class SemiSupervisedModule(LightningModule):
@@ -36,6 +37,8 @@ class SemiSupervisedModule(LightningModule):
         warmup_steps: linear learning-rate warm-up steps.
         ema_decay: decay of the evaluation EMA; ``None`` evaluates the raw weights.
         unlabeled_loss_weight: lambda_u, the weight of the unlabeled loss.
+        rampup: ramp lambda_u up from 0: ``"sigmoid"`` (exp(-5(1-t)^2)), ``"linear"`` or ``None``.
+        rampup_steps: length of the ramp-up in optimizer steps.
         concat_forward: one forward over labeled and unlabeled images together (BatchNorm sees
             the whole step's batch, as in FixMatch) instead of one forward per view.
     """
@@ -57,9 +60,13 @@ class SemiSupervisedModule(LightningModule):
         warmup_steps: int = 0,
         ema_decay: float | None = 0.999,
         unlabeled_loss_weight: float = 1.0,
+        rampup: str | None = None,
+        rampup_steps: int = 0,
         concat_forward: bool = True,
     ) -> None:
         super().__init__()
+        if rampup is not None and rampup not in RAMPUPS:
+            raise ValueError(f"rampup must be one of {sorted(RAMPUPS)} or None, got {rampup!r}")
         self.save_hyperparameters()
         self.net = build_network(network, num_classes=num_classes, in_channels=in_channels, **(network_kwargs or {}))
         # A plain attribute, not a submodule: DDP never wraps it and it gets no gradient.
@@ -91,8 +98,11 @@ class SemiSupervisedModule(LightningModule):
         raise NotImplementedError(f"{type(self).__name__} lists unlabeled views but defines no unlabeled_loss")
 
     def unlabeled_weight(self) -> float:
-        """lambda_u at the current step; methods with a ramp-up override this."""
-        return self.hparams.unlabeled_loss_weight
+        """lambda_u at the current optimizer step, ramped up when ``rampup`` is set."""
+        weight = self.hparams.unlabeled_loss_weight
+        if self.hparams.rampup is not None:
+            weight *= RAMPUPS[self.hparams.rampup](self.global_step, self.hparams.rampup_steps)
+        return weight
 
     def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         labeled, unlabeled = batch["labeled"], batch.get("unlabeled")

@@ -6,6 +6,8 @@ All of them take logits with classes on dimension 1, so ``(N, C)`` image logits 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -34,3 +36,50 @@ def masked_accuracy(predictions: torch.Tensor, targets: torch.Tensor, mask: torc
     """Accuracy of ``predictions`` over the masked entries with a known target (``>= 0``); 0 if none."""
     weight = mask * (targets >= 0)
     return ((predictions == targets) * weight).sum() / weight.sum().clamp(min=1)
+
+
+def sigmoid_rampup(step: int, length: int) -> float:
+    """``exp(-5 (1 - t)^2)`` with ``t = step / length`` clipped to [0, 1] (Laine & Aila; Tarvainen & Valpola)."""
+    if length <= 0:
+        return 1.0
+    t = min(max(step / length, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def linear_rampup(step: int, length: int) -> float:
+    """``t = step / length`` clipped to [0, 1] (MixMatch, Pseudo-Label's alpha(t))."""
+    if length <= 0:
+        return 1.0
+    return min(max(step / length, 0.0), 1.0)
+
+
+RAMPUPS = {"sigmoid": sigmoid_rampup, "linear": linear_rampup}
+
+
+def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``p^(1/T) / sum_c p_c^(1/T)`` over dimension 1 (MixMatch, ReMixMatch)."""
+    powered = probs.clamp_min(1e-12) ** (1.0 / temperature)
+    return powered / powered.sum(dim=1, keepdim=True)
+
+
+def mixup(inputs: torch.Tensor, targets: torch.Tensor, alpha: float,
+          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mix each sample with a random partner: ``lam' x + (1 - lam') x_perm`` and likewise the soft targets.
+
+    One ``lam ~ Beta(alpha, alpha)`` per batch and ``lam' = max(lam, 1 - lam)``, so a mixed sample
+    stays closer to its own input (MixMatch). Returns ``(mixed_inputs, mixed_targets, lam')``.
+    """
+    beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
+    lam = beta.sample().to(inputs.device)
+    lam = torch.maximum(lam, 1 - lam)
+    perm = torch.randperm(len(inputs), device=inputs.device, generator=generator)
+    mixed_inputs = lam * inputs + (1 - lam) * inputs[perm]
+    mixed_targets = lam * targets + (1 - lam) * targets[perm]
+    return mixed_inputs, mixed_targets, lam
+
+
+def distribution_alignment(probs: torch.Tensor, model_marginal: torch.Tensor, target_marginal: torch.Tensor) -> torch.Tensor:
+    """``normalize(p * target / model)`` over dimension 1 (ReMixMatch's distribution alignment)."""
+    shape = (1, -1) + (1,) * (probs.ndim - 2)
+    aligned = probs * (target_marginal / model_marginal.clamp_min(1e-12)).view(shape)
+    return aligned / aligned.sum(dim=1, keepdim=True)

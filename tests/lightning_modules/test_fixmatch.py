@@ -115,3 +115,26 @@ def test_cosine_schedule_and_weight_decay_groups():
 def test_bad_threshold_is_refused():
     with pytest.raises(ValueError, match="threshold"):
         FixMatch(threshold=1.5)
+
+
+def test_shared_pieces_against_their_formulas():
+    from lightning_modules.ssl_losses import distribution_alignment, linear_rampup, mixup, sharpen, sigmoid_rampup
+
+    assert sigmoid_rampup(0, 10) == pytest.approx(math.exp(-5)) and sigmoid_rampup(5, 10) == pytest.approx(math.exp(-1.25))
+    assert sigmoid_rampup(20, 10) == 1.0 and linear_rampup(3, 10) == pytest.approx(0.3)
+    p = torch.tensor([[0.6, 0.3, 0.1]])
+    expected = p**2 / (p**2).sum()
+    torch.testing.assert_close(sharpen(p, 0.5), expected)
+    x, y = torch.arange(8.0).view(4, 2), torch.eye(4)
+    mixed_x, mixed_y, lam = mixup(x, y, alpha=0.75, generator=torch.Generator().manual_seed(0))
+    assert 0.5 <= lam <= 1 and torch.allclose(mixed_y.sum(1), torch.ones(4))
+    aligned = distribution_alignment(p, torch.tensor([0.5, 0.25, 0.25]), torch.tensor([1 / 3] * 3))
+    torch.testing.assert_close(aligned, (p * torch.tensor([2 / 3, 4 / 3, 4 / 3])) / (p * torch.tensor([2 / 3, 4 / 3, 4 / 3])).sum())
+
+
+def test_unlabeled_weight_follows_the_ramp():
+    model = FixMatch(num_classes=10, in_channels=1, network="wrn10_1", unlabeled_loss_weight=2.0,
+                     rampup="sigmoid", rampup_steps=100)
+    assert model.unlabeled_weight() == pytest.approx(2.0 * math.exp(-5))  # global_step 0 without a trainer
+    with pytest.raises(ValueError, match="rampup"):
+        FixMatch(rampup="cosine")
