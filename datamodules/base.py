@@ -199,9 +199,12 @@ class SSLDataModule(LightningDataModule):
 
     def _save_split(self) -> None:
         trainer = self.trainer
-        if trainer is None or not trainer.is_global_zero:
+        if trainer is None:
             return
+        # trainer.log_dir broadcasts from rank 0: every rank must call it, or DDP set-up hangs.
         log_dir = trainer.log_dir or trainer.default_root_dir
+        if not trainer.is_global_zero:
+            return
         self.split_path = save_split(Path(log_dir) / "split.json", self.split, self._train[1], self.dataset_name)
 
     # --- loaders ---------------------------------------------------------------------------
