@@ -8,23 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from datamodules import DigitsSSL
+from tests.ssl_helpers import digits_batch as _digits_batch, make_trainer as _trainer
 from lightning_modules import FixMatch, Supervised
 from lightning_modules.semi_supervised import cosine_with_warmup
 from lightning_modules.ssl_losses import confident_pseudo_labels, masked_cross_entropy
-
-
-def _trainer(**kwargs) -> L.Trainer:
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    return L.Trainer(**{**defaults, **kwargs})
-
-
-def _digits_batch(model, num_labeled=50, batch_size=8, uratio=2):
-    dm = DigitsSSL(num_labeled=num_labeled, batch_size=batch_size, uratio=uratio, steps_per_epoch=1,
-                   unlabeled_views=list(model.unlabeled_views))
-    dm.setup("fit")
-    raw, _, _ = next(iter(dm.train_dataloader()))
-    return dm.on_after_batch_transfer(raw, 0)
 
 
 def test_unlabeled_loss_matches_formula_on_hand_checked_tensors():

@@ -1,0 +1,26 @@
+"""Helpers the semi-supervised method tests share: a quiet Trainer and one real digits batch."""
+
+from __future__ import annotations
+
+import lightning as L
+
+from datamodules import DigitsSSL
+
+# A network small enough for CPU tests, with BatchNorm statistics that move within a few steps.
+SMALL_NET = dict(num_classes=10, in_channels=1, network="wrn10_1", network_kwargs={"bn_momentum": 0.1})
+
+
+def make_trainer(**kwargs) -> L.Trainer:
+    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def digits_batch(model, num_labeled=50, batch_size=8, uratio=2, return_datamodule=False):
+    """One augmented training batch of real digits with the views ``model`` asks for."""
+    dm = DigitsSSL(num_labeled=num_labeled, batch_size=batch_size, uratio=uratio, steps_per_epoch=1,
+                   unlabeled_views=list(model.unlabeled_views))
+    dm.setup("fit")
+    raw, _, _ = next(iter(dm.train_dataloader()))
+    batch = dm.on_after_batch_transfer(raw, 0)
+    return (batch, dm) if return_datamodule else batch
