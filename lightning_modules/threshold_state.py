@@ -1,0 +1,61 @@
+"""State helpers shared by the adaptive-threshold successors of FixMatch (FlexMatch, FreeMatch, SoftMatch).
+
+These methods keep running statistics of the model's unlabeled predictions: a per-sample memory
+(FlexMatch) or exponential moving averages (FreeMatch, SoftMatch). Where that state lives, and how
+it stays the same on every process, is decided here once:
+
+* **Registered buffers.** The state is registered on the LightningModule with ``register_buffer``,
+  so it moves with the module's device and is saved in, and restored from, the checkpoint's
+  ``state_dict`` without any extra hook.
+* **Identical updates on every rank.** Under DDP with ``broadcast_buffers=True`` Lightning's
+  wrapper overwrites every buffer from rank 0 on each forward. That is harmless only if all ranks
+  already hold the same values, so every update is computed from the batch gathered across ranks
+  (:func:`gather_rows`, a no-op in one process) and applied identically everywhere. A per-rank
+  update (USB's FlexMatch) would silently discard every rank's statistics but rank 0's.
+* **No gradient.** Updates run under ``torch.no_grad`` on detached probabilities.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning import LightningModule
+
+
+def gather_rows(module: LightningModule, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (rows = samples) from every rank, concatenated along dimension 0.
+
+    Returns ``tensor`` itself without a Trainer or in a single process. All ranks must pass the
+    same shape (the training loaders drop the last incomplete batch, so they do).
+    """
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None or trainer.world_size == 1:
+        return tensor
+    return module.all_gather(tensor).flatten(0, 1)
+
+
+@torch.no_grad()
+def ema_update_(state: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
+    """In place: ``state = momentum * state + (1 - momentum) * value``."""
+    state.mul_(momentum).add_(value.to(state.dtype), alpha=1.0 - momentum)
+
+
+def class_histogram(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Fraction of ``labels`` in each class (all zeros for an empty tensor)."""
+    counts = torch.bincount(labels.reshape(-1), minlength=num_classes).to(dtype)
+    return counts / counts.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def write_last_(memory: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """``memory[index] = values`` where an index seen twice keeps its *last* value, deterministically.
+
+    Plain advanced-index assignment with repeated indices leaves the winner unspecified (and it
+    may differ between GPUs), which would let the ranks' memories drift apart.
+    """
+    if index.numel() == 0:
+        return
+    index, order = torch.sort(index, stable=True)
+    values = values[order]
+    last = torch.ones_like(index, dtype=torch.bool)
+    last[:-1] = index[1:] != index[:-1]
+    memory[index[last]] = values[last].to(memory.dtype)
