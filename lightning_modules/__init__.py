@@ -2,9 +2,25 @@
 
 from lightning_modules.ensemble import Ensemble
 from lightning_modules.fixmatch import FixMatch
+from lightning_modules.flexmatch import FlexMatch
+from lightning_modules.freematch import FreeMatch
+from lightning_modules.mean_teacher import MeanTeacher
+from lightning_modules.mixmatch import MixMatch
+from lightning_modules.pi_model import PiModel
+from lightning_modules.pseudo_label import PseudoLabel
+from lightning_modules.remixmatch import ReMixMatch
 from lightning_modules.semi_supervised import SemiSupervisedModule
+from lightning_modules.softmatch import SoftMatch
 from lightning_modules.supervised import Supervised
+from lightning_modules.temporal_ensembling import TemporalEnsembling
+from lightning_modules.uda import UDA
+from lightning_modules.vat import VAT
 
-__all__ = ["SemiSupervisedModule", "Supervised", "FixMatch", "Ensemble"]
-# Concrete methods selectable by class name on the command line.
-MODELS = ["Supervised", "FixMatch", "Ensemble"]
+# The semi-supervised family and its supervised baseline, in the order of the results tables.
+SSL_METHODS = [
+    "Supervised", "PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch",
+    "UDA", "ReMixMatch", "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch",
+]
+# Concrete modules selectable by class name on the command line.
+MODELS = SSL_METHODS + ["Ensemble"]
+__all__ = ["SemiSupervisedModule", *MODELS]
