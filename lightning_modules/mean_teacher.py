@@ -37,6 +37,7 @@ class MeanTeacher(SemiSupervisedModule):
     """
 
     unlabeled_views = ("weak", "weak2")
+    supports_rdrop = False  # its own forward: student and teacher on two views
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("rampup", "sigmoid")

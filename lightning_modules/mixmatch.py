@@ -51,6 +51,8 @@ class MixMatch(SemiSupervisedModule):
     """
 
     unlabeled_views = ("weak", "weak2")
+    uses_criterion = False  # mixed soft targets
+    supports_rdrop = False
 
     def __init__(
         self,

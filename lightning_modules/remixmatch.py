@@ -81,6 +81,8 @@ class ReMixMatch(SemiSupervisedModule):
     """
 
     unlabeled_views = ("weak", "strong", "strong2")
+    uses_criterion = False  # mixed soft targets
+    supports_rdrop = False
 
     def __init__(
         self,
@@ -220,16 +222,7 @@ class ReMixMatch(SemiSupervisedModule):
         return loss
 
     # --- optimization ----------------------------------------------------------------------
-    def configure_optimizers(self) -> dict[str, Any]:
-        """The base's SGD and schedule, with the rotation head's parameters added."""
-        config = super().configure_optimizers()
-        if self.rotation_head is None:
-            return config
-        optimizer = config["optimizer"]
-        head = self.rotation_head
-        optimizer.add_param_group({"params": [head.weight], "weight_decay": self.hparams.weight_decay})
-        optimizer.add_param_group({"params": [head.bias], "weight_decay": 0.0})
-        # The base's scheduler was built before the head's groups existed: rebuild it over all groups.
-        old = config["lr_scheduler"]["scheduler"]
-        config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, old.lr_lambdas[0])
-        return config
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """The base's modules plus the rotation head, under the same weight-decay rule."""
+        head = [] if self.rotation_head is None else [self.rotation_head]
+        return super().trainable_modules() + head

@@ -5,6 +5,11 @@ FixMatch's cosine schedule, an EMA copy of the weights used for validation, test
 and logging. A method subclass says only what makes it different: which unlabeled views it
 needs (``unlabeled_views``) and its ``unlabeled_loss``; methods whose forward is not a plain
 pass over the views (MixMatch's mixup) override ``compute_losses``.
+
+The labeled loss is a configurable criterion (:mod:`lightning_modules.criteria`: label smoothing
+and its relatives, focal, OHEM, class weights, multi-label BCE or sigmoid-F1), and R-Drop adds a
+second dropout pass of the labeled batch with a symmetric-KL penalty, for any method that uses
+the base's forward.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
 from callbacks.ema import EMAModel
+from lightning_modules.criteria import build_criterion
+from lightning_modules.label_regularization import symmetric_kl
 from lightning_modules.networks import build_network
 from lightning_modules.ssl_losses import RAMPUPS
 
@@ -41,7 +48,20 @@ class SemiSupervisedModule(LightningModule):
         rampup_steps: length of the ramp-up in optimizer steps.
         concat_forward: one forward over labeled and unlabeled images together (BatchNorm sees
             the whole step's batch, as in FixMatch) instead of one forward per view.
+        criterion: the labeled loss by name (``ce``, ``label_smoothing``,
+            ``online_label_smoothing``, ``disturb_label``, ``tfkd_reg``, ``knowledge_refinery``,
+            ``focal``, ``ohem``, ``weighted_ce``; multi-label: ``bce``, ``sigmoid_f1``, which also
+            switch evaluation to macro and micro F1).
+        criterion_kwargs: arguments of the criterion (e.g. ``{"smoothing": 0.1}``).
+        rdrop_weight: R-Drop (Liang et al., 2021): the labeled batch goes through the network
+            twice (two dropout masks) and ``rdrop_weight * symmetric_kl`` of the two passes is
+            added; 0 turns it off. Needs a network with dropout.
     """
+
+    #: whether the method's labeled loss goes through ``criterion`` (mixup methods use soft targets)
+    uses_criterion: bool = True
+    #: whether the method trains through the base's ``compute_losses`` (needed by R-Drop)
+    supports_rdrop: bool = True
 
     #: unlabeled views the DataModule must produce for this method
     unlabeled_views: tuple[str, ...] = ()
@@ -63,16 +83,39 @@ class SemiSupervisedModule(LightningModule):
         rampup: str | None = None,
         rampup_steps: int = 0,
         concat_forward: bool = True,
+        criterion: str = "ce",
+        criterion_kwargs: dict[str, Any] | None = None,
+        rdrop_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if rampup is not None and rampup not in RAMPUPS:
             raise ValueError(f"rampup must be one of {sorted(RAMPUPS)} or None, got {rampup!r}")
+        if criterion != "ce" and not self.uses_criterion:
+            raise ValueError(f"{type(self).__name__} trains on its own soft targets and ignores criterion="
+                             f"{criterion!r}: leave criterion at 'ce' or pick a method that uses it")
+        if rdrop_weight < 0 or (rdrop_weight > 0 and not self.supports_rdrop):
+            raise ValueError(f"rdrop_weight={rdrop_weight} is not possible for {type(self).__name__}: it must be "
+                             ">= 0, and R-Drop needs a method that trains through the base's forward")
         self.save_hyperparameters()
         self.net = build_network(network, num_classes=num_classes, in_channels=in_channels, **(network_kwargs or {}))
+        self.criterion = build_criterion(criterion, num_classes, **(criterion_kwargs or {}))
         # A plain attribute, not a submodule: DDP never wraps it and it gets no gradient.
         self.ema = EMAModel(self.net, decay=ema_decay) if ema_decay is not None else None
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc, self.test_acc = self._metric(), self._metric()
+        if self.multilabel:
+            self.val_micro_f1 = MultilabelF1Score(num_classes, average="micro")
+            self.test_micro_f1 = MultilabelF1Score(num_classes, average="micro")
+
+    @property
+    def multilabel(self) -> bool:
+        """Sigmoid outputs and F1 metrics, set by a multi-label criterion (``bce``, ``sigmoid_f1``)."""
+        return bool(getattr(self.criterion, "multilabel", False))
+
+    def _metric(self) -> MulticlassAccuracy | MultilabelF1Score:
+        num_classes = self.hparams.num_classes
+        if self.multilabel:
+            return MultilabelF1Score(num_classes, average="macro")
+        return MulticlassAccuracy(num_classes, average="micro")
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -91,7 +134,7 @@ class SemiSupervisedModule(LightningModule):
 
     # --- training --------------------------------------------------------------------------
     def labeled_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, targets)
+        return self.criterion(logits, targets)
 
     def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return ``{"unlabeled_loss": ..., <diagnostics>...}`` from the logits of each unlabeled view."""
@@ -107,16 +150,23 @@ class SemiSupervisedModule(LightningModule):
     def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         labeled, unlabeled = batch["labeled"], batch.get("unlabeled")
         views = self.unlabeled_views if unlabeled is not None else ()
-        logits = self.forward_views([labeled["image"]] + [unlabeled[v] for v in views])
-        losses = {"labeled_loss": self.labeled_loss(logits[0], labeled["target"])}
+        passes = 2 if self.hparams.rdrop_weight > 0 else 1
+        logits = self.forward_views([labeled["image"]] * passes + [unlabeled[v] for v in views])
+        labeled_logits, logits = logits[:passes], logits[passes:]
+        loss = sum(self.labeled_loss(x, labeled["target"]) for x in labeled_logits) / passes
+        losses = {"labeled_loss": loss}
+        if passes == 2:
+            losses["rdrop_loss"] = symmetric_kl(*labeled_logits)
         if views:
-            losses.update(self.unlabeled_loss(dict(zip(views, logits[1:])), unlabeled))
+            losses.update(self.unlabeled_loss(dict(zip(views, logits)), unlabeled))
         return losses
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = losses["labeled_loss"]
         if "unlabeled_loss" in losses:
             loss = loss + self.unlabeled_weight() * losses["unlabeled_loss"]
+        if "rdrop_loss" in losses:
+            loss = loss + self.hparams.rdrop_weight * losses["rdrop_loss"]
         return loss
 
     def training_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -136,6 +186,12 @@ class SemiSupervisedModule(LightningModule):
         if self.ema is not None:
             self.ema.update(self.net)
 
+    def on_train_epoch_end(self) -> None:
+        # Online label smoothing swaps in the soft labels it accumulated over the epoch.
+        epoch_end = getattr(self.criterion, "epoch_end", None)
+        if epoch_end is not None:
+            epoch_end()
+
     # --- evaluation ------------------------------------------------------------------------
     def _sync_ema_device(self) -> None:
         if self.ema is not None:
@@ -145,9 +201,24 @@ class SemiSupervisedModule(LightningModule):
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> None:
         logits = self.eval_net(batch["image"])
+        if self.multilabel:
+            self._evaluate_multilabel(logits, batch["target"], stage, metric)
+            return
         metric.update(logits.argmax(dim=1), batch["target"])
         self.log(f"{stage}/loss", F.cross_entropy(logits, batch["target"]), batch_size=len(logits))
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=stage == "val", batch_size=len(logits))
+
+    def _evaluate_multilabel(self, logits: torch.Tensor, targets: torch.Tensor, stage: str,
+                             macro_f1: MultilabelF1Score) -> None:
+        if targets.ndim == 1:  # single-label data scored as multi-hot
+            targets = F.one_hot(targets, self.hparams.num_classes)
+        micro_f1 = getattr(self, f"{stage}_micro_f1")
+        macro_f1.update(logits, targets.long())
+        micro_f1.update(logits, targets.long())
+        size = len(logits)
+        self.log(f"{stage}/loss", F.binary_cross_entropy_with_logits(logits.float(), targets.float()), batch_size=size)
+        self.log(f"{stage}/macro_f1", macro_f1, on_epoch=True, prog_bar=stage == "val", batch_size=size)
+        self.log(f"{stage}/micro_f1", micro_f1, on_epoch=True, batch_size=size)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)
@@ -156,14 +227,23 @@ class SemiSupervisedModule(LightningModule):
         self._evaluate(batch, "test", self.test_acc)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        probs = torch.softmax(self.eval_net(batch["image"]).float(), dim=1)
+        logits = self.eval_net(batch["image"]).float()
+        if self.multilabel:
+            probs = torch.sigmoid(logits)
+            return {"index": batch["index"], "probs": probs, "prediction": (probs > 0.5).long()}
+        probs = torch.softmax(logits, dim=1)
         return {"index": batch["index"], "probs": probs, "prediction": probs.argmax(dim=1)}
 
     # --- optimization ----------------------------------------------------------------------
+    def trainable_modules(self) -> list[nn.Module]:
+        """Modules whose parameters the optimizer trains: the network, plus a learnable criterion's."""
+        return [self.net, self.criterion]
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay = [p for p in self.net.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.net.parameters() if p.ndim <= 1]
+        params = [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
         optimizer = torch.optim.SGD(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,

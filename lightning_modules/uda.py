@@ -64,6 +64,7 @@ class UDA(SemiSupervisedModule):
     """
 
     unlabeled_views = ("weak", "strong")
+    uses_criterion = False  # the TSA-masked cross-entropy is UDA's labeled loss
 
     def __init__(self, temperature: float = 0.4, threshold: float = 0.8, tsa: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
