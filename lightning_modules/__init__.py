@@ -4,8 +4,10 @@ from lightning_modules.ensemble import Ensemble
 from lightning_modules.fixmatch import FixMatch
 from lightning_modules.flexmatch import FlexMatch
 from lightning_modules.freematch import FreeMatch
+from lightning_modules.kd_student import KDStudent
 from lightning_modules.mean_teacher import MeanTeacher
 from lightning_modules.mixmatch import MixMatch
+from lightning_modules.mutual_learning import MutualLearning
 from lightning_modules.pi_model import PiModel
 from lightning_modules.pseudo_label import PseudoLabel
 from lightning_modules.remixmatch import ReMixMatch
@@ -21,6 +23,8 @@ SSL_METHODS = [
     "Supervised", "PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch",
     "UDA", "ReMixMatch", "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch",
 ]
+# Distillation: offline (a frozen teacher) and online (peers teaching each other).
+KD_METHODS = ["KDStudent", "MutualLearning"]
 # Concrete modules selectable by class name on the command line.
-MODELS = SSL_METHODS + ["Ensemble"]
+MODELS = SSL_METHODS + KD_METHODS + ["Ensemble"]
 __all__ = ["SemiSupervisedModule", *MODELS]
