@@ -1,0 +1,338 @@
+"""Image/mask folder pairs for semantic segmentation: labeled, unlabeled and held-out test images.
+
+``root/<image_dir>/<stem>.{png,jpg,jpeg,tif,tiff}`` pairs with ``root/<mask_dir>/<stem>.{png,tif,tiff,bmp}``
+by file stem. Images and masks are decoded once into memory (uint8); ``index`` in a batch is an
+image's position in ``SegmentationFolders.stems`` (stems in natural order: 0, 1, 2, ..., 10).
+
+Training batch, after ``on_after_batch_transfer`` (B = ``batch_size``, U = ``batch_size * uratio``,
+h = w = ``crop_size``)::
+
+    {"labeled":   {"image": float32 (B, C, h, w) normalized, "target": int64 (B, h, w), "index": int64 (B,)},
+     "unlabeled": {"weak": float32 (U, C, h, w), "strong": float32 (U, C, h, w),
+                   "target": int64 (U, h, w), "index": int64 (U,)}}
+
+``"target"`` holds per-pixel class ids, the key the classification base reads. ``"unlabeled"``
+holds the views the model lists in ``unlabeled_views`` (as in ``SSLDataModule``) and is absent
+when it lists none. All views of one unlabeled image share the same crop, flips and rotation, so
+pixel (i, j) is the same point in every view and in its ``"target"``: the mask under that geometry,
+or all -1 for an image without a mask (``unlabeled_without_mask``); methods use it only for
+diagnostics such as pseudo-label accuracy over pixels with target >= 0. ``strong*`` views add an
+independent photometric draw (colour jitter, blur, noise) to the image only, ``weak*`` and
+``plain*`` views are the geometric crop alone. Labeled crops are the geometric (weak) augmentation
+of image and mask. Validation, test and predict batches are whole images of the test split:
+``{"image": float32 (B, C, H, W), "target": int64 (B, H, W), "index": int64 (B,)}``.
+
+Augmentation runs per sample in the loader (``datamodules.segmentation_transforms``); only
+normalization runs after the transfer to the device. ``datamodules.sliding_window`` turns a model
+trained on crops into whole-image logits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from lightning.pytorch.utilities import CombinedLoader
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from datamodules.augment import normalize
+from datamodules.segmentation_transforms import (SegmentationCrops, WholeImages, geometric_transform,
+                                                 photometric_transform)
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")  # lossless only: a JPEG mask has invented class ids
+SPLIT_FORMAT = "labelwise-segmentation-split/1"
+
+
+@dataclass(frozen=True)
+class SegmentationSplit:
+    """Sorted, disjoint positions in ``SegmentationFolders.stems``."""
+
+    labeled: Tensor
+    unlabeled: Tensor
+    test: Tensor
+    seed: int
+
+
+def _natural_key(stem: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", stem)]
+
+
+def _files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in suffixes:
+            if path.stem in found:
+                raise ValueError(f"SegmentationFolders: {found[path.stem]} and {path} share the stem {path.stem!r}: "
+                                 f"keep one file per stem")
+            found[path.stem] = path
+    return found
+
+
+def write_json_atomically(path: str | os.PathLike, record: dict) -> Path:
+    """Write ``record`` as JSON through a temporary file and a rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class SegmentationFolders(LightningDataModule):
+    """Segmentation data from ``root/<image_dir>`` + ``root/<mask_dir>``, with a seeded split.
+
+    The split draws one seeded permutation of the images that have masks: the first ``num_test``
+    form the test set (validation reports on it too, as ``SSLDataModule`` does), the next
+    ``num_labeled`` the labeled set, and the rest, plus images without masks when
+    ``unlabeled_without_mask`` is set, the unlabeled set. At ``setup("fit")`` the split is saved
+    by stem to ``<log_dir>/split.json``; ``split_file`` reuses such a file.
+
+    Args:
+        root: folder holding ``image_dir`` and ``mask_dir``.
+        mask_mode: ``"binary"`` (pixel > ``threshold`` is class 1, else 0) or ``"index"`` (pixel
+            values are class ids ``0 .. num_classes - 1``; masks must be single-channel).
+        num_classes: classes in ``"index"`` mode (``2`` in binary mode, which is the default).
+        grayscale: decode images as one channel (``num_channels`` 1) instead of RGB (3).
+        unlabeled_without_mask: images without a mask join the unlabeled set instead of raising.
+        num_labeled: labeled training images; ``None`` labels every non-test image with a mask.
+        num_test: held-out images for validation and test.
+        crop_size: side of the random training crops (``None``: whole images, all of one size).
+        flips, rot90: random horizontal+vertical flips and 90-degree rotations of the crops.
+        color_jitter, blur_probability, noise_std: the strong view's photometric changes.
+        batch_size, uratio: labeled crops per step and unlabeled crops per labeled crop.
+        steps_per_epoch: an epoch is this many steps; each stream samples without replacement,
+            one permutation after another.
+        eval_batch_size: whole images per validation/test batch (1 allows images of mixed sizes).
+        include_labeled_in_unlabeled: labeled images also feed the unlabeled stream.
+        unlabeled_views: override the views the model asks for.
+        mean, std: per-channel normalization on the [0, 1] scale (default 0.5/0.25 for grayscale,
+            ImageNet's for RGB, as ``ImageFolderSSL``).
+    """
+
+    def __init__(self, root: str = "data/membrane", image_dir: str = "image", mask_dir: str = "label",
+                 mask_mode: str = "binary", num_classes: int | None = None, threshold: int = 127,
+                 grayscale: bool = True, unlabeled_without_mask: bool = False, num_labeled: int | None = None,
+                 num_test: int = 5, seed: int = 0, split_file: str | None = None, crop_size: int | None = 256,
+                 flips: bool = True, rot90: bool = True, color_jitter: float = 0.5, blur_probability: float = 0.5,
+                 noise_std: float = 0.03, batch_size: int = 4, uratio: int = 1, steps_per_epoch: int = 100,
+                 eval_batch_size: int = 1, include_labeled_in_unlabeled: bool = False,
+                 unlabeled_views: list[str] | None = None, mean: list[float] | None = None,
+                 std: list[float] | None = None, num_workers: int = 0, decode_threads: int = 4) -> None:
+        super().__init__()
+        if mask_mode not in ("binary", "index"):
+            raise ValueError(f"mask_mode must be 'binary' or 'index', got {mask_mode!r}")
+        if mask_mode == "binary" and num_classes not in (None, 2):
+            raise ValueError(f"mask_mode='binary' has 2 classes, got num_classes={num_classes}: use mask_mode='index'")
+        if mask_mode == "index" and (num_classes is None or num_classes < 2):
+            raise ValueError(f"mask_mode='index' needs num_classes of at least 2, got {num_classes}")
+        for name, value in (("batch_size", batch_size), ("uratio", uratio), ("steps_per_epoch", steps_per_epoch),
+                            ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self.root = Path(root).expanduser()
+        self.image_dir, self.mask_dir, self.mask_mode, self.threshold = image_dir, mask_dir, mask_mode, threshold
+        self.num_classes = 2 if mask_mode == "binary" else num_classes
+        self.num_channels = 1 if grayscale else 3
+        self.unlabeled_without_mask = unlabeled_without_mask
+        self.num_labeled, self.num_test, self.seed, self.split_file = num_labeled, num_test, seed, split_file
+        self.batch_size, self.uratio, self.steps_per_epoch = batch_size, uratio, steps_per_epoch
+        self.eval_batch_size, self.num_workers, self.decode_threads = eval_batch_size, num_workers, decode_threads
+        self.include_labeled_in_unlabeled, self.unlabeled_views = include_labeled_in_unlabeled, unlabeled_views
+        default_mean, default_std = ((0.5,), (0.25,)) if grayscale else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        self.mean, self.std = tuple(mean or default_mean), tuple(std or default_std)
+        if len(self.mean) != self.num_channels or len(self.std) != self.num_channels:
+            raise ValueError(f"mean and std need {self.num_channels} values, got {self.mean} and {self.std}")
+        self.geometry = geometric_transform(crop_size, flips, rot90)
+        self.photometric = photometric_transform(self.num_channels, color_jitter, blur_probability, noise_std)
+        self.stems: list[str] = []
+        self.images: list[Tensor] = []
+        self.masks: list[Tensor | None] = []
+        self.split: SegmentationSplit | None = None
+        self.split_path: Path | None = None
+
+    # --- reading the folders ----------------------------------------------------------------
+    def _decode_image(self, path: Path) -> Tensor:
+        try:
+            with Image.open(path) as pil:
+                array = np.asarray(pil.convert("L" if self.num_channels == 1 else "RGB"))
+        except (OSError, UnidentifiedImageError) as err:
+            raise ValueError(f"SegmentationFolders: cannot decode image {path} ({err}): replace or remove it") from err
+        return torch.from_numpy(array.copy()).reshape(*array.shape[:2], -1).permute(2, 0, 1).contiguous()
+
+    def _decode_mask(self, path: Path, image_path: Path, image_size: tuple[int, int]) -> Tensor:
+        try:
+            with Image.open(path) as pil:
+                if self.mask_mode == "binary":
+                    array = np.asarray(pil.convert("L")) > self.threshold
+                elif pil.mode in ("1", "L", "P", "I", "I;16"):
+                    array = np.asarray(pil)  # for "P" these are palette indices, i.e. the class ids
+                else:
+                    raise ValueError(f"SegmentationFolders: index mask {path} has mode {pil.mode}: class-id masks "
+                                     f"must be single-channel (PIL mode L, P, I or I;16)")
+        except (OSError, UnidentifiedImageError) as err:
+            raise ValueError(f"SegmentationFolders: cannot decode mask {path} ({err}): replace or remove it") from err
+        if array.shape != image_size:
+            raise ValueError(f"SegmentationFolders: mask {path} is {array.shape[0]}x{array.shape[1]} (HxW) but its "
+                             f"image {image_path} is {image_size[0]}x{image_size[1]}: masks must match their images")
+        if self.mask_mode == "index" and array.size and int(array.max()) >= self.num_classes:
+            raise ValueError(f"SegmentationFolders: mask {path} holds class id {int(array.max())}, but "
+                             f"num_classes={self.num_classes} allows 0..{self.num_classes - 1}")
+        dtype = np.uint8 if self.num_classes <= 256 else np.int32
+        return torch.from_numpy(array.astype(dtype))
+
+    def _read(self, pair: tuple[Path, Path | None]) -> tuple[Tensor, Tensor | None]:
+        image_path, mask_path = pair
+        image = self._decode_image(image_path)
+        return image, None if mask_path is None else self._decode_mask(mask_path, image_path, tuple(image.shape[1:]))
+
+    def load(self) -> None:
+        """Find and decode every image/mask pair (once)."""
+        image_root, mask_root = self.root / self.image_dir, self.root / self.mask_dir
+        if not image_root.is_dir():
+            raise FileNotFoundError(f"SegmentationFolders: {image_root} does not exist: root must hold "
+                                    f"{self.image_dir}/ and {self.mask_dir}/")
+        images = _files_by_stem(image_root, IMAGE_SUFFIXES)
+        if not images:
+            raise ValueError(f"SegmentationFolders: {image_root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        masks = _files_by_stem(mask_root, MASK_SUFFIXES) if mask_root.is_dir() else {}
+        stems = sorted(images, key=_natural_key)
+        missing = [s for s in stems if s not in masks]
+        if missing and not self.unlabeled_without_mask:
+            raise ValueError(f"SegmentationFolders: image {images[missing[0]]} has no mask {mask_root}/{missing[0]}"
+                             f"{{{','.join(MASK_SUFFIXES)}}} ({len(missing)} image(s) without masks); pass "
+                             f"unlabeled_without_mask=True to use such images as unlabeled")
+        orphans = sorted(set(masks) - set(images))
+        if orphans:
+            log.warning("SegmentationFolders: %d mask(s) without an image are ignored, e.g. %s", len(orphans),
+                        masks[orphans[0]])
+        pairs = [(images[s], masks.get(s)) for s in stems]
+        with ThreadPoolExecutor(max(1, min(self.decode_threads, os.cpu_count() or 1))) as pool:
+            decoded = list(pool.map(self._read, pairs))
+        self.stems = stems
+        self.images = [image for image, _ in decoded]
+        self.masks = [mask for _, mask in decoded]
+
+    # --- the split ----------------------------------------------------------------------------
+    def draw_split(self) -> SegmentationSplit:
+        with_mask = [i for i, m in enumerate(self.masks) if m is not None]
+        without = [i for i, m in enumerate(self.masks) if m is None]
+        if not 0 <= self.num_test < len(with_mask):
+            raise ValueError(f"num_test={self.num_test} must leave training images: {len(with_mask)} images have masks")
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.tensor(with_mask, dtype=torch.long)[torch.randperm(len(with_mask), generator=generator)]
+        test, rest = order[:self.num_test], order[self.num_test:]
+        num_labeled = len(rest) if self.num_labeled is None else self.num_labeled
+        if not 1 <= num_labeled <= len(rest):
+            raise ValueError(f"num_labeled={self.num_labeled} must be in 1..{len(rest)} ({len(with_mask)} images with "
+                             f"masks, {self.num_test} held out for test)")
+        unlabeled = torch.cat([rest[num_labeled:], torch.tensor(without, dtype=torch.long)])
+        labeled = rest[:num_labeled]
+        return SegmentationSplit(labeled.sort().values, unlabeled.sort().values, test.sort().values, self.seed)
+
+    def split_record(self) -> dict:
+        names = lambda idx: [self.stems[i] for i in idx.tolist()]  # noqa: E731
+        return {"format": SPLIT_FORMAT, "root": str(self.root), "seed": self.split.seed,
+                "labeled": names(self.split.labeled), "unlabeled": names(self.split.unlabeled),
+                "test": names(self.split.test)}
+
+    def load_split(self, path: str | os.PathLike) -> SegmentationSplit:
+        path = Path(path)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"split_file {path} cannot be read as JSON ({err})") from err
+        if record.get("format") != SPLIT_FORMAT:
+            raise ValueError(f"split_file {path} is not a segmentation split (format {record.get('format')!r})")
+        position = {s: i for i, s in enumerate(self.stems)}
+        parts = {k: [position.get(s) for s in record[k]] for k in ("labeled", "unlabeled", "test")}
+        listed = [i for k in parts for i in parts[k]]
+        if None in listed or sorted(listed) != list(range(len(self.stems))):
+            raise ValueError(f"split_file {path} does not partition the {len(self.stems)} images under {self.root}: "
+                             f"it was made for other files")
+        if any(self.masks[i] is None for i in parts["labeled"] + parts["test"]):
+            raise ValueError(f"split_file {path} lists images without masks as labeled or test")
+        as_tensor = lambda idx: torch.tensor(sorted(idx), dtype=torch.long)  # noqa: E731
+        return SegmentationSplit(*(as_tensor(parts[k]) for k in ("labeled", "unlabeled", "test")), int(record["seed"]))
+
+    def setup(self, stage: str) -> None:
+        if not self.images:
+            self.load()
+        if self.split is None:
+            self.split = self.load_split(self.split_file) if self.split_file else self.draw_split()
+        if stage == "fit" and self.trainer is not None:
+            # trainer.log_dir broadcasts from rank 0: every rank must call it.
+            log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+            if self.trainer.is_global_zero:
+                self.split_path = write_json_atomically(Path(log_dir) / "split.json", self.split_record())
+
+    # --- loaders ------------------------------------------------------------------------------
+    def requested_unlabeled_views(self) -> tuple[str, ...]:
+        if self.unlabeled_views is not None:
+            return tuple(self.unlabeled_views)
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        return tuple(getattr(model, "unlabeled_views", ("weak", "strong")))
+
+    def _stream(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        sampler = RandomSampler(dataset, num_samples=self.steps_per_epoch * batch_size)  # permutation after permutation
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> CombinedLoader:
+        labeled = SegmentationCrops(self.images, self.masks, self.split.labeled, self.geometry)
+        loaders = {"labeled": self._stream(labeled, self.batch_size)}
+        views = self.requested_unlabeled_views()
+        if views:
+            indices = self.split.unlabeled
+            if self.include_labeled_in_unlabeled:
+                indices = torch.cat([self.split.labeled, indices]).sort().values
+            if len(indices) == 0:
+                raise ValueError(f"the model asks for unlabeled views {views} but the unlabeled set is empty: lower "
+                                 f"num_labeled, add images with unlabeled_without_mask, or include labeled images")
+            unlabeled = SegmentationCrops(self.images, self.masks, indices, self.geometry, self.photometric, views)
+            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio)
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def _eval_loader(self) -> DataLoader:
+        if len(self.split.test) == 0:
+            raise ValueError("num_test=0: there are no held-out images to evaluate on")
+        return DataLoader(WholeImages(self.images, self.masks, self.split.test), batch_size=self.eval_batch_size,
+                          shuffle=False, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader() if len(self.split.test) else []  # num_test=0: no validation
+
+    test_dataloader = predict_dataloader = _eval_loader
+
+    def to_float(self, images: Tensor) -> Tensor:
+        return normalize(images, self.mean, self.std)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "labeled" in batch:
+            out = {"labeled": dict(batch["labeled"], image=self.to_float(batch["labeled"]["image"]))}
+            if "unlabeled" in batch:
+                out["unlabeled"] = {k: v if k in ("target", "index") else self.to_float(v)
+                                    for k, v in batch["unlabeled"].items()}
+            return out
+        return dict(batch, image=self.to_float(batch["image"]))
