@@ -11,6 +11,8 @@ from lightning_modules.mutual_learning import MutualLearning
 from lightning_modules.pi_model import PiModel
 from lightning_modules.pseudo_label import PseudoLabel
 from lightning_modules.remixmatch import ReMixMatch
+from lightning_modules.segmenter import Segmenter
+from lightning_modules.semi_supervised_segmentation import SegFixMatch, SegMeanTeacher
 from lightning_modules.semi_supervised import SemiSupervisedModule
 from lightning_modules.softmatch import SoftMatch
 from lightning_modules.supervised import Supervised
@@ -25,6 +27,8 @@ SSL_METHODS = [
 ]
 # Distillation: offline (a frozen teacher) and online (peers teaching each other).
 KD_METHODS = ["KDStudent", "MutualLearning"]
+# Segmentation: supervised, and the semi-supervised methods applied per pixel.
+SEGMENTATION_METHODS = ["Segmenter", "SegFixMatch", "SegMeanTeacher"]
 # Concrete modules selectable by class name on the command line.
-MODELS = SSL_METHODS + KD_METHODS + ["Ensemble"]
+MODELS = SSL_METHODS + KD_METHODS + SEGMENTATION_METHODS + ["Ensemble"]
 __all__ = ["SemiSupervisedModule", *MODELS]

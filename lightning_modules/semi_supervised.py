@@ -97,7 +97,7 @@ class SemiSupervisedModule(LightningModule):
             raise ValueError(f"rdrop_weight={rdrop_weight} is not possible for {type(self).__name__}: it must be "
                              ">= 0, and R-Drop needs a method that trains through the base's forward")
         self.save_hyperparameters()
-        self.net = build_network(network, num_classes=num_classes, in_channels=in_channels, **(network_kwargs or {}))
+        self.net = self.build_net()
         self.criterion = build_criterion(criterion, num_classes, **(criterion_kwargs or {}))
         # A plain attribute, not a submodule: DDP never wraps it and it gets no gradient.
         self.ema = EMAModel(self.net, decay=ema_decay) if ema_decay is not None else None
@@ -105,6 +105,11 @@ class SemiSupervisedModule(LightningModule):
         if self.multilabel:
             self.val_micro_f1 = MultilabelF1Score(num_classes, average="micro")
             self.test_micro_f1 = MultilabelF1Score(num_classes, average="micro")
+
+    def build_net(self) -> nn.Module:
+        """The trained network, from the ``network`` hyper-parameters (segmenters build theirs otherwise)."""
+        hp = self.hparams
+        return build_network(hp.network, num_classes=hp.num_classes, in_channels=hp.in_channels, **(hp.network_kwargs or {}))
 
     @property
     def multilabel(self) -> bool:

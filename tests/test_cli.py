@@ -23,7 +23,10 @@ def _print_config(args, capsys) -> str:
 def test_print_config_for_every_model(model, capsys):
     out = _print_config(["fit", "--model", model, "--data", "DigitsSSL"], capsys)
     assert f"class_path: lightning_modules.{model}" in out
-    if issubclass(getattr(lightning_modules, model), lightning_modules.SemiSupervisedModule):
+    cls = getattr(lightning_modules, model)
+    if issubclass(cls, lightning_modules.Segmenter):
+        assert "network: unet3plus" in out
+    elif issubclass(cls, lightning_modules.SemiSupervisedModule):
         assert "network: wrn28_2" in out
 
 

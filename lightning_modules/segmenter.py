@@ -1,0 +1,158 @@
+"""Semantic segmentation on the shared semi-supervised base.
+
+``Segmenter`` trains any network of :func:`lightning_modules.segmentation.build_segmentation_network`
+(UNet 3+, RefineNet, Light-Weight RefineNet, or any segmentation-models-pytorch architecture by
+name) with a weighted sum of segmentation losses, deep supervision when the network returns side
+outputs, the UNet 3+ classification-guided module's presence loss, and dataset-level metrics.
+Everything else (SGD and the cosine schedule, the EMA copy used for evaluation, ramp-ups,
+unlabeled views, logging) is the classification base's, so the semi-supervised methods apply to
+pixels unchanged (:mod:`lightning_modules.semi_supervised_segmentation`).
+
+Batches are those of :class:`datamodules.SegmentationFolders`: ``"image"`` (N, C, H, W) and a
+per-pixel ``"target"`` (N, H, W) of class indices. Binary masks are 2 classes (background,
+foreground) with a softmax, so per-pixel pseudo-labels work as for images.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datamodules.sliding_window import sliding_window_inference
+from lightning_modules.segmentation import build_segmentation_network
+from lightning_modules.segmentation_losses import SegmentationLoss, deep_supervision_loss
+from lightning_modules.segmentation_metrics import SegmentationMetrics
+from lightning_modules.segmentation_overlays import log_overlays
+from lightning_modules.semi_supervised import SemiSupervisedModule
+
+
+class Segmenter(SemiSupervisedModule):
+    """A segmentation network trained and evaluated per pixel.
+
+    Args:
+        network: ``unet3plus``, ``refinenet``, ``lw_refinenet`` or an smp architecture (``Unet``,
+            ``FPN``, ``DeepLabV3Plus``, ...).
+        network_kwargs: constructor arguments, e.g. ``{"encoder_name": "resnet34"}``;
+            ``encoder_weights`` stays ``None`` (offline) unless given.
+        loss_terms: weighted losses by name (``ce``, ``dice``, ``iou``, ``focal``, ``ms_ssim``,
+            ``hybrid`` = UNet 3+'s focal + MS-SSIM + IoU); default CE + Dice.
+        deep_supervision_weights: weights of the side outputs when the network returns several
+            in training (main output first); default equal.
+        presence_loss_weight: weight of the cross-entropy of the classification-guided module's
+            presence logits against "the mask has foreground" (UNet 3+ with ``cgm=True``).
+        sliding_window: evaluate with overlapping windows of this size (large images); ``None``
+            evaluates whole images in one pass.
+        window_overlap: fraction of overlap between windows.
+        log_images: how many validation images to log as input / truth / prediction overlays
+            (W&B and TensorBoard loggers); 0 turns it off.
+        **kwargs: the base's optimizer, EMA and ramp-up arguments.
+    """
+
+    uses_criterion = False  # the segmentation losses replace the classification criterion
+    supports_rdrop = False
+
+    def __init__(
+        self,
+        network: str = "unet3plus",
+        network_kwargs: dict[str, Any] | None = None,
+        loss_terms: dict[str, float] | None = None,
+        deep_supervision_weights: list[float] | None = None,
+        presence_loss_weight: float = 0.1,
+        sliding_window: int | None = None,
+        window_overlap: float = 0.25,
+        log_images: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("num_classes", 2)
+        kwargs.setdefault("in_channels", 1)
+        super().__init__(network=network, network_kwargs=network_kwargs, **kwargs)
+        self.seg_loss = SegmentationLoss(loss_terms)
+        self.val_metrics = SegmentationMetrics(self.hparams.num_classes)
+        self.test_metrics = SegmentationMetrics(self.hparams.num_classes)
+
+    def build_net(self) -> nn.Module:
+        hp = self.hparams
+        return build_segmentation_network(hp.network, in_channels=hp.in_channels, classes=hp.num_classes,
+                                          **(hp.network_kwargs or {}))
+
+    # --- training --------------------------------------------------------------------------
+    def forward_views(self, images: list[torch.Tensor]) -> list[torch.Tensor | list[torch.Tensor]]:
+        """Per view: every output (deep supervision) for the first view, the main output for the others."""
+        if self.hparams.concat_forward:
+            outputs = _as_list(self.net(torch.cat(images)))
+            pieces = [output.split([len(x) for x in images]) for output in outputs]
+            per_view = [[piece[i] for piece in pieces] for i in range(len(images))]
+        else:
+            per_view = [_as_list(self.net(x)) for x in images]
+        return [view if i == 0 and len(view) > 1 else view[0] for i, view in enumerate(per_view)]
+
+    def labeled_loss(self, logits: torch.Tensor | list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        if isinstance(logits, list):
+            return deep_supervision_loss(logits, targets, self.seg_loss, self.hparams.deep_supervision_weights)
+        return self.seg_loss(logits, targets)
+
+    def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        losses = super().compute_losses(batch)
+        presence = getattr(self.net, "last_presence", None)
+        if presence is not None:  # the labeled images lead the concatenated batch
+            targets = batch["labeled"]["target"]
+            has_foreground = (targets > 0).flatten(1).any(dim=1).long()
+            losses["presence_loss"] = F.cross_entropy(presence[: len(targets)].float(), has_foreground)
+        return losses
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = super().total_loss(losses)
+        if "presence_loss" in losses:
+            loss = loss + self.hparams.presence_loss_weight * losses["presence_loss"]
+        return loss
+
+    # --- evaluation ------------------------------------------------------------------------
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (N, classes, H, W) of the evaluation (EMA) network, by windows if configured."""
+        net = self.eval_net
+        if self.hparams.sliding_window is None:
+            return net(images)
+        return sliding_window_inference(net, images, window=self.hparams.sliding_window,
+                                        overlap=self.hparams.window_overlap, num_classes=self.hparams.num_classes)
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: Any) -> None:
+        logits = self.segment(batch["image"])
+        predictions = logits.argmax(dim=1)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(predictions, batch["target"])
+        self.log(f"{stage}/loss", self.seg_loss(logits, batch["target"]), batch_size=len(logits))
+        if stage == "val" and self._log_images_now():
+            log_overlays(self.logger, batch["image"], batch["target"], predictions, self.hparams.log_images,
+                         key="val/overlays", step=self.global_step)
+            self._images_logged_this_epoch = True
+
+    def _log_images_now(self) -> bool:
+        return self.hparams.log_images > 0 and not self._images_logged_this_epoch and self.logger is not None
+
+    def on_validation_epoch_start(self) -> None:
+        self._images_logged_this_epoch = False
+
+    def _epoch_metrics(self, stage: str, metrics: SegmentationMetrics) -> None:
+        values = metrics.compute()  # synchronized across processes: the same numbers on every rank
+        self.log(f"{stage}/miou", values.pop("miou"), prog_bar=stage == "val")
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_metrics("test", self.test_metrics)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        probs = torch.softmax(self.segment(batch["image"]).float(), dim=1)
+        return {"index": batch["index"], "probs": probs, "prediction": probs.argmax(dim=1)}
+
+    _images_logged_this_epoch = False
+
+
+def _as_list(output: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(output) if isinstance(output, (list, tuple)) else [output]

@@ -1,0 +1,135 @@
+"""Segmenter and its semi-supervised variants on the real ISBI membrane slices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datamodules import SegmentationFolders
+from lightning_modules import SegFixMatch, SegMeanTeacher, Segmenter
+from lightning_modules.segmentation_losses import SegmentationLoss
+from lightning_modules.segmentation_overlays import overlays
+from lightning_modules.ssl_losses import confident_pseudo_labels
+from tests.ssl_helpers import make_trainer
+from train import cli_main
+
+SMALL = dict(network_kwargs={"encoder_name": "resnet18"}, ema_decay=0.9, log_images=0)
+
+
+@pytest.fixture()
+def membrane(shared_data) -> Path:
+    return shared_data / "membrane"
+
+
+def data(root: Path, **kwargs) -> SegmentationFolders:
+    options = dict(num_labeled=6, num_test=2, crop_size=64, batch_size=2, uratio=1, steps_per_epoch=2)
+    return SegmentationFolders(root=str(root), **{**options, **kwargs})
+
+
+def one_batch(model, dm: SegmentationFolders):
+    dm.unlabeled_views = list(model.unlabeled_views)
+    dm.setup("fit")
+    raw, _, _ = next(iter(dm.train_dataloader()))  # CombinedLoader yields (batch, batch_idx, loader_idx)
+    return dm.on_after_batch_transfer(raw, 0)
+
+
+@pytest.mark.parametrize("network", ["unet3plus", "refinenet", "lw_refinenet", "Unet"])
+def test_every_network_trains_and_tests_with_dataset_level_metrics(membrane, network):
+    torch.manual_seed(0)
+    model = Segmenter(network=network, **SMALL)
+    dm = data(membrane)
+    trainer = make_trainer(max_steps=2, limit_test_batches=1)
+    trainer.fit(model, dm)
+    metrics = trainer.test(model, dm, verbose=False)[0]
+    for name in ("test/dice", "test/miou", "test/fwiou", "test/pixel_acc", "test/recall", "test/fg_iou"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+
+
+def test_deep_supervision_loss_averages_every_side_output(membrane):
+    torch.manual_seed(0)
+    model = Segmenter(network="unet3plus", loss_terms={"ce": 1.0}, **SMALL)
+    batch = one_batch(model, data(membrane))
+    model.train()
+    outputs = model.net(batch["labeled"]["image"])
+    assert isinstance(outputs, list) and len(outputs) == 5  # four decoder stages and the deepest encoder map
+    expected = sum(F.cross_entropy(o, batch["labeled"]["target"]) for o in outputs) / 5
+    torch.testing.assert_close(model.labeled_loss(outputs, batch["labeled"]["target"]), expected)
+
+
+def test_presence_loss_trains_the_classification_guided_module(membrane):
+    model = Segmenter(network="unet3plus", presence_loss_weight=0.5, **{**SMALL, "network_kwargs": {
+        "encoder_name": "resnet18", "cgm": True}})
+    batch = one_batch(model, data(membrane))
+    model.train()
+    losses = model.compute_losses(batch)
+    present = (batch["labeled"]["target"] > 0).flatten(1).any(1).long()
+    torch.testing.assert_close(losses["presence_loss"], F.cross_entropy(model.net.last_presence, present))
+    model.total_loss(losses).backward()
+    assert all(p.grad is not None for p in model.net.classification_head.parameters())
+
+
+def test_segfixmatch_masks_pixels_by_the_confidence_rule(membrane):
+    torch.manual_seed(0)
+    model = SegFixMatch(network="Unet", threshold=0.6, **SMALL)
+    batch = one_batch(model, data(membrane))
+    model.eval()  # BatchNorm from running statistics, so the weak view's logits can be recomputed alone
+    losses = model.compute_losses(batch)
+    with torch.no_grad():
+        pseudo_labels, mask = confident_pseudo_labels(model.net(batch["unlabeled"]["weak"]), 0.6)
+    assert mask.shape == batch["unlabeled"]["target"].shape  # one decision per pixel
+    torch.testing.assert_close(losses["mask_ratio"], mask.mean())
+    strong = model.net(batch["unlabeled"]["strong"])
+    expected = (F.cross_entropy(strong, pseudo_labels, reduction="none") * mask).mean()
+    torch.testing.assert_close(losses["unlabeled_loss"], expected)
+
+
+def test_segmeanteacher_sends_unlabeled_gradient_to_the_student_only(membrane):
+    torch.manual_seed(0)
+    model = SegMeanTeacher(network="Unet", rampup_steps=0, **SMALL)
+    batch = one_batch(model, data(membrane))
+    model.train()
+    losses = model.compute_losses(batch)
+    losses["unlabeled_loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.net.parameters())
+    assert all(p.grad is None for p in model.ema.module.parameters())
+
+
+def test_segmentation_loss_is_zero_for_a_perfect_prediction_and_the_module_uses_it(membrane):
+    model = Segmenter(network="Unet", loss_terms={"hybrid": 1.0}, **SMALL)
+    assert isinstance(model.seg_loss, SegmentationLoss)
+    target = torch.zeros(1, 64, 64, dtype=torch.long)
+    target[:, 16:48, 16:48] = 1
+    perfect = F.one_hot(target, 2).permute(0, 3, 1, 2).float() * 40 - 20
+    assert model.seg_loss(perfect, target) < 1e-3 < model.seg_loss(-perfect, target)
+
+
+def test_overlays_colour_truth_green_prediction_red():
+    image = torch.zeros(1, 1, 4, 4)
+    image[..., 0, 0] = 1.0
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    prediction = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, 1, 1], prediction[0, 2, 2] = 1, 1
+    out = overlays(image, target, prediction)
+    assert out.shape == (1, 3, 4, 4) and out.min() >= 0 and out.max() <= 1
+    assert out[0, 1, 1, 1] > out[0, 0, 1, 1]  # truth only: green dominates
+    assert out[0, 0, 2, 2] > out[0, 1, 2, 2]  # prediction only: red dominates
+
+
+def test_segmenter_runs_from_the_cli_with_wandb_offline_overlays(membrane, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cli = cli_main(["fit", "--model", "Segmenter", "--model.network", "Unet",
+                    "--model.network_kwargs", "{encoder_name: resnet18}", "--model.log_images", "2",
+                    "--data", "SegmentationFolders", "--data.root", str(membrane), "--data.num_test", "2",
+                    "--data.crop_size", "64", "--data.batch_size", "2", "--data.steps_per_epoch", "2",
+                    "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+                    "--trainer.logger", "WandbLogger", "--trainer.logger.save_dir", str(tmp_path),
+                    "--trainer.logger.offline", "true", "--trainer.logger.project", "labelwise-tests",
+                    "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    assert "test/miou" in cli.trainer.callback_metrics
+    assert cli.model.hparams.in_channels == 1 and cli.model.hparams.num_classes == 2  # linked from the data
+    run_files = list(tmp_path.rglob("*.png"))
+    assert run_files, "no overlay image was written by the offline W&B run"
