@@ -2,6 +2,7 @@
 transfer) and segmentation (joint image/mask augmentation in the loader)."""
 
 from datamodules.base import IndexedImages, SSLDataModule
+from datamodules.coco_detection import COCODetection
 from datamodules.digits import DigitsSSL
 from datamodules.image_folder import ImageFolderSSL
 from datamodules.segmentation_folders import SegmentationFolders
@@ -11,10 +12,10 @@ from datamodules.torchvision_sets import CIFAR10SSL, CIFAR100SSL, STL10SSL, SVHN
 
 __all__ = [
     "SSLDataModule", "IndexedImages", "TorchvisionSSL",
-    "DigitsSSL", "CIFAR10SSL", "CIFAR100SSL", "SVHNSSL", "STL10SSL", "ImageFolderSSL",
+    "DigitsSSL", "CIFAR10SSL", "CIFAR100SSL", "SVHNSSL", "STL10SSL", "ImageFolderSSL", "COCODetection",
     "SegmentationFolders", "sliding_window_inference",
     "LabeledSplit", "class_balanced_split", "load_split", "save_split", "stratified_kfold",
 ]
 # Concrete DataModules selectable by class name on the command line.
 DATAMODULES = ["DigitsSSL", "CIFAR10SSL", "CIFAR100SSL", "SVHNSSL", "STL10SSL", "ImageFolderSSL",
-               "SegmentationFolders"]
+               "SegmentationFolders", "COCODetection"]

@@ -1,0 +1,233 @@
+"""Reading COCO-format detection annotations, and decoding their masks without pycocotools.
+
+``read_coco`` parses the json once and checks it: every annotation must name a listed image and a
+listed category, every image file must exist. Category ids become contiguous labels ``1..K`` in
+sorted id order (0 is the background, torchvision's convention). Boxes go from COCO's
+``[x, y, width, height]`` to ``x1, y1, x2, y2`` clipped to the image; a box with no width or height
+left after clipping is dropped (it would raise inside torchvision's detectors). Crowd regions
+(``iscrowd=1``) are kept and flagged: ``target_of`` leaves them out of training targets and keeps
+them, flagged, in evaluation targets. One warning per read counts what was dropped, clipped and
+flagged.
+
+Masks: a polygon list (union of its polygons; a pixel is inside when its centre is, even-odd rule,
+pixel ``(x, y)`` covering ``[x, x+1) x [y, y+1)``), uncompressed RLE (``counts`` a list) or
+compressed RLE (``counts`` a string), both column-major as in COCO, decode to uint8 ``(H, W)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass
+class CocoImage:
+    """One image and its kept annotations (aligned lists; crowd regions flagged in ``iscrowd``)."""
+
+    id: int
+    path: Path
+    height: int
+    width: int
+    boxes: Tensor  # float32 (n, 4) xyxy, clipped, positive width and height
+    labels: Tensor  # int64 (n,), 1..K
+    iscrowd: Tensor  # bool (n,)
+    area: Tensor  # float32 (n,), the json's "area" (segmentation area in COCO)
+    segmentations: list  # the json's "segmentation" per annotation (None where absent)
+    annotation_ids: list
+
+
+@dataclass
+class CocoAnnotations:
+    images: list[CocoImage]  # sorted by image id
+    category_ids: list[int]  # sorted COCO category ids: label l is category_ids[l - 1]
+    category_names: list[str]
+    num_degenerate: int
+    num_crowd: int
+    num_clipped: int
+
+
+def _load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO annotation file {path} does not exist: pass root and annotation_file "
+                                f"so that root/annotation_file is the instances json")
+    text = path.read_text()
+    if not text.strip():
+        raise ValueError(f"COCO annotation file {path} is empty: it may have been cut short; download it again")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise json.JSONDecodeError(f"COCO annotation file {path} is not valid JSON ({err.msg}); it may be "
+                                   f"truncated: download it again", err.doc, err.pos) from None
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise ValueError(f"COCO annotation file {path} lacks the key(s) {missing}: a detection json needs "
+                         f"'images', 'annotations' and 'categories' (is it a captions or keypoints file?)")
+    return record
+
+
+def read_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) -> CocoAnnotations:
+    """Parse and check a COCO instances json whose ``file_name`` entries live in ``image_dir``."""
+    path, image_dir = Path(annotation_file), Path(image_dir)
+    record = _load_json(path)
+    category_ids = sorted(int(c["id"]) for c in record["categories"])
+    if len(set(category_ids)) != len(category_ids):
+        raise ValueError(f"{path}: category ids repeat: each category needs its own id")
+    label_of = {cid: label for label, cid in enumerate(category_ids, start=1)}
+    names = {int(c["id"]): c.get("name", str(c["id"])) for c in record["categories"]}
+    info = {int(im["id"]): im for im in record["images"]}
+    if len(info) != len(record["images"]):
+        raise ValueError(f"{path}: image ids repeat: each entry of 'images' needs its own id")
+    per_image: dict[int, list[dict]] = {i: [] for i in info}
+    for ann in record["annotations"]:
+        if ann.get("image_id") not in info:
+            raise ValueError(f"{path}: annotation {ann.get('id')} refers to image id {ann.get('image_id')}, which is "
+                             f"not in 'images': the json is inconsistent; remove the annotation or add the image")
+        if ann.get("category_id") not in label_of:
+            raise ValueError(f"{path}: annotation {ann.get('id')} has category id {ann.get('category_id')}, which is "
+                             f"not in 'categories' {category_ids}: remove the annotation or add the category")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4):
+            raise ValueError(f"{path}: annotation {ann.get('id')} has bbox {bbox!r}: COCO boxes are "
+                             f"[x, y, width, height]")
+        per_image[ann["image_id"]].append(ann)
+    images, degenerate, crowd, clipped = [], 0, 0, 0
+    for image_id in sorted(info):
+        im = info[image_id]
+        file = image_dir / im["file_name"]
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: image {image_id} is {file}, which does not exist: image_dir must be the "
+                                    f"folder holding the json's file_name entries")
+        h, w = int(im["height"]), int(im["width"])
+        anns = per_image[image_id]
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4)
+        raw = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+        limits = torch.tensor([w, h, w, h], dtype=torch.float64)
+        boxes = torch.minimum(raw.clamp(min=0), limits)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        degenerate += int((~keep).sum())
+        clipped += int((keep & (boxes != raw).any(dim=1)).sum())
+        kept = [a for a, k in zip(anns, keep.tolist()) if k]
+        iscrowd = torch.tensor([bool(a.get("iscrowd", 0)) for a in kept], dtype=torch.bool)
+        crowd += int(iscrowd.sum())
+        images.append(CocoImage(
+            image_id, file, h, w, boxes[keep].float(),
+            torch.tensor([label_of[a["category_id"]] for a in kept], dtype=torch.int64), iscrowd,
+            torch.tensor([float(a.get("area", 0.0)) for a in kept], dtype=torch.float32),
+            [a.get("segmentation") for a in kept], [a.get("id") for a in kept]))
+    if degenerate or crowd:
+        warnings.warn(f"{path}: {degenerate} of {len(record['annotations'])} annotations dropped for degenerate boxes "
+                      f"(width or height <= 0 after clipping to the image); {crowd} crowd regions (iscrowd=1) left "
+                      f"out of training targets (torchvision detectors cannot train on them; evaluation targets "
+                      f"keep them with iscrowd=1); {clipped} boxes clipped to their image", stacklevel=3)
+    return CocoAnnotations(images, category_ids, [names[c] for c in category_ids], degenerate, crowd, clipped)
+
+
+def target_of(image: CocoImage, masks: bool = False, crowd: bool = False) -> dict[str, Tensor]:
+    """torchvision's target dict for ``image``: ``boxes``, ``labels``, ``image_id`` (+ ``masks``).
+
+    ``crowd=False`` (training) leaves crowd regions out; ``crowd=True`` (evaluation) keeps them and
+    adds ``iscrowd`` (int64) and ``area`` for torchmetrics' ``MeanAveragePrecision``.
+    """
+    keep = torch.ones_like(image.iscrowd) if crowd else ~image.iscrowd
+    target = {"boxes": image.boxes[keep], "labels": image.labels[keep], "image_id": torch.tensor(image.id)}
+    if crowd:
+        target["iscrowd"] = image.iscrowd[keep].long()
+        target["area"] = image.area[keep]
+    if masks:
+        decoded = []
+        for segmentation, ann_id, k in zip(image.segmentations, image.annotation_ids, keep.tolist()):
+            if k:
+                if segmentation is None:
+                    raise ValueError(f"annotation {ann_id} of image {image.id} has no segmentation: masks=True "
+                                     f"needs one per object; use masks=False for boxes only")
+                decoded.append(torch.from_numpy(decode_mask(segmentation, image.height, image.width)))
+        target["masks"] = (torch.stack(decoded) if decoded
+                           else torch.zeros(0, image.height, image.width, dtype=torch.uint8))
+    return target
+
+
+# --- masks ----------------------------------------------------------------------------------------
+def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
+    """Union of ``[x0, y0, x1, y1, ...]`` polygons; a pixel is inside when its centre is (even-odd)."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for polygon in polygons:
+        xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+        if len(xy) < 3:
+            continue
+        x0, y0 = xy[:, 0], xy[:, 1]
+        x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+        top, bottom = max(int(np.floor(y0.min())), 0), min(int(np.ceil(y0.max())), height)
+        left, right = max(int(np.floor(x0.min())), 0), min(int(np.ceil(x0.max())), width)
+        if top >= bottom or left >= right:
+            continue
+        centres = np.arange(top, bottom) + 0.5
+        # edges crossing each row's centre line (half-open in y, so a vertex is counted once)
+        crossing = (centres[:, None] >= np.minimum(y0, y1)) & (centres[:, None] < np.maximum(y0, y1))
+        rows, edges = np.nonzero(crossing)
+        x = x0[edges] + (centres[rows] - y0[edges]) * (x1[edges] - x0[edges]) / (y1[edges] - y0[edges])
+        # every pixel whose centre lies right of a crossing sees one more crossing on its left
+        first = np.clip(np.floor(x + 0.5) - left, 0, right - left).astype(np.int64)
+        toggles = np.zeros((bottom - top, right - left + 1), dtype=np.int32)
+        np.add.at(toggles, (rows, first), 1)
+        mask[top:bottom, left:right] |= (np.cumsum(toggles, axis=1)[:, :-1] % 2).astype(np.uint8)
+    return mask
+
+
+def _counts_from_string(text: str | bytes) -> list[int]:
+    """COCO's compressed RLE: runs in 5-bit groups (0x20 = more, 0x10 = sign of the last group),
+    offset by 48; from the fourth run on, each is stored as its difference from the run two before."""
+    data = text.encode() if isinstance(text, str) else text
+    counts: list[int] = []
+    i = 0
+    while i < len(data):
+        value, shift, more = 0, 0, True
+        while more:
+            group = data[i] - 48
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            i, shift = i + 1, shift + 5
+            if not more and group & 0x10:
+                value -= 1 << shift
+        counts.append(value + counts[-2] if len(counts) > 2 else value)
+    return counts
+
+
+def rle_to_mask(rle: dict[str, Any], height: int, width: int) -> np.ndarray:
+    """Decode ``{"counts": list or string, "size": [h, w]}`` (column-major runs, zeros first)."""
+    if list(rle.get("size", [])) != [height, width]:
+        raise ValueError(f"RLE of size {rle.get('size')} does not match its image ({height}, {width})")
+    counts = rle["counts"]
+    counts = _counts_from_string(counts) if isinstance(counts, (str, bytes)) else [int(c) for c in counts]
+    if sum(counts) != height * width or min(counts, default=0) < 0:
+        raise ValueError(f"RLE runs sum to {sum(counts)} (smallest {min(counts, default=0)}), but the image has "
+                         f"{height * width} pixels: the counts are corrupt")
+    values = np.arange(len(counts), dtype=np.uint8) % 2
+    return np.repeat(values, counts).reshape(width, height).T.copy()
+
+
+def decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """A COCO ``segmentation`` (polygon list, or RLE dict) as a uint8 ``(height, width)`` mask."""
+    if isinstance(segmentation, list):
+        return polygons_to_mask(segmentation, height, width)
+    if isinstance(segmentation, dict) and "counts" in segmentation:
+        return rle_to_mask(segmentation, height, width)
+    raise ValueError(f"unknown COCO segmentation {str(segmentation)[:80]}: expected polygons or an RLE dict")
+
+
+def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
+    """Uncompressed COCO RLE of a binary ``(H, W)`` mask: column-major runs, starting with zeros."""
+    flat = np.asarray(mask, dtype=bool).T.reshape(-1)
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
