@@ -1,5 +1,6 @@
 """LightningModules: methods, their networks and their losses."""
 
+from lightning_modules.detector import Detector
 from lightning_modules.ensemble import Ensemble
 from lightning_modules.fixmatch import FixMatch
 from lightning_modules.flexmatch import FlexMatch
@@ -17,6 +18,7 @@ from lightning_modules.semi_supervised import SemiSupervisedModule
 from lightning_modules.softmatch import SoftMatch
 from lightning_modules.supervised import Supervised
 from lightning_modules.temporal_ensembling import TemporalEnsembling
+from lightning_modules.unbiased_teacher import UnbiasedTeacher
 from lightning_modules.uda import UDA
 from lightning_modules.vat import VAT
 
@@ -29,6 +31,8 @@ SSL_METHODS = [
 KD_METHODS = ["KDStudent", "MutualLearning"]
 # Segmentation: supervised, and the semi-supervised methods applied per pixel.
 SEGMENTATION_METHODS = ["Segmenter", "SegFixMatch", "SegMeanTeacher"]
+# Detection: supervised, and Unbiased Teacher.
+DETECTION_METHODS = ["Detector", "UnbiasedTeacher"]
 # Concrete modules selectable by class name on the command line.
-MODELS = SSL_METHODS + KD_METHODS + SEGMENTATION_METHODS + ["Ensemble"]
+MODELS = SSL_METHODS + KD_METHODS + SEGMENTATION_METHODS + DETECTION_METHODS + ["Ensemble"]
 __all__ = ["SemiSupervisedModule", *MODELS]

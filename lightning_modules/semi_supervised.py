@@ -183,8 +183,12 @@ class SemiSupervisedModule(LightningModule):
         loss = self.total_loss(losses)
         logged = {f"train/{k}": v.detach() for k, v in losses.items()}
         logged["train/loss"] = loss.detach()
-        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=len(batch["labeled"]["target"]))
+        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=self.labeled_batch_size(batch))
         return loss
+
+    def labeled_batch_size(self, batch: dict[str, dict[str, Any]]) -> int:
+        """Labeled samples in a training batch (for logging)."""
+        return len(batch["labeled"]["target"])
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
