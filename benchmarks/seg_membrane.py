@@ -15,9 +15,6 @@ with the command, machine and date.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +25,8 @@ sys.path.insert(0, str(REPO))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+
+from benchmarks.report import report_header, write_report  # noqa: E402
 
 from datamodules import SegmentationFolders  # noqa: E402
 from lightning_modules import SegFixMatch, SegMeanTeacher, Segmenter  # noqa: E402
@@ -89,12 +88,7 @@ def main() -> None:
 
 
 def write_table(args: argparse.Namespace, accelerator: str, results: list) -> None:
-    device = torch.cuda.get_device_name() if accelerator == "gpu" else f"{platform.processor() or platform.machine()} CPU"
-    lines = [
-        "# Segmentation on the ISBI 2012 membrane slices", "",
-        f"Command: `python benchmarks/seg_membrane.py {' '.join(sys.argv[1:])}`", "",
-        f"Device: {device} ({torch.get_num_threads()} threads); torch {torch.__version__}; "
-        f"date {datetime.date.today()}; seed {args.seed}.",
+    lines = report_header("Segmentation on the ISBI 2012 membrane slices", accelerator, args.seed) + [
         f"Every row: `{args.encoder}` encoder (random init, nothing downloaded), {args.steps} steps of "
         f"{args.batch_size} random {args.crop}x{args.crop} crops (flips, 90-degree rotations), SGD lr {args.lr} "
         "with the cosine schedule, EMA 0.99 weights tested on the 5 held-out 512x512 slices, whole images. "
@@ -106,11 +100,7 @@ def write_table(args: argparse.Namespace, accelerator: str, results: list) -> No
         labeled = ROWS[name][2] or 25
         lines.append(f"| {name} | {labeled} | {parameters:,} | {m['fg_dice']:.4f} | {m['fg_iou']:.4f} | "
                      f"{m['miou']:.4f} | {m['fwiou']:.4f} | {m['pixel_acc']:.4f} | {seconds:.0f} s |")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.output.with_name(args.output.name + ".partial")
-    partial.write_text("\n".join(lines) + "\n")
-    os.replace(partial, args.output)
-    print("\n".join(lines))
+    write_report(args.output, lines)
 
 
 if __name__ == "__main__":

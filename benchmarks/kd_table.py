@@ -1,0 +1,169 @@
+"""Distillation and label regularization on CIFAR-10: one teacher, students on the same budget.
+
+    python benchmarks/kd_table.py --budget cpu                   # 2 CPU cores, about 45 minutes
+    python benchmarks/kd_table.py --budget gpu                   # the device
+    python benchmarks/kd_table.py --methods CE KD --student-steps 100
+
+The teacher is trained once with ``Supervised`` and cached under ``benchmarks/.cache`` (keyed by
+budget, network, steps and seed); later runs reuse it. Every student row then trains the same
+student network from the same seed for the same number of steps on all 50,000 labeled CIFAR-10
+training images (JPEG copies from ../shared/data/cifar10) and is tested, EMA weights, on the
+10,000 test images. Writes ``docs/results/kd_cifar10.md`` with the command, machine and date.
+
+Rows: vanilla CE; label smoothing; Tf-KD reg (virtual teacher); R-Drop; Hinton KD; FitNets;
+attention transfer; RKD; similarity-preserving KD; category-structure KD; Deep Mutual Learning
+(two student peers); Tf-KD self (the CE row's student as its own teacher). Feature and relation
+rows use CE plus their own term, as RepDistiller does; weights are the published ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.report import report_header, write_report  # noqa: E402
+
+from benchmarks.ssl_table import unpack  # noqa: E402
+from datamodules import ImageFolderSSL  # noqa: E402
+from lightning_modules import KDStudent, MutualLearning, Supervised  # noqa: E402
+
+BUDGETS = {
+    "cpu": dict(teacher="wrn16_2", student="wrn10_1", teacher_steps=800, student_steps=400, batch_size=64,
+                bn_momentum=0.01, ema_decay=0.99),
+    "gpu": dict(teacher="wrn40_2", student="wrn16_2", teacher_steps=30000, student_steps=30000, batch_size=64,
+                bn_momentum=0.001, ema_decay=0.999),
+}
+# Feature-map pairs for a Wide ResNet pair: the last group's output of each (pre-activation sums).
+LAST_GROUP = [["groups.2", "groups.2"]]
+CE_ONLY = dict(ce_weight=1.0, kd_weight=0.0)
+# row name -> (module, extra arguments); "teacher" / "self" mark the rows that distil from a checkpoint
+METHODS = {
+    "CE": (Supervised, {}),
+    "label smoothing": (Supervised, dict(criterion="label_smoothing", criterion_kwargs={"smoothing": 0.1})),
+    "Tf-KD reg": (Supervised, dict(criterion="tfkd_reg")),
+    "R-Drop": (Supervised, dict(rdrop_weight=1.0, network_kwargs={"dropout": 0.1})),
+    "KD": ("teacher", {}),
+    "FitNets": ("teacher", dict(CE_ONLY, hint_layers=LAST_GROUP, connector_relu=False)),
+    "AT": ("teacher", dict(CE_ONLY, at_layers=LAST_GROUP)),
+    "RKD": ("teacher", dict(CE_ONLY, rkd_distance_weight=25.0, rkd_angle_weight=50.0)),
+    "SP": ("teacher", dict(CE_ONLY, sp_weight=3000.0)),
+    "CSKD": ("teacher", dict(cskd_weight=1.0)),
+    "DML": (MutualLearning, {}),
+    "Tf-KD self": ("self", {}),
+}
+
+
+def fit_and_test(model: L.LightningModule, datamodule: ImageFolderSSL, steps: int, accelerator: str,
+                 save: Path | None = None) -> tuple[dict[str, float], float]:
+    # default_root_dir: split.json goes beside the unpacked images, not into the working directory
+    trainer = L.Trainer(default_root_dir=datamodule.root,
+                        max_steps=steps, accelerator=accelerator, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, precision="bf16-mixed" if accelerator == "gpu" else "32-true")
+    start = time.perf_counter()
+    trainer.fit(model, datamodule)
+    seconds = time.perf_counter() - start
+    if save is not None:
+        partial = save.with_name(save.name + ".partial")
+        trainer.save_checkpoint(partial)
+        os.replace(partial, save)  # an interrupted run never leaves a half-written cached teacher
+    metrics = trainer.test(model, datamodule, verbose=False)[0]
+    return {k: float(v) for k, v in metrics.items()}, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
+    parser.add_argument("--student-steps", type=int, help="override the budget's student steps")
+    parser.add_argument("--teacher-steps", type=int, help="override the budget's teacher steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--cache", type=Path, default=REPO / "benchmarks" / ".cache")
+    parser.add_argument("--output", type=Path, default=REPO / "docs" / "results" / "kd_cifar10.md")
+    args = parser.parse_args()
+    budget = dict(BUDGETS[args.budget])
+    for key in ("student_steps", "teacher_steps"):
+        if getattr(args, key):
+            budget[key] = getattr(args, key)
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    common = dict(num_classes=10, in_channels=3, network_kwargs={"bn_momentum": budget["bn_momentum"]},
+                  ema_decay=budget["ema_decay"], lr=0.05)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    teacher_ckpt = args.cache / f"teacher_{args.budget}_{budget['teacher']}_{budget['teacher_steps']}_seed{args.seed}.ckpt"
+    self_ckpt = args.cache / f"ce_student_{args.budget}_{budget['student']}_{budget['student_steps']}_seed{args.seed}.ckpt"
+    rows: list[tuple[str, float, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        datamodule = ImageFolderSSL(root=str(unpack(args.shared, Path(tmp))), num_labeled=None,
+                                    batch_size=budget["batch_size"], steps_per_epoch=budget["student_steps"],
+                                    seed=args.seed, mean=[0.4914, 0.4822, 0.4465], std=[0.2471, 0.2435, 0.2616])
+        datamodule.setup("fit")  # decode once, outside every row's train time
+        teacher_acc = cached_teacher(teacher_ckpt, datamodule, common, budget, args.seed, accelerator)
+        order = [m for m in METHODS if m in args.methods]
+        if "Tf-KD self" in order and "CE" in order:
+            order.remove("CE")
+            order.insert(0, "CE")  # Tf-KD self distils from the CE row's student
+        for name in order:
+            kind, extra = METHODS[name]
+            L.seed_everything(args.seed, verbose=False)
+            options = {**common, **extra, "network_kwargs": {**common["network_kwargs"], **extra.get("network_kwargs", {})}}
+            if kind in ("teacher", "self"):
+                source = teacher_ckpt if kind == "teacher" else self_ckpt
+                if not source.exists():
+                    raise SystemExit(f"{name} needs {source}: run the CE row first (it is saved there)")
+                model = KDStudent(teacher=str(source), network=budget["student"], test_teacher=False, **options)
+            else:
+                model = kind(network=budget["student"], **options)
+            save = self_ckpt if name == "CE" else None
+            metrics, seconds = fit_and_test(model, datamodule, budget["student_steps"], accelerator, save)
+            rows.append((name, metrics["test/acc"], seconds))
+            print(f"{name}: test accuracy {100 * metrics['test/acc']:.2f} %, {seconds:.0f} s", flush=True)
+    write_table(args, budget, accelerator, teacher_acc, rows)
+
+
+def cached_teacher(ckpt: Path, datamodule: ImageFolderSSL, common: dict, budget: dict, seed: int,
+                   accelerator: str) -> float:
+    """Train the teacher unless its checkpoint and recorded accuracy are cached; return its test accuracy."""
+    record = ckpt.with_suffix(".json")
+    if ckpt.exists() and record.exists():
+        return float(json.loads(record.read_text())["test_acc"])
+    L.seed_everything(seed, verbose=False)
+    teacher = Supervised(network=budget["teacher"], **common)
+    metrics, seconds = fit_and_test(teacher, datamodule, budget["teacher_steps"], accelerator, ckpt)
+    print(f"teacher {budget['teacher']}: test accuracy {100 * metrics['test/acc']:.2f} %, {seconds:.0f} s", flush=True)
+    partial = record.with_name(record.name + ".partial")
+    partial.write_text(json.dumps({"test_acc": metrics["test/acc"], "train_seconds": seconds}))
+    os.replace(partial, record)
+    return metrics["test/acc"]
+
+
+def write_table(args: argparse.Namespace, budget: dict, accelerator: str, teacher_acc: float,
+                rows: list[tuple[str, float, float]]) -> None:
+    baseline = dict((n, a) for n, a, _ in rows).get("CE")
+    title = f"Distillation and label regularization on CIFAR-10 ({args.budget} budget)"
+    lines = report_header(title, accelerator, args.seed) + [
+        f"Teacher: `{budget['teacher']}` trained with cross-entropy for {budget['teacher_steps']} steps, test "
+        f"accuracy {100 * teacher_acc:.2f} %. Every student: `{budget['student']}`, {budget['student_steps']} steps "
+        f"of batch {budget['batch_size']} on all 50,000 labeled training images, SGD lr 0.05 with the cosine "
+        f"schedule, EMA {budget['ema_decay']} weights tested on the 10,000 test images.", "",
+        "| method | student test accuracy % | vs CE | train time |", "|---|---|---|---|",
+    ]
+    for name, acc, seconds in rows:
+        delta = "" if baseline is None else f"{100 * (acc - baseline):+.2f}"
+        lines.append(f"| {name} | {100 * acc:.2f} | {delta} | {seconds:.0f} s |")
+    write_report(args.output, lines)
+
+
+if __name__ == "__main__":
+    main()
