@@ -67,7 +67,7 @@ def run_row(name: str, args: argparse.Namespace, accelerator: str, workdir: Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--encoder", default="resnet18")
