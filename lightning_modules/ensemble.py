@@ -8,6 +8,7 @@ Usage from the command line (no training; ``validate``, ``test`` or ``predict``)
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 from pathlib import Path
 from typing import Any, Literal
@@ -52,7 +53,9 @@ def load_member(path: str | Path, module_class: str | None = None) -> LightningM
             f"pass --model.module_class, e.g. lightning_modules.Supervised"
         )
     cls = _import_class(class_path)
-    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    # LightningCLI hands its own hyper-parameters to every module created while it instantiates the
+    # Ensemble (a context variable); an empty context lets each member record its own.
+    return contextvars.Context().run(cls.load_from_checkpoint, path, map_location="cpu", weights_only=False)
 
 
 class Ensemble(LightningModule):

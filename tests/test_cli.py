@@ -26,6 +26,8 @@ def test_print_config_for_every_model(model, capsys):
     cls = getattr(lightning_modules, model)
     if issubclass(cls, lightning_modules.Segmenter):
         assert "network: unet3plus" in out
+    elif issubclass(cls, lightning_modules.Detector):
+        assert "network: fasterrcnn_resnet50_fpn" in out
     elif issubclass(cls, lightning_modules.SemiSupervisedModule):
         assert "network: wrn28_2" in out
 

@@ -130,7 +130,9 @@ def test_labeled_marginal_from_the_datamodule_optimizer_and_checkpoint(tmp_path)
     torch.testing.assert_close(model.da_target, counts / counts.sum())
     assert int(model.da_count) == 2
     groups = trainer.optimizers[0].param_groups
-    assert len(groups) == 4 and groups[2]["params"][0] is model.rotation_head.weight  # the head is optimized too
+    optimized = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    head = model.rotation_head  # optimized too, under the same weight-decay rule as the network
+    assert optimized[id(head.weight)] > 0 and optimized[id(head.bias)] == 0
     assert len({g["lr"] for g in groups}) == 1 and groups[0]["lr"] < 0.03  # ... on the same schedule
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     restored = ReMixMatch.load_from_checkpoint(tmp_path / "m.ckpt")
