@@ -61,9 +61,15 @@ def test_every_parameter_gets_gradient_down_to_the_first_encoder_conv(name):
     net = build_segmentation_network(name, classes=2, **SMALL).train()
     x = torch.randn(2, 3, 64, 64)
     target = torch.randint(0, 2, (2, 64, 64))
-    # A real loss: the mean of the outputs would cancel behind BatchNorm and prove nothing.
-    loss = sum(F.cross_entropy(out, target) for out in outputs_of(net(x)))
-    loss.backward()
+    # RefineNet's zero-initialised residual branches open one link of each 4-stage CRP chain per
+    # step, so take a few SGD steps before asking every parameter for a gradient.
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-4)  # small: only to move the zero weights off zero
+    for _ in range(5):
+        optimizer.zero_grad()
+        # A real loss: the mean of the outputs would cancel behind BatchNorm and prove nothing.
+        loss = sum(F.cross_entropy(out, target) for out in outputs_of(net(x)))
+        loss.backward()
+        optimizer.step()
     first_conv = next(m for m in net.encoder.modules() if isinstance(m, nn.Conv2d))
     assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
     without_grad = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -187,3 +193,12 @@ def test_factory_builds_our_networks_and_smps_without_downloading(name, cls):
 def test_factory_rejects_an_unknown_name_and_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown segmentation network 'unet4'.*unet3plus.*lw_refinenet.*Unet"):
         build_segmentation_network("unet4")
+
+
+@pytest.mark.parametrize("name", ["refinenet", "lw_refinenet"])
+def test_refinenet_logits_start_at_a_trainable_scale(name):
+    # Without normalisation the cascaded residual sums once gave logits of std ~6e5 at initialisation.
+    net = build_segmentation_network(name, classes=2, **SMALL).eval()
+    with torch.no_grad():
+        logits = net(torch.randn(2, 3, 64, 64))
+    assert logits.std() < 100

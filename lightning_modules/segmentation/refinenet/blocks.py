@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ResidualConvUnit", "MultiResolutionFusion", "ChainedResidualPooling", "RefineNetBlock"]
+__all__ = ["ResidualConvUnit", "MultiResolutionFusion", "ChainedResidualPooling", "RefineNetBlock",
+           "zero_residual_branches"]
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:
@@ -88,3 +89,20 @@ class RefineNetBlock(nn.Module):
         adapted = [adapt(x) for adapt, x in zip(self.adapt, inputs)]
         x = adapted[0] if self.fusion is None else self.fusion(adapted)
         return self.output_rcu(self.crp(x))
+
+
+def zero_residual_branches(module: nn.Module) -> None:
+    """Zero the last conv of every RCU and the convs of every CRP chain, so each block starts as the identity.
+
+    Without normalisation, the cascaded residual sums of a randomly initialised decoder multiply
+    the activations: with He initialisation a RefineNet on a random ResNet-18 gave logits of
+    standard deviation about 6e5 (LW-RefineNet 1e4) and did not train. Zero-initialised residual
+    branches (as in Fixup, or the zero-gamma trick of ResNet training) keep the start near the
+    identity; the branches grow from there with the first gradient steps.
+    """
+    for sub in module.modules():
+        if isinstance(sub, ResidualConvUnit):
+            nn.init.zeros_(sub.conv2.weight)
+        elif isinstance(sub, ChainedResidualPooling):
+            for conv_ in sub.convs:
+                nn.init.zeros_(conv_.weight)

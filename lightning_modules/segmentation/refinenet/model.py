@@ -9,6 +9,7 @@ from segmentation_models_pytorch.encoders import get_encoder
 from torch import nn
 
 from .._base import EncoderDecoderModel
+from .blocks import zero_residual_branches
 from .decoder import LightWeightRefineNetDecoder, RefineNetDecoder
 
 __all__ = ["RefineNet", "LightWeightRefineNet"]
@@ -43,6 +44,7 @@ class _RefineNetFamily(EncoderDecoderModel):
         self.classification_head = None
         self.name = f"{type(self).__name__.lower()}-{encoder_name}"
         self.initialize()
+        zero_residual_branches(self.decoder)  # after smp's He initialisation of the decoder
 
 
 class RefineNet(_RefineNetFamily):
