@@ -22,7 +22,8 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from datamodules.augment import normalize, strong_augment, weak_augment
-from datamodules.split import LabeledSplit, class_balanced_split, load_split, save_split, stratified_kfold
+from datamodules.split import (LabeledSplit, class_balanced_split, load_split, run_split_path, save_split,
+                              stratified_kfold)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,15 @@ class IndexedImages(Dataset):
 def _keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Collate function: ``IndexedImages.__getitems__`` already returns a whole batch."""
     return batch
+
+
+def requested_views(datamodule: LightningDataModule, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The unlabeled views a DataModule makes: its own ``unlabeled_views`` if set, else those its
+    trainer's LightningModule names, else ``default`` (a model that names none)."""
+    if datamodule.unlabeled_views is not None:
+        return tuple(datamodule.unlabeled_views)
+    model = datamodule.trainer.lightning_module if datamodule.trainer is not None else None
+    return tuple(getattr(model, "unlabeled_views", default))
 
 
 class SSLDataModule(LightningDataModule):
@@ -201,18 +211,13 @@ class SSLDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return
-        # trainer.log_dir broadcasts from rank 0: every rank must call it, or DDP set-up hangs.
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        if not trainer.is_global_zero:
-            return
-        self.split_path = save_split(Path(log_dir) / "split.json", self.split, self._train[1], self.dataset_name)
+        path = run_split_path(trainer)
+        if path is not None:
+            self.split_path = save_split(path, self.split, self._train[1], self.dataset_name)
 
     # --- loaders ---------------------------------------------------------------------------
     def requested_unlabeled_views(self) -> tuple[str, ...]:
-        if self.unlabeled_views is not None:
-            return tuple(self.unlabeled_views)
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        return tuple(getattr(model, "unlabeled_views", ("weak", "strong")))
+        return requested_views(self, default=("weak", "strong"))
 
     def _stream(self, dataset: Dataset, batch_size: int) -> DataLoader:
         # Sampling without replacement over as many passes as the epoch's steps need.

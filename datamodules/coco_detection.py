@@ -45,7 +45,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from datamodules.coco_reading import CocoImage, read_coco, target_of
-from datamodules.segmentation_folders import write_json_atomically
+from datamodules.base import requested_views
+from datamodules.split import run_split_path, write_json_atomically
 
 SPLIT_FORMAT = "labelwise-coco-split/1"
 
@@ -248,17 +249,13 @@ class COCODetection(LightningDataModule):
         if self.split is None:
             self.split = self.load_split(self.split_file) if self.split_file else self.draw_split()
         if stage == "fit" and self.trainer is not None:
-            # trainer.log_dir broadcasts from rank 0: every rank must call it.
-            log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-            if self.trainer.is_global_zero:
-                self.split_path = write_json_atomically(Path(log_dir) / "split.json", self.split_record())
+            path = run_split_path(self.trainer)
+            if path is not None:
+                self.split_path = write_json_atomically(path, self.split_record(), indent=1)
 
     # --- loaders ------------------------------------------------------------------------------
     def requested_unlabeled_views(self) -> tuple[str, ...]:
-        if self.unlabeled_views is not None:
-            return tuple(self.unlabeled_views)
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        return tuple(getattr(model, "unlabeled_views", ()))  # a plain detector asks for none
+        return requested_views(self, default=())  # a plain detector asks for none
 
     def _stream(self, dataset: Dataset, batch_size: int) -> DataLoader:
         sampler = RandomSampler(dataset, num_samples=self.steps_per_epoch * batch_size)  # permutation after permutation

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from datamodules.augment import normalize
+from datamodules.base import requested_views
+from datamodules.split import run_split_path, write_json_atomically
 from datamodules.segmentation_transforms import (SegmentationCrops, WholeImages, geometric_transform,
                                                  photometric_transform)
 
@@ -81,23 +82,6 @@ def _files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
                                  f"keep one file per stem")
             found[path.stem] = path
     return found
-
-
-def write_json_atomically(path: str | os.PathLike, record: dict) -> Path:
-    """Write ``record`` as JSON through a temporary file and a rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class SegmentationFolders(LightningDataModule):
@@ -282,17 +266,13 @@ class SegmentationFolders(LightningDataModule):
         if self.split is None:
             self.split = self.load_split(self.split_file) if self.split_file else self.draw_split()
         if stage == "fit" and self.trainer is not None:
-            # trainer.log_dir broadcasts from rank 0: every rank must call it.
-            log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-            if self.trainer.is_global_zero:
-                self.split_path = write_json_atomically(Path(log_dir) / "split.json", self.split_record())
+            path = run_split_path(self.trainer)
+            if path is not None:
+                self.split_path = write_json_atomically(path, self.split_record(), indent=1)
 
     # --- loaders ------------------------------------------------------------------------------
     def requested_unlabeled_views(self) -> tuple[str, ...]:
-        if self.unlabeled_views is not None:
-            return tuple(self.unlabeled_views)
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        return tuple(getattr(model, "unlabeled_views", ("weak", "strong")))
+        return requested_views(self, default=("weak", "strong"))
 
     def _stream(self, dataset: Dataset, batch_size: int) -> DataLoader:
         sampler = RandomSampler(dataset, num_samples=self.steps_per_epoch * batch_size)  # permutation after permutation

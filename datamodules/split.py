@@ -110,10 +110,34 @@ def targets_fingerprint(targets: torch.Tensor) -> str:
     return hashlib.sha1(data).hexdigest()[:16]
 
 
-def save_split(path: str | os.PathLike, split: LabeledSplit, targets: torch.Tensor, dataset: str) -> Path:
-    """Write the split as JSON atomically (temporary file + rename): never half-written."""
+def write_json_atomically(path: str | os.PathLike, record: dict, indent: int | None = None) -> Path:
+    """Write ``record`` as JSON through a temporary file and a rename: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=indent)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def run_split_path(trainer) -> Path | None:
+    """Where a run saves its split (``split.json`` in its log directory); ``None`` on ranks other than 0.
+
+    ``trainer.log_dir`` broadcasts from rank 0, so every rank must call this, or DDP set-up hangs.
+    """
+    log_dir = trainer.log_dir or trainer.default_root_dir
+    return Path(log_dir) / "split.json" if trainer.is_global_zero else None
+
+
+def save_split(path: str | os.PathLike, split: LabeledSplit, targets: torch.Tensor, dataset: str) -> Path:
+    """Write the split as JSON atomically (temporary file + rename): never half-written."""
     record = {
         "format": SPLIT_FORMAT,
         "dataset": dataset,
@@ -126,17 +150,7 @@ def save_split(path: str | os.PathLike, split: LabeledSplit, targets: torch.Tens
     }
     if split.val is not None:  # k-fold: the held-out fold, so the file still partitions the training set
         record.update(num_folds=split.num_folds, fold=split.fold, val=split.val.tolist())
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_atomically(path, record)
 
 
 def load_split(path: str | os.PathLike, targets: torch.Tensor, dataset: str) -> LabeledSplit:
