@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +25,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.membrane_cells_to_coco import write_membrane_cells_coco  # noqa: E402
-from benchmarks.report import report_header, write_report  # noqa: E402
+from benchmarks.report import report_header, timed_fit, write_report  # noqa: E402
 from datamodules import COCODetection  # noqa: E402
 from lightning_modules import Detector, UnbiasedTeacher  # noqa: E402
 
@@ -53,12 +52,8 @@ def run_row(name: str, args: argparse.Namespace, roots: dict[str, Path], acceler
     extra = {"burn_in_steps": int(0.3 * args.steps)} if module is UnbiasedTeacher else {}
     model = module(network=network, num_classes=datamodule.num_classes, min_size=args.min_size,
                    max_size=args.max_size, log_images=0, roi_heads_kwargs={"detections_per_img": 300}, **extra)
-    trainer = L.Trainer(default_root_dir=workdir / name, max_steps=args.steps, accelerator=accelerator,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule)
-    seconds = time.perf_counter() - start
+    trainer, seconds = timed_fit(model, datamodule, args.steps, accelerator, workdir / name,
+                                 mixed_precision=False)
     metrics = trainer.test(model, datamodule, verbose=False)[0]
     return {k.removeprefix("test/"): float(v) for k, v in metrics.items()}, seconds
 

@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,10 +31,11 @@ sys.path.insert(0, str(REPO))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.report import report_header, write_report  # noqa: E402
+from benchmarks.report import accuracy_rows, report_header, timed_fit, write_report  # noqa: E402
 
 from benchmarks.ssl_table import unpack  # noqa: E402
 from datamodules import ImageFolderSSL  # noqa: E402
+from datamodules.split import write_json_atomically  # noqa: E402
 from lightning_modules import KDStudent, MutualLearning, Supervised  # noqa: E402
 
 BUDGETS = {
@@ -66,14 +66,7 @@ METHODS = {
 
 def fit_and_test(model: L.LightningModule, datamodule: ImageFolderSSL, steps: int, accelerator: str,
                  save: Path | None = None) -> tuple[dict[str, float], float]:
-    # default_root_dir: split.json goes beside the unpacked images, not into the working directory
-    trainer = L.Trainer(default_root_dir=datamodule.root,
-                        max_steps=steps, accelerator=accelerator, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, precision="bf16-mixed" if accelerator == "gpu" else "32-true")
-    start = time.perf_counter()
-    trainer.fit(model, datamodule)
-    seconds = time.perf_counter() - start
+    trainer, seconds = timed_fit(model, datamodule, steps, accelerator, datamodule.root)
     if save is not None:
         partial = save.with_name(save.name + ".partial")
         trainer.save_checkpoint(partial)
@@ -142,15 +135,12 @@ def cached_teacher(ckpt: Path, datamodule: ImageFolderSSL, common: dict, budget:
     teacher = Supervised(network=budget["teacher"], **common)
     metrics, seconds = fit_and_test(teacher, datamodule, budget["teacher_steps"], accelerator, ckpt)
     print(f"teacher {budget['teacher']}: test accuracy {100 * metrics['test/acc']:.2f} %, {seconds:.0f} s", flush=True)
-    partial = record.with_name(record.name + ".partial")
-    partial.write_text(json.dumps({"test_acc": metrics["test/acc"], "train_seconds": seconds}))
-    os.replace(partial, record)
+    write_json_atomically(record, {"test_acc": metrics["test/acc"], "train_seconds": seconds})
     return metrics["test/acc"]
 
 
 def write_table(args: argparse.Namespace, budget: dict, accelerator: str, teacher_acc: float,
                 rows: list[tuple[str, float, float]]) -> None:
-    baseline = dict((n, a) for n, a, _ in rows).get("CE")
     title = f"Distillation and label regularization on CIFAR-10 ({args.budget} budget)"
     lines = report_header(title, accelerator, args.seed) + [
         f"Teacher: `{budget['teacher']}` trained with cross-entropy for {budget['teacher_steps']} steps, test "
@@ -159,9 +149,7 @@ def write_table(args: argparse.Namespace, budget: dict, accelerator: str, teache
         f"schedule, EMA {budget['ema_decay']} weights tested on the 10,000 test images.", "",
         "| method | student test accuracy % | vs CE | train time |", "|---|---|---|---|",
     ]
-    for name, acc, seconds in rows:
-        delta = "" if baseline is None else f"{100 * (acc - baseline):+.2f}"
-        lines.append(f"| {name} | {100 * acc:.2f} | {delta} | {seconds:.0f} s |")
+    lines += accuracy_rows(rows, "CE")
     write_report(args.output, lines)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +25,7 @@ sys.path.insert(0, str(REPO))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.report import report_header, write_report  # noqa: E402
+from benchmarks.report import report_header, timed_fit, write_report  # noqa: E402
 
 from datamodules import SegmentationFolders  # noqa: E402
 from lightning_modules import SegFixMatch, SegMeanTeacher, Segmenter  # noqa: E402
@@ -52,13 +51,7 @@ def run_row(name: str, args: argparse.Namespace, accelerator: str, workdir: Path
     rampup = {"rampup_steps": int(0.4 * args.steps)} if module is SegMeanTeacher else {}
     model = module(network=network, network_kwargs={"encoder_name": args.encoder}, lr=args.lr, ema_decay=0.99,
                    log_images=0, **rampup, **extra)
-    trainer = L.Trainer(default_root_dir=workdir / name, max_steps=args.steps, accelerator=accelerator,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        precision="bf16-mixed" if accelerator == "gpu" else "32-true")
-    start = time.perf_counter()
-    trainer.fit(model, datamodule)
-    seconds = time.perf_counter() - start
+    trainer, seconds = timed_fit(model, datamodule, args.steps, accelerator, workdir / name)
     metrics = trainer.test(model, datamodule, verbose=False)[0]
     parameters = sum(p.numel() for p in model.net.parameters())
     return {k.removeprefix("test/"): float(v) for k, v in metrics.items()}, seconds, parameters

@@ -16,7 +16,6 @@ import argparse
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +24,7 @@ sys.path.insert(0, str(REPO))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.report import report_header, write_report  # noqa: E402
+from benchmarks.report import accuracy_rows, report_header, timed_fit, write_report  # noqa: E402
 
 import lightning_modules  # noqa: E402
 from datamodules import ImageFolderSSL  # noqa: E402
@@ -56,14 +55,7 @@ def run_method(name: str, datamodule: ImageFolderSSL, budget: dict, seed: int, a
     model = getattr(lightning_modules, name)(
         num_classes=10, in_channels=3, network=budget["network"], rampup_steps=int(RAMPUP_FRACTION * budget["steps"]),
         network_kwargs={"bn_momentum": budget["bn_momentum"]}, ema_decay=budget["ema_decay"])
-    # default_root_dir: split.json goes beside the unpacked images, not into the working directory
-    trainer = L.Trainer(default_root_dir=datamodule.root,
-                        max_steps=budget["steps"], accelerator=accelerator, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, precision="bf16-mixed" if accelerator == "gpu" else "32-true")
-    start = time.perf_counter()
-    trainer.fit(model, datamodule)
-    seconds = time.perf_counter() - start
+    trainer, seconds = timed_fit(model, datamodule, budget["steps"], accelerator, datamodule.root)
     return float(trainer.test(model, datamodule, verbose=False)[0]["test/acc"]), seconds
 
 
@@ -88,7 +80,6 @@ def main() -> None:
             acc, seconds = run_method(name, datamodule, budget, args.seed, accelerator)
             rows.append((name, acc, seconds))
             print(f"{name}: test accuracy {100 * acc:.2f} %, {seconds:.0f} s", flush=True)
-    baseline = dict((n, a) for n, a, _ in rows).get("Supervised")
     title = f"Semi-supervised methods on CIFAR-10 ({budget['num_labeled']} labels, {args.budget} budget)"
     lines = report_header(title, accelerator, args.seed) + [
         f"Every method: `{budget['network']}`, {budget['steps']} steps, labeled batch {budget['batch_size']}, "
@@ -97,9 +88,7 @@ def main() -> None:
         "test images (JPEG copies of CIFAR-10, see shared/data/README.md).", "",
         "| method | test accuracy % | vs Supervised | train time |", "|---|---|---|---|",
     ]
-    for name, acc, seconds in rows:
-        delta = "" if baseline is None else f"{100 * (acc - baseline):+.2f}"
-        lines.append(f"| {name} | {100 * acc:.2f} | {delta} | {seconds:.0f} s |")
+    lines += accuracy_rows(rows, "Supervised")
     write_report(args.output, lines)
 
 
