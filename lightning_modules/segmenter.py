@@ -118,16 +118,21 @@ class Segmenter(SemiSupervisedModule):
         return sliding_window_inference(net, images, window=self.hparams.sliding_window,
                                         overlap=self.hparams.window_overlap, num_classes=self.hparams.num_classes)
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: Any) -> None:
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: SegmentationMetrics) -> None:
         logits = self.segment(batch["image"])
         predictions = logits.argmax(dim=1)
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics.update(predictions, batch["target"])
         self.log(f"{stage}/loss", self.seg_loss(logits, batch["target"]), batch_size=len(logits))
         if stage == "val" and self._log_images_now():
             log_overlays(self.logger, batch["image"], batch["target"], predictions, self.hparams.log_images,
                          key="val/overlays", step=self.global_step)
             self._images_logged_this_epoch = True
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
 
     def _log_images_now(self) -> bool:
         return self.hparams.log_images > 0 and not self._images_logged_this_epoch and self.logger is not None
