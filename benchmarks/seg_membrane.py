@@ -85,7 +85,9 @@ def write_table(args: argparse.Namespace, accelerator: str, results: list) -> No
         f"Every row: `{args.encoder}` encoder (random init, nothing downloaded), {args.steps} steps of "
         f"{args.batch_size} random {args.crop}x{args.crop} crops (flips, 90-degree rotations), SGD lr {args.lr} "
         "with the cosine schedule, EMA 0.99 weights tested on the 5 held-out 512x512 slices, whole images. "
-        "Metrics are dataset-level (one confusion matrix over all test pixels): foreground = cell interior.", "",
+        "Metrics are dataset-level (one confusion matrix over all test pixels): foreground = cell interior. "
+        "The RefineNet rows use their default `decoder_use_norm=\"batchnorm\"`; the papers' unnormalised decoder "
+        "diverges at this learning rate (docs/segmentation.md).", "",
         "| row | labeled slices | parameters | fg Dice | fg IoU | mIoU | FWIoU | pixel acc | train time |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

@@ -1,8 +1,9 @@
 """RefineNet building blocks (Lin et al., 2017, Sec. 3.2), with the kernel size that Light-Weight
 RefineNet (Nekrasov et al., 2018) shrinks to 1x1 as a parameter.
 
-No normalisation layers: both papers' decoders have none (the RCU is a ResNet unit with its
-BatchNorm removed). Convolutions have no bias; that is a choice, worth ~0.1 % of the parameters.
+Both papers' decoders have no normalisation layers (the RCU is a ResNet unit with its BatchNorm
+removed); ``use_norm`` (smp's ``decoder_use_norm`` values: False, True/"batchnorm", "instancenorm",
+"layernorm", ...) puts smp's norm layer after every decoder convolution. Convolutions have no bias.
 """
 
 from __future__ import annotations
@@ -11,23 +12,36 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from segmentation_models_pytorch.base.modules import get_norm_layer
 from torch import nn
 
 __all__ = ["ResidualConvUnit", "MultiResolutionFusion", "ChainedResidualPooling", "RefineNetBlock",
            "zero_residual_branches"]
 
 
-def conv(in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+def conv(in_channels: int, out_channels: int, kernel_size: int, use_norm: bool | str | dict = False) -> nn.Module:
+    """A bias-free conv, followed by smp's norm layer for ``use_norm`` unless that is False."""
+    layer = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+    if use_norm is False or use_norm == "identity":
+        return layer
+    norm = get_norm_layer(use_norm, out_channels)
+    if isinstance(norm, nn.LayerNorm):
+        raise ValueError("decoder_use_norm='layernorm' would normalise the last axis of a conv map (its width), "
+                         "not its channels; use 'batchnorm', {'type': 'instancenorm', 'affine': True} or False")
+    if getattr(norm, "weight", None) is None:  # residual branches start at zero through this scale
+        raise ValueError(f"decoder_use_norm={use_norm!r} gives {type(norm).__name__} without a learnable scale, "
+                         "which the residual branches need to start at zero; use 'batchnorm', "
+                         "{'type': 'instancenorm', 'affine': True} or False")
+    return nn.Sequential(layer, norm)
 
 
 class ResidualConvUnit(nn.Module):
     """RCU: ``x + conv3x3(relu(conv3x3(relu(x))))``."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, use_norm: bool | str | dict = False) -> None:
         super().__init__()
-        self.conv1 = conv(channels, channels, 3)
-        self.conv2 = conv(channels, channels, 3)
+        self.conv1 = conv(channels, channels, 3, use_norm)
+        self.conv2 = conv(channels, channels, 3, use_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Not in-place: x itself is the residual.
@@ -37,9 +51,9 @@ class ResidualConvUnit(nn.Module):
 class MultiResolutionFusion(nn.Module):
     """A conv per input, every result upsampled to the first (finest) input's size, then summed."""
 
-    def __init__(self, num_inputs: int, channels: int, kernel_size: int = 3) -> None:
+    def __init__(self, num_inputs: int, channels: int, kernel_size: int = 3, use_norm: bool | str | dict = False) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(conv(channels, channels, kernel_size) for _ in range(num_inputs))
+        self.convs = nn.ModuleList(conv(channels, channels, kernel_size, use_norm) for _ in range(num_inputs))
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         size = inputs[0].shape[-2:]
@@ -57,9 +71,9 @@ class ChainedResidualPooling(nn.Module):
     lets the network choose how much of each context to keep.
     """
 
-    def __init__(self, channels: int, stages: int = 4, kernel_size: int = 3) -> None:
+    def __init__(self, channels: int, stages: int = 4, kernel_size: int = 3, use_norm: bool | str | dict = False) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(conv(channels, channels, kernel_size) for _ in range(stages))
+        self.convs = nn.ModuleList(conv(channels, channels, kernel_size, use_norm) for _ in range(stages))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = path = F.relu(x)
@@ -76,14 +90,15 @@ class RefineNetBlock(nn.Module):
     as in the paper. Inputs are ordered finest first.
     """
 
-    def __init__(self, num_inputs: int, channels: int, crp_stages: int = 4) -> None:
+    def __init__(self, num_inputs: int, channels: int, crp_stages: int = 4, use_norm: bool | str | dict = False) -> None:
         super().__init__()
         self.adapt = nn.ModuleList(
-            nn.Sequential(ResidualConvUnit(channels), ResidualConvUnit(channels)) for _ in range(num_inputs)
+            nn.Sequential(ResidualConvUnit(channels, use_norm), ResidualConvUnit(channels, use_norm))
+            for _ in range(num_inputs)
         )
-        self.fusion = MultiResolutionFusion(num_inputs, channels) if num_inputs > 1 else None
-        self.crp = ChainedResidualPooling(channels, crp_stages)
-        self.output_rcu = ResidualConvUnit(channels)
+        self.fusion = MultiResolutionFusion(num_inputs, channels, use_norm=use_norm) if num_inputs > 1 else None
+        self.crp = ChainedResidualPooling(channels, crp_stages, use_norm=use_norm)
+        self.output_rcu = ResidualConvUnit(channels, use_norm)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         adapted = [adapt(x) for adapt, x in zip(self.adapt, inputs)]
@@ -99,10 +114,21 @@ def zero_residual_branches(module: nn.Module) -> None:
     standard deviation about 6e5 (LW-RefineNet 1e4) and did not train. Zero-initialised residual
     branches (as in Fixup, or the zero-gamma trick of ResNet training) keep the start near the
     identity; the branches grow from there with the first gradient steps.
+
+    With a norm layer after each conv, its scale is zeroed instead (the zero-gamma trick: a zero
+    conv before a norm layer would divide its gradient by sqrt(eps)). A CRP chain then opens one
+    stage per optimizer step (stage k pools stage k-1's output).
     """
     for sub in module.modules():
         if isinstance(sub, ResidualConvUnit):
-            nn.init.zeros_(sub.conv2.weight)
+            _zero_output(sub.conv2)
         elif isinstance(sub, ChainedResidualPooling):
             for conv_ in sub.convs:
-                nn.init.zeros_(conv_.weight)
+                _zero_output(conv_)
+
+
+def _zero_output(layer: nn.Module) -> None:
+    if isinstance(layer, nn.Conv2d):
+        nn.init.zeros_(layer.weight)
+        return
+    nn.init.zeros_(layer[1].weight)  # conv() gives only norms with a scale

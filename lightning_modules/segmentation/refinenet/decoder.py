@@ -27,14 +27,15 @@ class RefineNetDecoder(nn.Module):
     for the deepest path and 256 elsewhere; here one width serves all paths.
     """
 
-    def __init__(self, encoder_channels: Sequence[int], channels: int = 256, crp_stages: int = 4) -> None:
+    def __init__(self, encoder_channels: Sequence[int], channels: int = 256, crp_stages: int = 4,
+                 use_norm: bool | str | dict = False) -> None:
         super().__init__()
-        self.adapt = nn.ModuleList(conv(c, channels, 3) for c in encoder_channels[-NUM_MAPS:])
+        self.adapt = nn.ModuleList(conv(c, channels, 3, use_norm) for c in encoder_channels[-NUM_MAPS:])
         # Deepest first: RefineNet-4 sees one map; every later block also sees the previous output.
         self.blocks = nn.ModuleList(
-            RefineNetBlock(1 if i == 0 else 2, channels, crp_stages) for i in range(NUM_MAPS)
+            RefineNetBlock(1 if i == 0 else 2, channels, crp_stages, use_norm) for i in range(NUM_MAPS)
         )
-        self.final = nn.Sequential(ResidualConvUnit(channels), ResidualConvUnit(channels))
+        self.final = nn.Sequential(ResidualConvUnit(channels, use_norm), ResidualConvUnit(channels, use_norm))
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """``features``: the encoder's maps, shallow to deep; returns ``channels`` maps at stride 4."""
@@ -54,11 +55,16 @@ class LightWeightRefineNetDecoder(nn.Module):
     of the previous CRP output, then applies its own CRP.
     """
 
-    def __init__(self, encoder_channels: Sequence[int], channels: int = 256, crp_stages: int = 4) -> None:
+    def __init__(self, encoder_channels: Sequence[int], channels: int = 256, crp_stages: int = 4,
+                 use_norm: bool | str | dict = False) -> None:
         super().__init__()
-        self.reduce = nn.ModuleList(conv(c, channels, 1) for c in encoder_channels[-NUM_MAPS:])
-        self.crp = nn.ModuleList(ChainedResidualPooling(channels, crp_stages, kernel_size=1) for _ in range(NUM_MAPS))
-        self.fusion = nn.ModuleList(MultiResolutionFusion(2, channels, kernel_size=1) for _ in range(NUM_MAPS - 1))
+        self.reduce = nn.ModuleList(conv(c, channels, 1, use_norm) for c in encoder_channels[-NUM_MAPS:])
+        self.crp = nn.ModuleList(
+            ChainedResidualPooling(channels, crp_stages, kernel_size=1, use_norm=use_norm) for _ in range(NUM_MAPS)
+        )
+        self.fusion = nn.ModuleList(
+            MultiResolutionFusion(2, channels, kernel_size=1, use_norm=use_norm) for _ in range(NUM_MAPS - 1)
+        )
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """``features``: the encoder's maps, shallow to deep; returns ``channels`` maps at stride 4."""

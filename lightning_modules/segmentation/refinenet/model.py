@@ -18,7 +18,13 @@ _DECODER_STRIDE = 4  # the decoders' output: the finest of encoder maps 2..5
 
 
 class _RefineNetFamily(EncoderDecoderModel):
-    """Encoder (depth 5) + a RefineNet-style decoder + conv3x3 head upsampled x4 to the input size."""
+    """Encoder (depth 5) + a RefineNet-style decoder + conv3x3 head upsampled x4 to the input size.
+
+    ``decoder_use_norm`` takes smp's values and, as in smp's decoders, defaults to BatchNorm after
+    every decoder conv. ``False`` gives the papers' unnormalised decoder; from random weights it
+    diverges at SGD lr 0.01 (LW-RefineNet on membrane: loss 3.76 -> NaN by step 5) and trains with
+    lr 0.001 or gradient clipping (docs/segmentation.md has the measurements).
+    """
 
     decoder_class: type[nn.Module]
 
@@ -30,6 +36,7 @@ class _RefineNetFamily(EncoderDecoderModel):
         classes: int = 1,
         features: int = 256,
         crp_stages: int = 4,
+        decoder_use_norm: bool | str | dict = "batchnorm",
         activation: str | Callable | None = None,
         **encoder_kwargs: Any,
     ) -> None:
@@ -37,7 +44,7 @@ class _RefineNetFamily(EncoderDecoderModel):
         self.encoder = get_encoder(
             encoder_name, in_channels=in_channels, depth=5, weights=encoder_weights, **encoder_kwargs
         )
-        self.decoder = self.decoder_class(self.encoder.out_channels, features, crp_stages)
+        self.decoder = self.decoder_class(self.encoder.out_channels, features, crp_stages, decoder_use_norm)
         self.segmentation_head = SegmentationHead(
             features, classes, kernel_size=3, activation=activation, upsampling=_DECODER_STRIDE
         )
@@ -62,9 +69,10 @@ class RefineNet(_RefineNetFamily):
     refines the deepest; RefineNet-3..1 each fuse the previous output with the next shallower
     map. Block: 2 RCUs per input, multi-resolution fusion (conv3x3, upsample, sum), chained
     residual pooling (``crp_stages`` x maxpool 5x5 + conv3x3), an output RCU; then 2 RCUs and a
-    conv3x3 head, bilinearly upsampled x4. No BatchNorm in the decoder, as in the paper.
+    conv3x3 head, bilinearly upsampled x4.
 
-    Parameters, ``RefineNet("resnet101", classes=21)``: 87,965,013 (encoder 42,500,160).
+    Parameters, ``RefineNet("resnet101", classes=21, decoder_use_norm=False)`` (the paper's
+    unnormalised decoder): 87,965,013 (encoder 42,500,160).
     """
 
     decoder_class = RefineNetDecoder
@@ -85,7 +93,8 @@ class LightWeightRefineNet(_RefineNetFamily):
     upsampled) and applies CRP (``crp_stages`` x maxpool 5x5 + conv1x1); a conv3x3 head at
     stride 4 is bilinearly upsampled x4.
 
-    Parameters (``classes=21``, PASCAL VOC): ``resnet50`` 25,981,269; ``resnet101`` 44,973,397.
+    Parameters (``classes=21``, PASCAL VOC, ``decoder_use_norm=False`` as in the paper):
+    ``resnet50`` 25,981,269; ``resnet101`` 44,973,397.
     The paper's 27 M (LW-50) and 46 M (LW-101) come from its 512-wide deepest path; widening
     that path here would add 1,376,256 and give 27.36 M and 46.35 M.
     """
