@@ -112,12 +112,17 @@ def targets_fingerprint(targets: torch.Tensor) -> str:
 
 def write_json_atomically(path: str | os.PathLike, record: dict, indent: int | None = None) -> Path:
     """Write ``record`` as JSON through a temporary file and a rename: never half-written."""
+    return write_text_atomically(path, json.dumps(record, indent=indent))
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` through a temporary file and a rename: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=indent)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
