@@ -4,6 +4,11 @@
     python train.py fit --model FixMatch --data CIFAR10SSL --data.num_labeled 4000 --data.download true
     python train.py test --config configs/fixmatch_cifar10.yaml --ckpt_path path/to/last.ckpt
     python train.py fit --model FixMatch --data DigitsSSL --print_config
+    python train.py fit --config configs/unet_membrane.yaml --config configs/loggers/wandb.yaml
+
+Runs log to CSV (TensorBoard when installed) unless a logger is configured; with W&B
+(configs/loggers/wandb.yaml) every run also keeps its config, split and test-metric tables
+(callbacks.WandbRun, added to every run). See docs/dashboards.md.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-import callbacks  # noqa: F401  (registers callbacks for --trainer.callbacks by name)
+import callbacks  # registers callbacks for --trainer.callbacks by name
 import datamodules  # noqa: F401  (registers DataModules for --data by name)
 import lightning_modules  # noqa: F401  (registers methods for --model by name)
 
@@ -36,8 +41,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        # 1024 epochs x 1024 steps = 2^20 steps, the FixMatch-family budget.
-        trainer_defaults={"max_epochs": 1024},
+        # 1024 epochs x 1024 steps = 2^20 steps, the FixMatch-family budget. Callbacks here are added
+        # to those a config lists; WandbRun does nothing unless a WandbLogger logs.
+        trainer_defaults={"max_epochs": 1024, "callbacks": [callbacks.WandbRun()]},
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,

@@ -5,9 +5,10 @@ from callbacks.ema import EMAModel, lerp_grouped
 from callbacks.ema_callback import EMA, ema_weights_from_checkpoint
 from callbacks.soup import greedy_soup, save_soup, soup_from_checkpoints
 from callbacks.swa import SWA, recompute_batch_norm
+from callbacks.wandb_run import WandbRun
 
 __all__ = [
-    "EMA", "SWA", "FGM", "PGD",
+    "EMA", "SWA", "FGM", "PGD", "WandbRun",
     "EMAModel", "lerp_grouped", "ema_weights_from_checkpoint",
     "greedy_soup", "soup_from_checkpoints", "save_soup", "recompute_batch_norm",
 ]

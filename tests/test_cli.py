@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 import datamodules
 import lightning_modules
@@ -58,6 +59,8 @@ def test_fit_then_validate_test_predict_from_the_checkpoint(tmp_path, capsys):
     assert cli.model.hparams.num_classes == 10 and cli.model.hparams.in_channels == 1  # linked from the data
     log_dir = Path(cli.trainer.log_dir)
     assert (log_dir / "split.json").is_file() and (log_dir / "config.yaml").is_file()
+    assert isinstance(cli.trainer.logger, (CSVLogger, TensorBoardLogger))  # the default: W&B only when asked
+    assert not list(tmp_path.rglob("*.wandb"))
     ckpt = next(log_dir.glob("checkpoints/*.ckpt"))
     for command in ("validate", "test"):
         cli = cli_main([command, *quick, "--ckpt_path", str(ckpt)])
