@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
 from callbacks.ema import EMAModel
 from lightning_modules.criteria import build_criterion
-from lightning_modules.finite_loss import FiniteLossCheck
+from lightning_modules.training_checks import FiniteLossCheck, check_model_fits_data
 from lightning_modules.label_regularization import symmetric_kl
 from lightning_modules.networks import build_network
 from lightning_modules.ssl_losses import RAMPUPS
@@ -212,7 +212,11 @@ class SemiSupervisedModule(LightningModule):
         if self.ema is not None:
             self.ema.to(self.device)
 
-    on_fit_start = on_validation_start = on_test_start = on_predict_start = _sync_ema_device
+    on_validation_start = on_test_start = on_predict_start = _sync_ema_device
+
+    def on_fit_start(self) -> None:
+        self._sync_ema_device()
+        check_model_fits_data(self.hparams, self.trainer.datamodule)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> None:
         logits = self.eval_net(batch["image"])

@@ -1,4 +1,5 @@
-"""A NaN or infinite loss stops training with an error that names the loss term and the step.
+"""The base's checks during fit: a model of another class or channel count than its data is refused
+before the first step, and a NaN or infinite loss stops training naming the loss term and the step.
 
 Each method gets real data with one poisoned input or weight, through a real Trainer: the
 error must name the term that went non-finite (and not the ones that stayed finite), the step,
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from datamodules import DigitsSSL, SegmentationFolders
 from lightning_modules import Detector, FixMatch, KDStudent, Segmenter, Supervised
-from lightning_modules.finite_loss import FiniteLossCheck, NonFiniteLossError
+from lightning_modules.training_checks import FiniteLossCheck, NonFiniteLossError
 from tests.lightning_modules import test_detector
 from tests.ssl_helpers import SMALL_NET, make_trainer
 
@@ -48,6 +49,17 @@ def fit_until_error(model, data, max_steps=3) -> str:
 
 def all_finite(module: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in module.parameters())
+
+
+@pytest.mark.parametrize("model_kwargs, match", [
+    (dict(num_classes=5, in_channels=1), "num_classes=5 but DigitsSSL has num_classes=10: build the model with "
+                                         "num_classes=10"),
+    (dict(num_classes=10, in_channels=3), "in_channels=3 but DigitsSSL has num_channels=1"),
+])
+def test_a_model_of_another_class_or_channel_count_than_its_data_is_refused(model_kwargs, match):
+    model = Supervised(network="wrn10_1", **model_kwargs)
+    with pytest.raises(ValueError, match=match):
+        make_trainer(max_steps=1).fit(model, DigitsSSL(batch_size=8, steps_per_epoch=1))
 
 
 def test_nan_weight_names_the_labeled_loss_at_step_0(one_thread):

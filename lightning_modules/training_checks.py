@@ -1,14 +1,21 @@
-"""Stop training at the first NaN or infinite loss, naming the loss term and the step.
+"""Checks the base runs during ``fit``: the model fits its data, and every step's loss is finite.
+
+:func:`check_model_fits_data` compares the DataModule's ``num_classes`` and ``num_channels`` with
+the model's when ``fit`` starts: ``train.py`` links them, but a model built in Python with another
+class count would otherwise fail inside the loss ("Target 6 is out of bounds", or a device-side
+assert on a GPU).
 
 :class:`FiniteLossCheck` is called by the base's ``training_step`` with the step's total loss and
 its logged terms (``labeled_loss``, ``unlabeled_loss``, ``kd_loss``, a detector's ``loss_classifier``
-...). On the CPU it tests the total at once. On a CUDA device ``if not torch.isfinite(loss)`` would
+...) and stops training at the first NaN or infinite total, naming the non-finite terms and the
+step. On the CPU it tests the total at once. On a CUDA device ``if not torch.isfinite(loss)`` would
 make the host wait for the GPU every step; instead the finiteness flag is copied to pinned host
 memory without blocking, a CUDA event marks it, and later steps read the flags whose events have
-completed. The error therefore comes a step or two after the bad one (the GPU is rarely further
+completed. The error therefore comes a step or two after the bad one (as far as the GPU is
 behind), still naming the step where the loss first went non-finite; ``flush`` waits for every
 outstanding flag and runs before a checkpoint is written and when training ends, so no checkpoint
-is saved from an unchecked step. Only when a flag is bad are the individual terms read, to name them.
+is saved from an unchecked step. Only when a flag is bad are the individual terms read. Other
+accelerators (MPS, XLA) take the CPU path, one host sync per step.
 """
 
 from __future__ import annotations
@@ -21,6 +28,18 @@ import torch
 
 #: flags older than this many steps are waited for, so the queue stays short if the GPU lags far behind
 MAX_PENDING = 8
+
+
+def check_model_fits_data(hparams: Mapping, datamodule: object | None) -> None:
+    """Raise ``ValueError`` when the DataModule's class or channel count differs from the model's."""
+    if datamodule is None:
+        return
+    for data_name, model_name in (("num_classes", "num_classes"), ("num_channels", "in_channels")):
+        data_value, model_value = getattr(datamodule, data_name, None), hparams.get(model_name)
+        if data_value is not None and model_value is not None and data_value != model_value:
+            raise ValueError(f"the model has {model_name}={model_value} but {type(datamodule).__name__} has "
+                             f"{data_name}={data_value}: build the model with {model_name}={data_value} "
+                             f"(train.py links them from the data)")
 
 
 class NonFiniteLossError(FloatingPointError):
