@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -204,7 +205,13 @@ class COCODetection(LightningDataModule):
     def load(self) -> None:
         images = []
         for record in self.coco.images:
-            image = decode_image(str(record.path), mode=ImageReadMode.RGB)  # stored pixels, as COCO annotates them
+            try:
+                image = decode_image(str(record.path), mode=ImageReadMode.RGB)  # stored pixels, as COCO annotates them
+            except RuntimeError as err:  # torchvision's decoders raise RuntimeError for truncated or foreign files
+                reason = re.sub(r"^\w+, \S+:\d+, ", "", str(err).strip().splitlines()[0]).split(". ")[0]
+                raise ValueError(f"COCODetection: cannot decode image {record.id} at {record.path} ({reason}): "
+                                 f"replace the file, or remove the image and its annotations from "
+                                 f"{self.annotation_path}") from err
             if tuple(image.shape[1:]) != (record.height, record.width):
                 raise ValueError(f"{record.path} is {image.shape[1]}x{image.shape[2]} (HxW) but {self.annotation_path} "
                                  f"says {record.height}x{record.width}: the image and the json disagree")
