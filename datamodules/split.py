@@ -167,8 +167,13 @@ def load_split(path: str | os.PathLike, targets: torch.Tensor, dataset: str) -> 
         record = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"split_file {path} is not valid JSON ({err}): it may be truncated or not a split file") from err
-    if record.get("format") != SPLIT_FORMAT:
-        raise ValueError(f"split_file {path} is not a labelwise split (format {record.get('format')!r})")
+    if not isinstance(record, dict) or record.get("format") != SPLIT_FORMAT:
+        found = f"format {record.get('format')!r}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+        raise ValueError(f"split_file {path} is not a labelwise split ({found}; expected format {SPLIT_FORMAT!r}): "
+                         f"pass the split.json that a classification run saved in its log dir")
+    missing = [k for k in ("dataset", "num_train", "targets_sha1", "seed", "labeled", "unlabeled") if k not in record]
+    if missing:
+        raise ValueError(f"split_file {path} lacks {missing}: it was edited or cut short; pass a split.json as saved")
     num_train = int(torch.as_tensor(targets).numel())
     if record["dataset"] != dataset or record["num_train"] != num_train or record["targets_sha1"] != targets_fingerprint(targets):
         raise ValueError(
