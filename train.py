@@ -13,6 +13,8 @@ Runs log to CSV (TensorBoard when installed) unless a logger is configured; with
 
 from __future__ import annotations
 
+import sys
+
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
@@ -30,9 +32,27 @@ class LabelwiseCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the final (EMA) weights on the test set and print the accuracy.")
 
+    def parse_arguments(self, parser, args) -> None:
+        if isinstance(args, list) or args is None:
+            check_class_names(parser, sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def check_class_names(parser, args: list[str]) -> None:
+    """Refuse ``--model Foo`` / ``--data Foo`` naming no class here, listing the names that exist
+    (jsonargparse's own message says only that ``Foo`` is not a dot import path)."""
+    choices = {"--model": lightning_modules.MODELS, "--data": datamodules.DATAMODULES}
+    packages = {"--model": lightning_modules, "--data": datamodules}
+    for flag, following in zip(args, [*args[1:], ""]):
+        flag, _, inline = flag.partition("=")
+        value = inline or following
+        if flag in choices and value.isidentifier() and not hasattr(packages[flag], value):
+            parser.error(f"unknown {flag} {value!r}: choose one of {', '.join(choices[flag])} "
+                         f"(or a dotted class path, or a config file)")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
