@@ -1,8 +1,9 @@
 """Bad input to the DataModules gives one clear error naming the file and the fix (docs/robustness.md).
 
-Cases that the module's own tests do not already pin: truncated image files in each reader,
+Cases that the modules' own tests do not already pin: truncated image files in each reader,
 malformed COCO json (wrong types, missing fields), class ids beyond ``num_classes`` in
-classification data, and split files that are not split files or belong to other data.
+classification data, and split files that are not split files or belong to other data; and a
+write that fails half-way leaves the old file whole.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from datamodules import COCODetection, DigitsSSL, ImageFolderSSL, SegmentationFolders
-from datamodules.split import class_balanced_split, load_split, save_split
+from datamodules.split import atomic_path, class_balanced_split, load_split, save_split, write_json_atomically
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*crowd regions:UserWarning")
 
@@ -172,3 +173,19 @@ def test_segmentation_split_file_of_other_images_or_another_kind(shared_data, tm
     (tmp_path / "cut.json").write_text(json.dumps({"format": "labelwise-segmentation-split/1", "labeled": ["0"]}))
     with pytest.raises(ValueError, match=r"lacks \['unlabeled', 'test', 'seed'\]: it was edited or cut short"):
         SegmentationFolders(root=str(tmp_path / "six"), split_file=str(tmp_path / "cut.json")).setup("fit")
+
+
+# --- nothing half-written -----------------------------------------------------------------------
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = write_json_atomically(tmp_path / "split.json", {"seed": 0})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_json_atomically(path, {"seed": object()})
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_path(path) as tmp:
+            tmp.write_text('{"seed": 1, "labe')  # half a record, then the writer dies
+            raise RuntimeError("interrupted")
+    assert json.loads(path.read_text()) == {"seed": 0}
+    assert [p.name for p in tmp_path.iterdir()] == ["split.json"]
+    with atomic_path(path) as tmp:
+        torch.save({"seed": 2}, tmp)
+    assert torch.load(path) == {"seed": 2} and [p.name for p in tmp_path.iterdir()] == ["split.json"]
