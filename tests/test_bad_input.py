@@ -62,3 +62,10 @@ def test_detector_weights_path_missing_or_not_weights(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"weights_path .*garbage\.pt cannot be read as weights"):
         Detector(weights_path=str(tmp_path / "garbage.pt"), **small)
+
+
+def test_unknown_smp_encoder_is_smps_own_error_listing_the_encoders():
+    from lightning_modules.segmentation import build_segmentation_network
+
+    with pytest.raises(KeyError, match=r"Wrong encoder name `resnet999`, supported encoders: \['resnet18'"):
+        build_segmentation_network("Unet", encoder_name="resnet999")
