@@ -49,3 +49,18 @@ def average_batchnorm_statistics(modules: Iterable[nn.Module]) -> None:
     flat /= dist.get_world_size()
     for s, mean in zip(stats, flat.split([s.numel() for s in stats])):
         s.copy_(mean.view_as(s))
+
+
+def check_full_parameters(strategy, owner: str) -> None:
+    """Refuse strategies that shard parameters (FSDP, DeepSpeed ZeRO stage 3, ModelParallel) for a
+    module with an EMA copy: the copy holds whole tensors and is updated from the module's
+    parameters, which such strategies keep as per-rank shards outside forward and backward."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    sharded = isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or (
+        isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3)
+    if sharded:
+        raise ValueError(
+            f"{owner} keeps an EMA copy of its network (ema_decay), which cannot follow the parameter shards of "
+            f"{type(strategy).__name__}: use strategy 'ddp' (or DeepSpeed ZeRO stage 1/2), or set model.ema_decay "
+            f"to null for a method that does not need its EMA (see docs/cluster.md)")

@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
 from callbacks.ema import EMAModel
 from lightning_modules.criteria import build_criterion
-from lightning_modules.distributed import average_batchnorm_statistics
+from lightning_modules.distributed import average_batchnorm_statistics, check_full_parameters
 from lightning_modules.label_regularization import symmetric_kl
 from lightning_modules.networks import build_network
 from lightning_modules.ssl_losses import RAMPUPS
@@ -212,7 +212,10 @@ class SemiSupervisedModule(LightningModule):
 
     def on_fit_start(self) -> None:
         self._sync_ema_device()
-        if self.ema is not None and self.ema.num_updates == 0:
+        if self.ema is None:
+            return
+        check_full_parameters(self.trainer.strategy, type(self).__name__)
+        if self.ema.num_updates == 0:
             # After DDP's broadcast of rank 0's weights (the copy made in __init__ holds this rank's own).
             self.ema.restart(self.net)
 

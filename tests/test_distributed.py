@@ -129,3 +129,46 @@ def test_two_ranks_match_one_process_on_the_global_batch(ranks, inputs, method, 
     if "update_counts" in single:
         assert int(single["update_counts"].max()) >= 2, "no sample was revisited: Temporal Ensembling's targets untested"
     print(f"{method}: max |DDP - one process| = {max(worst.values()):.2e} over {len(worst)} tensors")
+
+
+def test_sync_batchnorm_conversion_keeps_the_ema_plain_and_changes_nothing_in_one_process(one_thread):
+    """``Trainer(sync_batchnorm=True)`` converts the LightningModule's BatchNorm layers with
+    Lightning's TorchSyncBatchNorm when DDP sets up. The EMA copy is no submodule, so it keeps plain
+    BatchNorm (evaluation needs no process group), its parameters and buffers still pair with the
+    converted net's, and checkpoints keep their keys. SyncBatchNorm needs a GPU to synchronize; in
+    one process it is BatchNorm, so a converted run must equal an unconverted one exactly."""
+    from lightning.pytorch.plugins import TorchSyncBatchNorm
+
+    from lightning_modules.distributed import batchnorm_statistics
+    from tests.ddp_recipes import TinyDigits, build
+
+    runs = {}
+    for convert in (False, True):
+        L.seed_everything(SEED, verbose=False)
+        model, _ = build("FixMatchBN", 2 * RANK_BATCH, Path("unused"), Path("unused"))
+        if convert:
+            model = TorchSyncBatchNorm().apply(model)
+            layers = [type(m) for m in model.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            assert layers and set(layers) == {torch.nn.SyncBatchNorm}
+            assert not batchnorm_statistics([model.net])  # already global: not averaged again
+            assert all(type(m) is not torch.nn.SyncBatchNorm for m in model.ema.module.modules())
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2,
+                            num_sanity_val_steps=0, val_check_interval=3)
+        trainer.fit(model, datamodule=TinyDigits(batch_size=2 * RANK_BATCH))
+        assert model.ema.num_updates == 3 and "val/acc" in trainer.callback_metrics
+        runs[convert] = model.state_dict(), model.ema.module.state_dict()
+    (plain, plain_ema), (synced, synced_ema) = runs[False], runs[True]
+    assert plain.keys() == synced.keys() and plain_ema.keys() == synced_ema.keys()
+    assert all(torch.equal(plain[k], synced[k]) for k in plain)
+    assert all(torch.equal(plain_ema[k], synced_ema[k]) for k in plain_ema)
+
+
+def test_strategies_that_shard_parameters_are_refused_with_an_ema_copy():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from lightning_modules.distributed import check_full_parameters
+
+    check_full_parameters(DDPStrategy(), "FixMatch")
+    with pytest.raises(ValueError, match="FixMatch keeps an EMA copy.*FSDPStrategy.*ema_decay"):
+        check_full_parameters(FSDPStrategy(), "FixMatch")
