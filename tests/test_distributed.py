@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import time
 from pathlib import Path
 
 import lightning as L
@@ -63,19 +64,23 @@ def ranks(inputs, tmp_path_factory) -> dict[str, list[dict]]:
     procs = [context.Process(target=_rank, args=(r, port, out, teacher, membrane)) for r in range(2)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout=400)
+    deadline = time.monotonic() + 400
+    # a rank that fails leaves the other waiting in a collective: stop both at the first failure
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        if any(p.exitcode not in (None, 0) for p in procs):
+            break
+        time.sleep(0.2)
     for p in procs:
         if p.is_alive():
             p.kill()
+            p.join()
     codes = [p.exitcode for p in procs]
-    assert codes == [0, 0], f"rank processes ended with {codes} (None: still running after 400 s); see stderr"
+    assert codes == [0, 0], f"rank processes ended with {codes} (negative: killed after a failure or 400 s); see stderr"
     return {m: [torch.load(out / f"{m}_rank{r}.pt", weights_only=False) for r in range(2)] for m in METHODS}
 
 
 def _rank(rank: int, port: str, out: Path, teacher: Path, membrane: Path) -> None:
     os.chdir(out)  # the ranks' run files (split.json) land there
-    os.environ.pop("PL_GLOBAL_SEED", None)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK="0", LOCAL_RANK=str(rank), WORLD_SIZE="2")
     run_rank(out, teacher, membrane)
 
