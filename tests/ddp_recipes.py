@@ -30,10 +30,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import DigitsSSL, SegmentationFolders  # noqa: E402
-from lightning_modules import FixMatch, FlexMatch, KDStudent, MeanTeacher, Segmenter, TemporalEnsembling  # noqa: E402
+from lightning_modules import (FixMatch, FlexMatch, KDStudent, MeanTeacher, MutualLearning, Segmenter,  # noqa: E402
+                               TemporalEnsembling)
 from lightning_modules.networks import available_networks, register_network  # noqa: E402
 
-METHODS = ("FixMatch", "MeanTeacher", "TemporalEnsembling", "FlexMatch", "KDStudent", "Segmenter", "FixMatchBN")
+METHODS = ("FixMatch", "MeanTeacher", "TemporalEnsembling", "FlexMatch", "KDStudent", "Segmenter",
+           "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN")
 STEPS = 4
 RANK_BATCH = 2  # labeled images per rank and step; one process gets 2 * RANK_BATCH
 SEED = 100  # rank r seeds SEED + r
@@ -79,6 +81,9 @@ def build(method: str, batch_size: int, teacher: Path, membrane: Path) -> tuple[
         "FlexMatch": lambda: FlexMatch(threshold=0.12, **net),
         "KDStudent": lambda: KDStudent(teacher=str(teacher), teacher_network="tiny_cnn", distill_unlabeled=True,
                                        **net),
+        # soft labels accumulated over the epoch from all-reduced sums, swapped in at its end
+        "OnlineLabelSmoothing": lambda: FixMatch(threshold=0.12, criterion="online_label_smoothing", **net),
+        "MutualLearning": lambda: MutualLearning(distill_unlabeled=True, **net),
         "FixMatchBN": lambda: FixMatch(threshold=0.12, **(net | dict(network="wrn10_1"))),
     }
     return models[method](), TinyDigits(batch_size=batch_size)
@@ -106,7 +111,9 @@ def fit(method: str, devices: int, batch_size: int, teacher: Path, membrane: Pat
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[recorder])
     trainer.fit(model, datamodule=data)
     state = {"net": model.net.state_dict(), "ema": model.ema.module.state_dict(), "indices": recorder.indices,
-             "losses": recorder.losses, "rank": trainer.global_rank}
+             "losses": recorder.losses, "rank": trainer.global_rank, "criterion": model.criterion.state_dict()}
+    if isinstance(model, MutualLearning):
+        state["peers"] = model.peers.state_dict()
     if isinstance(model, TemporalEnsembling):
         state["ensemble"], state["update_counts"] = model.ensemble, model.update_counts
     if isinstance(model, FlexMatch):

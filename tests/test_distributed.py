@@ -131,6 +131,9 @@ def test_two_ranks_match_one_process_on_the_global_batch(ranks, inputs, method, 
     assert np.allclose(ddp_losses, single["losses"], atol=1e-5)
     if "memory" in single:
         assert int((single["memory"] >= 0).sum()) > 0, "FlexMatch recorded no confident prediction: a vacuous test"
+    if method == "OnlineLabelSmoothing":
+        initial = 0.9 * torch.eye(10) + 0.01
+        assert not torch.allclose(single["criterion"]["soft_labels"], initial), "no soft label was learned: vacuous"
     if "update_counts" in single:
         assert int(single["update_counts"].max()) >= 2, "no sample was revisited: Temporal Ensembling's targets untested"
     print(f"{method}: max |DDP - one process| = {max(worst.values()):.2e} over {len(worst)} tensors")
