@@ -19,9 +19,10 @@ from typing import Any, Sequence
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.augment import normalize, strong_augment, weak_augment
+from datamodules.sampling import stream_sampler
 from datamodules.split import (LabeledSplit, class_balanced_split, load_split, run_split_path, save_split,
                               stratified_kfold)
 
@@ -232,9 +233,9 @@ class SSLDataModule(LightningDataModule):
     def requested_unlabeled_views(self) -> tuple[str, ...]:
         return requested_views(self, default=("weak", "strong"))
 
-    def _stream(self, dataset: Dataset, batch_size: int) -> DataLoader:
-        # Sampling without replacement over as many passes as the epoch's steps need.
-        sampler = RandomSampler(dataset, num_samples=self.steps_per_epoch * batch_size)
+    def _stream(self, dataset: Dataset, batch_size: int, stream: str) -> DataLoader:
+        # Permutation after permutation, sharded across DDP ranks (datamodules.sampling).
+        sampler = stream_sampler(self.trainer, len(dataset), batch_size, self.steps_per_epoch, stream)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                           collate_fn=_keep_batch, num_workers=self.num_workers)
 
@@ -251,12 +252,13 @@ class SSLDataModule(LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader:
         images, targets = self._train
-        loaders = {"labeled": self._stream(IndexedImages(images, targets, self.split.labeled), self.batch_size)}
+        labeled = IndexedImages(images, targets, self.split.labeled)
+        loaders = {"labeled": self._stream(labeled, self.batch_size, "labeled")}
         if self.requested_unlabeled_views():
             unlabeled = self.unlabeled_dataset()
             if len(unlabeled) == 0:
                 raise ValueError(f"{self.dataset_name}: the unlabeled set is empty; lower num_labeled or include labeled images")
-            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio)
+            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio, "unlabeled")
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def _eval_loader(self) -> DataLoader:

@@ -40,13 +40,14 @@ import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from datamodules.coco_reading import CocoImage, read_coco, target_of
 from datamodules.base import requested_views
+from datamodules.sampling import stream_sampler
 from datamodules.split import run_split_path, write_json_atomically
 
 SPLIT_FORMAT = "labelwise-coco-split/1"
@@ -264,14 +265,15 @@ class COCODetection(LightningDataModule):
     def requested_unlabeled_views(self) -> tuple[str, ...]:
         return requested_views(self, default=())  # a plain detector asks for none
 
-    def _stream(self, dataset: Dataset, batch_size: int) -> DataLoader:
-        sampler = RandomSampler(dataset, num_samples=self.steps_per_epoch * batch_size)  # permutation after permutation
+    def _stream(self, dataset: Dataset, batch_size: int, stream: str) -> DataLoader:
+        # Permutation after permutation, sharded across DDP ranks (datamodules.sampling).
+        sampler = stream_sampler(self.trainer, len(dataset), batch_size, self.steps_per_epoch, stream)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate_lists,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> CombinedLoader:
         labeled = DetectionItems(self.images, self.coco.images, self.split["labeled"], self.masks, self.geometry)
-        loaders = {"labeled": self._stream(labeled, self.batch_size)}
+        loaders = {"labeled": self._stream(labeled, self.batch_size, "labeled")}
         views = self.requested_unlabeled_views()
         if views:
             if len(self.split["unlabeled"]) == 0:
@@ -279,7 +281,7 @@ class COCODetection(LightningDataModule):
                                  f"set num_labeled below {len(self.split['labeled'])}")
             unlabeled = DetectionItems(self.images, self.coco.images, self.split["unlabeled"], self.masks,
                                        self.geometry, views, self.photometric)
-            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio)
+            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio, "unlabeled")
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def _eval_loader(self) -> DataLoader:

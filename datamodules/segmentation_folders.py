@@ -44,10 +44,11 @@ from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.augment import normalize
 from datamodules.base import requested_views
+from datamodules.sampling import stream_sampler
 from datamodules.split import run_split_path, write_json_atomically
 from datamodules.segmentation_transforms import (SegmentationCrops, WholeImages, geometric_transform,
                                                  photometric_transform)
@@ -281,14 +282,15 @@ class SegmentationFolders(LightningDataModule):
     def requested_unlabeled_views(self) -> tuple[str, ...]:
         return requested_views(self, default=("weak", "strong"))
 
-    def _stream(self, dataset: Dataset, batch_size: int) -> DataLoader:
-        sampler = RandomSampler(dataset, num_samples=self.steps_per_epoch * batch_size)  # permutation after permutation
+    def _stream(self, dataset: Dataset, batch_size: int, stream: str) -> DataLoader:
+        # Permutation after permutation, sharded across DDP ranks (datamodules.sampling).
+        sampler = stream_sampler(self.trainer, len(dataset), batch_size, self.steps_per_epoch, stream)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> CombinedLoader:
         labeled = SegmentationCrops(self.images, self.masks, self.split.labeled, self.geometry)
-        loaders = {"labeled": self._stream(labeled, self.batch_size)}
+        loaders = {"labeled": self._stream(labeled, self.batch_size, "labeled")}
         views = self.requested_unlabeled_views()
         if views:
             indices = self.split.unlabeled
@@ -298,7 +300,7 @@ class SegmentationFolders(LightningDataModule):
                 raise ValueError(f"the model asks for unlabeled views {views} but the unlabeled set is empty: lower "
                                  f"num_labeled, add images with unlabeled_without_mask, or include labeled images")
             unlabeled = SegmentationCrops(self.images, self.masks, indices, self.geometry, self.photometric, views)
-            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio)
+            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio, "unlabeled")
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def _eval_loader(self) -> DataLoader:

@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
 from callbacks.ema import EMAModel
 from lightning_modules.criteria import build_criterion
+from lightning_modules.distributed import average_batchnorm_statistics, check_full_parameters
 from lightning_modules.training_checks import FiniteLossCheck, check_model_fits_data
 from lightning_modules.label_regularization import symmetric_kl
 from lightning_modules.networks import build_network
@@ -195,6 +196,7 @@ class SemiSupervisedModule(LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        average_batchnorm_statistics(self.trainable_modules())  # DDP: every rank, and so the EMA, agrees
         if self.ema is not None:
             self.ema.update(self.net)
 
@@ -217,6 +219,12 @@ class SemiSupervisedModule(LightningModule):
     def on_fit_start(self) -> None:
         self._sync_ema_device()
         check_model_fits_data(self.hparams, self.trainer.datamodule)
+        if self.ema is None:
+            return
+        check_full_parameters(self.trainer.strategy, type(self).__name__)
+        if self.ema.num_updates == 0:
+            # After DDP's broadcast of rank 0's weights (the copy made in __init__ holds this rank's own).
+            self.ema.restart(self.net)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> None:
         logits = self.eval_net(batch["image"])

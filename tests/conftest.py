@@ -77,6 +77,14 @@ def _run_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _no_global_seed_from_earlier_tests(monkeypatch):
+    """seed_everything leaves PL_GLOBAL_SEED in the environment, and the training streams seed
+    from it (datamodules.sampling): without this, a test's data order would depend on which
+    tests ran before it in the same process."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for tiny-batch training tests: on 2 shared cores, two threads oversubscribe."""

@@ -45,6 +45,14 @@ def test_every_config_parses(config, capsys):
     assert "class_path: lightning_modules." in out
 
 
+@pytest.mark.parametrize("strategy", sorted((REPO / "configs" / "strategies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_strategy_fragments_combine_with_a_recipe(strategy, capsys):
+    recipe = REPO / "configs" / "fixmatch_cifar10.yaml"
+    out = _print_config(["fit", "--config", str(recipe), "--config", str(strategy)], capsys)
+    assert "class_path: lightning_modules.FixMatch" in out and "strategy:" in out
+    assert ("ema_decay: null" in out) == (strategy.stem == "fsdp")  # FSDP cannot shard the EMA copy
+
+
 def test_unknown_model_name_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--model", "NoSuchMethod", "--data", "DigitsSSL"])
