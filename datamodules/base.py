@@ -19,9 +19,10 @@ from typing import Any, Sequence
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.augment import normalize, strong_augment, weak_augment
+from datamodules.resumable import ResumableStreams
 from datamodules.split import (LabeledSplit, class_balanced_split, load_split, run_split_path, save_split,
                               stratified_kfold)
 
@@ -61,7 +62,7 @@ def requested_views(datamodule: LightningDataModule, default: tuple[str, ...]) -
     return tuple(getattr(model, "unlabeled_views", default))
 
 
-class SSLDataModule(LightningDataModule):
+class SSLDataModule(ResumableStreams, LightningDataModule):
     """Base for labeled/unlabeled classification data.
 
     Subclasses set ``num_classes``, ``num_channels``, ``mean``, ``std`` and implement
@@ -219,11 +220,9 @@ class SSLDataModule(LightningDataModule):
     def requested_unlabeled_views(self) -> tuple[str, ...]:
         return requested_views(self, default=("weak", "strong"))
 
-    def _stream(self, dataset: Dataset, batch_size: int) -> DataLoader:
-        # Sampling without replacement over as many passes as the epoch's steps need.
-        sampler = RandomSampler(dataset, num_samples=self.steps_per_epoch * batch_size)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                          collate_fn=_keep_batch, num_workers=self.num_workers)
+    def _stream(self, dataset: Dataset, batch_size: int, name: str = "labeled") -> DataLoader:
+        # Without replacement over as many passes as the epoch's steps need; resumable exactly.
+        return self.training_stream(dataset, batch_size, name, collate_fn=_keep_batch, num_workers=self.num_workers)
 
     def unlabeled_dataset(self) -> IndexedImages:
         images, targets = self._train
@@ -243,7 +242,7 @@ class SSLDataModule(LightningDataModule):
             unlabeled = self.unlabeled_dataset()
             if len(unlabeled) == 0:
                 raise ValueError(f"{self.dataset_name}: the unlabeled set is empty; lower num_labeled or include labeled images")
-            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio)
+            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio, "unlabeled")
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def _eval_loader(self) -> DataLoader:

@@ -39,13 +39,14 @@ import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from datamodules.coco_reading import CocoImage, read_coco, target_of
 from datamodules.base import requested_views
+from datamodules.resumable import ResumableStreams
 from datamodules.split import run_split_path, write_json_atomically
 
 SPLIT_FORMAT = "labelwise-coco-split/1"
@@ -135,7 +136,7 @@ def collate_lists(items: list[dict[str, Any]]) -> dict[str, list]:
     return {key: [item[key] for item in items] for key in items[0]}
 
 
-class COCODetection(LightningDataModule):
+class COCODetection(ResumableStreams, LightningDataModule):
     """Detection data from a COCO json and its image folder, split into test, labeled and unlabeled.
 
     One seeded permutation of the image ids gives ``num_test`` test images (validation reports on
@@ -257,10 +258,9 @@ class COCODetection(LightningDataModule):
     def requested_unlabeled_views(self) -> tuple[str, ...]:
         return requested_views(self, default=())  # a plain detector asks for none
 
-    def _stream(self, dataset: Dataset, batch_size: int) -> DataLoader:
-        sampler = RandomSampler(dataset, num_samples=self.steps_per_epoch * batch_size)  # permutation after permutation
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate_lists,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def _stream(self, dataset: Dataset, batch_size: int, name: str = "labeled") -> DataLoader:
+        # permutation after permutation, resumable exactly (datamodules.resumable)
+        return self.training_stream(dataset, batch_size, name, collate_fn=collate_lists, num_workers=self.num_workers)
 
     def train_dataloader(self) -> CombinedLoader:
         labeled = DetectionItems(self.images, self.coco.images, self.split["labeled"], self.masks, self.geometry)
@@ -272,7 +272,7 @@ class COCODetection(LightningDataModule):
                                  f"set num_labeled below {len(self.split['labeled'])}")
             unlabeled = DetectionItems(self.images, self.coco.images, self.split["unlabeled"], self.masks,
                                        self.geometry, views, self.photometric)
-            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio)
+            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio, "unlabeled")
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def _eval_loader(self) -> DataLoader:

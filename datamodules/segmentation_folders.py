@@ -44,10 +44,11 @@ from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.augment import normalize
 from datamodules.base import requested_views
+from datamodules.resumable import ResumableStreams
 from datamodules.split import run_split_path, write_json_atomically
 from datamodules.segmentation_transforms import (SegmentationCrops, WholeImages, geometric_transform,
                                                  photometric_transform)
@@ -84,7 +85,7 @@ def _files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
     return found
 
 
-class SegmentationFolders(LightningDataModule):
+class SegmentationFolders(ResumableStreams, LightningDataModule):
     """Segmentation data from ``root/<image_dir>`` + ``root/<mask_dir>``, with a seeded split.
 
     The split draws one seeded permutation of the images that have masks: the first ``num_test``
@@ -274,10 +275,9 @@ class SegmentationFolders(LightningDataModule):
     def requested_unlabeled_views(self) -> tuple[str, ...]:
         return requested_views(self, default=("weak", "strong"))
 
-    def _stream(self, dataset: Dataset, batch_size: int) -> DataLoader:
-        sampler = RandomSampler(dataset, num_samples=self.steps_per_epoch * batch_size)  # permutation after permutation
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def _stream(self, dataset: Dataset, batch_size: int, name: str = "labeled") -> DataLoader:
+        # permutation after permutation, resumable exactly (datamodules.resumable)
+        return self.training_stream(dataset, batch_size, name, num_workers=self.num_workers)
 
     def train_dataloader(self) -> CombinedLoader:
         labeled = SegmentationCrops(self.images, self.masks, self.split.labeled, self.geometry)
@@ -291,7 +291,7 @@ class SegmentationFolders(LightningDataModule):
                 raise ValueError(f"the model asks for unlabeled views {views} but the unlabeled set is empty: lower "
                                  f"num_labeled, add images with unlabeled_without_mask, or include labeled images")
             unlabeled = SegmentationCrops(self.images, self.masks, indices, self.geometry, self.photometric, views)
-            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio)
+            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio, "unlabeled")
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def _eval_loader(self) -> DataLoader:
