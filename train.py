@@ -12,18 +12,25 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 import callbacks  # noqa: F401  (registers callbacks for --trainer.callbacks by name)
+from callbacks.checkpoint_io import use_atomic_checkpoints
 import datamodules  # noqa: F401  (registers DataModules for --data by name)
 import lightning_modules  # noqa: F401  (registers methods for --model by name)
 
 
 class LabelwiseCLI(LightningCLI):
-    """Links the data's class and channel counts into the model, and tests after ``fit``."""
+    """Links the data's class and channel counts into the model, writes checkpoints atomically
+    (:class:`callbacks.AtomicCheckpointIO` unless another checkpoint IO is chosen), and tests after ``fit``."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_channels", "model.init_args.in_channels", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the final (EMA) weights on the test set and print the accuracy.")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
