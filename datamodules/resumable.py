@@ -142,10 +142,12 @@ class SeededItems(Dataset):
             torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
-    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> Any:
+    def __getitems__(self, keys: Sequence[tuple[int, int]] | Sequence[int]) -> Any:
         gather = getattr(self.dataset, "__getitems__", None)
         if gather is None:
             return [self[key] for key in keys]
+        if not isinstance(keys[0], tuple):  # plain indices (a sampler Lightning put in, e.g. overfit_batches)
+            return gather(list(keys))
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(keys[0][0])
             return gather([index for _, index in keys])

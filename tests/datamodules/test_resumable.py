@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import Dataset
 
-from datamodules import DigitsSSL, SegmentationFolders
+from datamodules import DigitsSSL, IndexedImages, SegmentationFolders
 from datamodules.resumable import ResumableSampler, SeededItems, mix_seed, training_stream
 
 
@@ -94,6 +94,9 @@ def test_seeded_items_restore_the_global_rng_and_forward_plain_indices_and_attri
     assert torch.equal(a["noise"], b["noise"]) and not torch.equal(a["noise"], data[(43, 1)]["noise"])
     assert torch.equal(torch.rand(2), expected_next)
     assert int(data[3]["index"]) == 3 and data.made == 4 and data.size == 4
+    gathered = SeededItems(IndexedImages(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), torch.arange(5)))
+    assert gathered.__getitems__([(7, 3), (8, 1)])["index"].tolist() == [3, 1]
+    assert gathered.__getitems__([4, 0])["target"].tolist() == [4, 0]  # a sampler Lightning put in
 
 
 def test_segmentation_crops_are_the_same_with_and_without_loader_workers(shared_data):
