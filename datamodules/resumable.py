@@ -20,13 +20,13 @@ Here nothing depends on the history of the process:
   randomness of the step that uses the batch (augmentation on the device, dropout, a detector's
   box sampling) does not depend on what ran before.
 
-``seed`` defaults to the run's seed (``PL_GLOBAL_SEED``, set by ``seed_everything`` and the CLI's
-``--seed_everything``), else ``torch.initial_seed()``.
+A DataModule draws its streams' seed from torch's global RNG when it makes its first training
+loader (so ``seed_everything``, the CLI's ``--seed_everything``, fixes it) and keeps it in its
+``state_dict``: a resumed run continues with the seed of the run it resumes.
 """
 
 from __future__ import annotations
 
-import os
 import zlib
 from typing import Any, Callable, Iterator, Sequence
 
@@ -51,9 +51,8 @@ def mix_seed(*keys: int) -> int:
 
 
 def run_seed() -> int:
-    """The run's seed: ``PL_GLOBAL_SEED`` when ``seed_everything`` set it, else ``torch.initial_seed()``."""
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    return int(seed) if seed is not None else torch.initial_seed()
+    """A seed drawn from torch's global RNG: fixed by ``torch.manual_seed`` / ``seed_everything``."""
+    return int(torch.randint(0, 2**62, ()).item())
 
 
 def _replicas() -> tuple[int, int]:
@@ -74,7 +73,7 @@ class ResumableSampler(DistributedSampler):
     Args:
         num_items: size of the dataset.
         num_samples: draws per epoch on this process (``steps_per_epoch * batch_size``).
-        seed: the run's seed (default :func:`run_seed`).
+        seed: the stream's seed (default: drawn by :func:`run_seed`).
         stream: a name that makes this stream's draws independent of other streams of the same run.
         num_replicas, rank: processes and this one's rank (default: from ``torch.distributed``).
     """
@@ -192,10 +191,10 @@ class ResumableLoader(DataLoader):
             self._resume = (int(state["epoch"]), int(state["batches"]))
 
 
-def training_stream(dataset: Dataset, batch_size: int, steps_per_epoch: int, stream: str,
+def training_stream(dataset: Dataset, batch_size: int, steps_per_epoch: int, stream: str, seed: int | None = None,
                     collate_fn: Callable | None = None, num_workers: int = 0) -> ResumableLoader:
     """The loader of one training stream: ``steps_per_epoch`` full batches per epoch, resumable."""
-    sampler = ResumableSampler(len(dataset), steps_per_epoch * batch_size, stream=stream)
+    sampler = ResumableSampler(len(dataset), steps_per_epoch * batch_size, seed=seed, stream=stream)
     return ResumableLoader(SeededItems(dataset), batch_size=batch_size, sampler=sampler, drop_last=True,
                            collate_fn=collate_fn, num_workers=num_workers, persistent_workers=num_workers > 0)
 
@@ -215,17 +214,22 @@ class ResumableStreams:
         super().__init__(*args, **kwargs)
         self._streams: dict[str, ResumableLoader] = {}
         self._saved_streams: dict[str, dict[str, int]] = {}
+        self._stream_seed: int | None = None
 
     def training_stream(self, dataset: Dataset, batch_size: int, name: str, **kwargs: Any) -> ResumableLoader:
-        loader = training_stream(dataset, batch_size, self.steps_per_epoch, name, **kwargs)
+        if self._stream_seed is None:
+            self._stream_seed = run_seed()
+        loader = training_stream(dataset, batch_size, self.steps_per_epoch, name, seed=self._stream_seed, **kwargs)
         loader.load_state_dict(self._saved_streams.pop(name, {}))
         self._streams[name] = loader
         return loader
 
     def state_dict(self) -> dict[str, Any]:
-        return {"training_streams": {name: loader.state_dict() for name, loader in self._streams.items()}}
+        return {"stream_seed": self._stream_seed,
+                "training_streams": {name: loader.state_dict() for name, loader in self._streams.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # only a resumed fit continues the streams (not a fit after testing a checkpoint)
-        fitting = self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING
-        self._saved_streams = dict(state_dict.get("training_streams", {})) if fitting else {}
+        if self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING:
+            self._stream_seed = state_dict.get("stream_seed")
+            self._saved_streams = dict(state_dict.get("training_streams", {}))
