@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +34,7 @@ from benchmarks.report import accuracy_rows, report_header, timed_fit, write_rep
 
 from benchmarks.ssl_table import unpack  # noqa: E402
 from datamodules import ImageFolderSSL  # noqa: E402
-from datamodules.split import write_json_atomically  # noqa: E402
+from datamodules.split import atomic_path, write_json_atomically  # noqa: E402
 from lightning_modules import KDStudent, MutualLearning, Supervised  # noqa: E402
 
 BUDGETS = {
@@ -68,9 +67,8 @@ def fit_and_test(model: L.LightningModule, datamodule: ImageFolderSSL, steps: in
                  save: Path | None = None) -> tuple[dict[str, float], float]:
     trainer, seconds = timed_fit(model, datamodule, steps, accelerator, datamodule.root)
     if save is not None:
-        partial = save.with_name(save.name + ".partial")
-        trainer.save_checkpoint(partial)
-        os.replace(partial, save)  # an interrupted run never leaves a half-written cached teacher
+        with atomic_path(save) as partial:  # an interrupted run never leaves a half-written cached teacher
+            trainer.save_checkpoint(partial)
     metrics = trainer.test(model, datamodule, verbose=False)[0]
     return {k: float(v) for k, v in metrics.items()}, seconds
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import os
 import platform
 import shlex
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+
+from datamodules.split import write_text_atomically
 
 
 def report_header(title: str, accelerator: str, seed: int) -> list[str]:
@@ -31,10 +32,7 @@ def report_header(title: str, accelerator: str, seed: int) -> list[str]:
 
 def write_report(path: Path, lines: list[str]) -> None:
     """Write ``lines`` to ``path`` atomically (a crash never leaves half a table) and print them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("\n".join(lines) + "\n")
-    os.replace(partial, path)
+    write_text_atomically(path, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

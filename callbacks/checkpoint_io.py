@@ -8,20 +8,17 @@ network or scratch volume), ``shutil.move`` copies into the destination itself, 
 the copy leaves a truncated ``last.ckpt``; without an fsync, a power cut after the rename can leave
 an empty one; and a process killed mid-write leaves a checkpoint-sized file in ``/tmp``.
 
-:class:`AtomicCheckpointIO` writes each checkpoint to a temporary file next to the destination,
-fsyncs it, renames it over the destination with ``os.replace`` (atomic within one file system) and
-fsyncs the folder: after a crash at any point the destination holds the old checkpoint or the new
-one, whole. The temporary file is removed when the write fails; a process killed mid-write leaves
-``.<name>.<random>.partial`` beside it, which no checkpoint lookup (``ckpt_path="last"``, top-k)
-matches. ``train.py`` uses it by default (:func:`use_atomic_checkpoints`).
+:class:`AtomicCheckpointIO` writes each checkpoint through :func:`datamodules.split.atomic_path`, the
+writer every other file of the library goes through: a temporary file next to the destination,
+fsynced, renamed over the destination with ``os.replace`` (atomic within one file system). After a
+crash at any point the destination holds the old checkpoint or the new one, whole. The temporary
+file is removed when the write fails; a process killed mid-write leaves ``.<name>.<random>.tmp``
+beside it, which no checkpoint lookup (``ckpt_path="last"``, top-k) matches. ``train.py`` uses it by
+default (:func:`use_atomic_checkpoints`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,37 +27,7 @@ from lightning import Trainer
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-PARTIAL_SUFFIX = ".partial"
-
-
-def save_atomically(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` by write, fsync, rename and folder fsync; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
-    try:
-        with open(partial, "xb") as f:  # the usual permissions (0666 less the umask), unlike mkstemp's 0600
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
-        raise
-    _fsync_folder(path.parent)
-    return path
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable (POSIX; Windows cannot open a folder for fsync)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from datamodules.split import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -74,7 +41,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             super().save_checkpoint(checkpoint, path, storage_options)  # raises for storage_options, as Lightning does
             return
-        save_atomically(checkpoint, path)
+        with atomic_path(path) as partial:
+            torch.save(checkpoint, partial)
 
 
 def use_atomic_checkpoints(trainer: Trainer) -> None:

@@ -52,6 +52,22 @@ class EMAModel:
         if self.device is not None:
             self.module.to(self.device)
 
+    @torch.no_grad()
+    def restart(self, model: nn.Module) -> None:
+        """Make the copy equal to ``model`` again (weights and buffers) and count no updates.
+
+        Under DDP, call it after DDP has broadcast rank 0's weights (``on_fit_start``): a copy made
+        in ``__init__`` holds each rank's own initialization, which differs when the ranks were
+        seeded differently.
+        """
+        targets = list(self.module.parameters()) + list(self.module.buffers())
+        sources = list(model.parameters()) + list(model.buffers())
+        if len(targets) != len(sources):
+            raise ValueError("EMAModel.restart got a model with other parameters or buffers than the averaged one")
+        for target, source in zip(targets, sources):
+            target.copy_(source.detach())
+        self.num_updates = 0
+
     def current_decay(self) -> float:
         if self.warmup_power is None:
             return self.decay

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from callbacks.swa import _unwrap_batches, recompute_batch_norm
+from datamodules.split import atomic_path
 
 EMA_PREFIX = "net."
 
@@ -180,8 +181,5 @@ def save_soup(module, checkpoints: Sequence[str], chosen: list[str], scores: dic
     for key in ("optimizer_states", "lr_schedulers"):
         base.pop(key, None)   # a soup is for evaluation / fine-tuning anew, not for resuming
     base["soup"] = {"ingredients": list(map(str, checkpoints)), "chosen": chosen, "scores": scores}
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + f".tmp{os.getpid()}")
-    torch.save(base, tmp)
-    os.replace(tmp, output)
+    with atomic_path(output) as tmp:
+        torch.save(base, tmp)

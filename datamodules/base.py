@@ -176,13 +176,26 @@ class SSLDataModule(ResumableStreams, LightningDataModule):
         needs_split = stage == "fit" or (stage == "validate" and fold_or_file)
         if needs_split:
             if self._train is None:
-                self._train = self.load_train()
+                self._train = self._checked("train", self.load_train())
                 self._extra = self.load_extra_unlabeled()
             self.split = self._make_split(self._train[1])
             if stage == "fit":
                 self._save_split()
         if self._test is None and stage in ("fit", "validate", "test", "predict"):
-            self._test = self.load_test()
+            self._test = self._checked("test", self.load_test())
+
+    def _checked(self, split: str, data: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``data`` if its images and targets pair up and every target is a class id ``0..num_classes - 1``."""
+        images, targets = data
+        if len(images) != len(targets):
+            raise ValueError(f"{self.dataset_name}: the {split} split has {len(images)} images but "
+                             f"{len(targets)} targets")
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
+            bad = targets[(targets < 0) | (targets >= self.num_classes)]
+            raise ValueError(f"{self.dataset_name}: the {split} split has {bad.numel()} target(s) outside the class "
+                             f"ids 0..{self.num_classes - 1} (e.g. {int(bad[0])}): num_classes={self.num_classes} is "
+                             f"too small for this data, or its labels are wrong")
+        return data
 
     def _make_split(self, targets: torch.Tensor) -> LabeledSplit:
         if self.split_file is not None:
@@ -220,9 +233,9 @@ class SSLDataModule(ResumableStreams, LightningDataModule):
     def requested_unlabeled_views(self) -> tuple[str, ...]:
         return requested_views(self, default=("weak", "strong"))
 
-    def _stream(self, dataset: Dataset, batch_size: int, name: str = "labeled") -> DataLoader:
-        # Without replacement over as many passes as the epoch's steps need; resumable exactly.
-        return self.training_stream(dataset, batch_size, name, collate_fn=_keep_batch, num_workers=self.num_workers)
+    def _stream(self, dataset: Dataset, batch_size: int, stream: str) -> DataLoader:
+        # Permutation after permutation, sharded across DDP ranks, resumable exactly (datamodules.resumable).
+        return self.training_stream(dataset, batch_size, stream, collate_fn=_keep_batch, num_workers=self.num_workers)
 
     def unlabeled_dataset(self) -> IndexedImages:
         images, targets = self._train
@@ -237,7 +250,8 @@ class SSLDataModule(ResumableStreams, LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader:
         images, targets = self._train
-        loaders = {"labeled": self._stream(IndexedImages(images, targets, self.split.labeled), self.batch_size)}
+        labeled = IndexedImages(images, targets, self.split.labeled)
+        loaders = {"labeled": self._stream(labeled, self.batch_size, "labeled")}
         if self.requested_unlabeled_views():
             unlabeled = self.unlabeled_dataset()
             if len(unlabeled) == 0:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -205,7 +206,13 @@ class COCODetection(ResumableStreams, LightningDataModule):
     def load(self) -> None:
         images = []
         for record in self.coco.images:
-            image = decode_image(str(record.path), mode=ImageReadMode.RGB)  # stored pixels, as COCO annotates them
+            try:
+                image = decode_image(str(record.path), mode=ImageReadMode.RGB)  # stored pixels, as COCO annotates them
+            except RuntimeError as err:  # torchvision's decoders raise RuntimeError for truncated or foreign files
+                reason = re.sub(r"^\w+, \S+:\d+, ", "", str(err).strip().splitlines()[0]).split(". ")[0]
+                raise ValueError(f"COCODetection: cannot decode image {record.id} at {record.path} ({reason}): "
+                                 f"replace the file, or remove the image and its annotations from "
+                                 f"{self.annotation_path}") from err
             if tuple(image.shape[1:]) != (record.height, record.width):
                 raise ValueError(f"{record.path} is {image.shape[1]}x{image.shape[2]} (HxW) but {self.annotation_path} "
                                  f"says {record.height}x{record.width}: the image and the json disagree")
@@ -258,13 +265,13 @@ class COCODetection(ResumableStreams, LightningDataModule):
     def requested_unlabeled_views(self) -> tuple[str, ...]:
         return requested_views(self, default=())  # a plain detector asks for none
 
-    def _stream(self, dataset: Dataset, batch_size: int, name: str = "labeled") -> DataLoader:
-        # permutation after permutation, resumable exactly (datamodules.resumable)
-        return self.training_stream(dataset, batch_size, name, collate_fn=collate_lists, num_workers=self.num_workers)
+    def _stream(self, dataset: Dataset, batch_size: int, stream: str) -> DataLoader:
+        # Permutation after permutation, sharded across DDP ranks, resumable exactly (datamodules.resumable).
+        return self.training_stream(dataset, batch_size, stream, collate_fn=collate_lists, num_workers=self.num_workers)
 
     def train_dataloader(self) -> CombinedLoader:
         labeled = DetectionItems(self.images, self.coco.images, self.split["labeled"], self.masks, self.geometry)
-        loaders = {"labeled": self._stream(labeled, self.batch_size)}
+        loaders = {"labeled": self._stream(labeled, self.batch_size, "labeled")}
         views = self.requested_unlabeled_views()
         if views:
             if len(self.split["unlabeled"]) == 0:

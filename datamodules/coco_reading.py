@@ -70,7 +70,47 @@ def _load_json(path: Path) -> dict:
     if missing:
         raise ValueError(f"COCO annotation file {path} lacks the key(s) {missing}: a detection json needs "
                          f"'images', 'annotations' and 'categories' (is it a captions or keypoints file?)")
+    _check_fields(path, record)
     return record
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: the fields ``read_coco`` reads from each entry, and what each must be
+FIELDS = {
+    "images": {"id": "an integer", "file_name": "a string", "height": "a positive integer",
+               "width": "a positive integer"},
+    "annotations": {"image_id": "an integer", "category_id": "an integer", "bbox": "[x, y, width, height] numbers"},
+    "categories": {"id": "an integer"},
+}
+_VALID = {
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "a positive integer": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    "a string": lambda v: isinstance(v, str) and v != "",
+    "[x, y, width, height] numbers": lambda v: isinstance(v, list) and len(v) == 4 and all(map(_is_number, v)),
+}
+
+
+def _check_fields(path: Path, record: dict) -> None:
+    """Every entry of images/annotations/categories is an object with the fields read, of the right type."""
+    for key, fields in FIELDS.items():
+        entries = record[key]
+        if not isinstance(entries, list):
+            raise ValueError(f"COCO annotation file {path}: '{key}' is {type(entries).__name__} {str(entries)[:60]}, "
+                             f"not a list: COCO's '{key}' is a list of objects")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise ValueError(f"COCO annotation file {path}: {key}[{i}] is {str(entry)[:60]}, not an object with "
+                                 f"{sorted(fields)}")
+            for field, kind in fields.items():
+                if field not in entry or not _VALID[kind](entry[field]):
+                    found = f"is {entry[field]!r}" if field in entry else "is missing"
+                    raise ValueError(f"COCO annotation file {path}: {key}[{i}] (id {entry.get('id')}) field "
+                                     f"'{field}' {found}: it must be {kind}; fix or remove the entry")
+    if not record["images"]:
+        raise ValueError(f"COCO annotation file {path} lists no images: there is nothing to train or test on")
 
 
 def read_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) -> CocoAnnotations:
@@ -93,10 +133,6 @@ def read_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) 
         if ann.get("category_id") not in label_of:
             raise ValueError(f"{path}: annotation {ann.get('id')} has category id {ann.get('category_id')}, which is "
                              f"not in 'categories' {category_ids}: remove the annotation or add the category")
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4):
-            raise ValueError(f"{path}: annotation {ann.get('id')} has bbox {bbox!r}: COCO boxes are "
-                             f"[x, y, width, height]")
         per_image[ann["image_id"]].append(ann)
     images, degenerate, crowd, clipped = [], 0, 0, 0
     for image_id in sorted(info):

@@ -7,33 +7,33 @@ sanity check), so a ``RandomSampler`` would replay epoch 0's order, and augmenta
 global RNG would differ. It also restarts a non-resumable loader from its first batch mid-epoch.
 Here nothing depends on the history of the process:
 
-* :class:`ResumableSampler` draws epoch ``e``'s order (permutation after permutation) and one seed
-  per drawn item from a generator seeded by ``(seed, stream, e)``; Lightning calls ``set_epoch``.
+* :class:`ResumableSampler` is the :class:`~datamodules.sampling.StreamSampler` (epoch ``e``'s
+  permutations and rank shards from ``(seed, stream, e)``, ``set_epoch`` called by Lightning) that
+  also yields one seed per drawn item.
 * :class:`SeededItems` runs ``dataset[i]`` with torch's CPU RNG seeded by the item's seed and restores
   the RNG afterwards: per-item augmentation is the same in the main process and in any number of
   loader workers.
 * :class:`ResumableLoader` counts the batches it has handed out. Its ``state_dict`` goes into every
   checkpoint (Lightning's loop state, and the DataModule's through :class:`ResumableStreams`); a
   loader restored mid-epoch skips the consumed batches by sampler position (no data is loaded for
-  them). As it hands out batch ``b`` of epoch
-  ``e`` it re-seeds torch's global RNG (CPU and accelerators) from ``(seed, e, b, rank)``, so the
-  randomness of the step that uses the batch (augmentation on the device, dropout, a detector's
-  box sampling) does not depend on what ran before.
+  them). As it hands out batch ``b`` of epoch ``e`` it re-seeds torch's global RNG (CPU and
+  accelerators) from ``(seed, e, b, rank)``, so the randomness of the step that uses the batch
+  (augmentation on the device, dropout, a detector's box sampling) does not depend on what ran before.
 
-A DataModule draws its streams' seed from torch's global RNG when it makes its first training
-loader (so ``seed_everything``, the CLI's ``--seed_everything``, fixes it) and keeps it in its
-``state_dict``: a resumed run continues with the seed of the run it resumes.
+A DataModule takes its streams' seed from :func:`~datamodules.sampling.shared_seed` (``PL_GLOBAL_SEED``
+or a draw from torch's RNG, rank 0's on every rank) when it makes its first training loader, and keeps
+it in its ``state_dict``: a resumed run continues with the seed of the run it resumes.
 """
 
 from __future__ import annotations
 
-import zlib
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.sampling import StreamSampler, _world_and_rank, shared_seed
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -50,65 +50,31 @@ def mix_seed(*keys: int) -> int:
     return h >> 1
 
 
-def run_seed() -> int:
-    """A seed drawn from torch's global RNG: fixed by ``torch.manual_seed`` / ``seed_everything``."""
-    return int(torch.randint(0, 2**62, ()).item())
+class ResumableSampler(StreamSampler):
+    """A :class:`~datamodules.sampling.StreamSampler` (the same indices, rank shards and epoch
+    permutations) that yields ``(item_seed, index)`` pairs and can start an epoch after its first draws.
 
-
-def _replicas() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-class ResumableSampler(DistributedSampler):
-    """``(item_seed, index)`` pairs: ``num_samples`` draws per epoch and process, without replacement,
-    one permutation of ``0 .. num_items - 1`` after another.
-
-    With several processes the epoch's stream of ``num_samples * num_replicas`` draws is dealt out
-    round-robin, so each process keeps ``num_samples`` per epoch (the epoch keeps its number of
-    steps) and together they see every draw once. It subclasses ``DistributedSampler`` so that
-    Lightning does not wrap it in another one.
-
-    Args:
-        num_items: size of the dataset.
-        num_samples: draws per epoch on this process (``steps_per_epoch * batch_size``).
-        seed: the stream's seed (default: drawn by :func:`run_seed`).
-        stream: a name that makes this stream's draws independent of other streams of the same run.
-        num_replicas, rank: processes and this one's rank (default: from ``torch.distributed``).
+    The item seeds come from a generator seeded by ``(seed, stream, epoch)`` and follow the global
+    batch positions, so ``W`` ranks with batch ``b`` give each image the seed one process with
+    batch ``W * b`` gives it.
     """
 
-    def __init__(self, num_items: int, num_samples: int, seed: int | None = None, stream: str = "train",
-                 num_replicas: int | None = None, rank: int | None = None) -> None:
-        if num_items < 1:
-            raise ValueError(f"ResumableSampler needs at least one item to draw from, got num_items={num_items}")
-        world, own = _replicas()
-        super().__init__(range(num_items), num_replicas=num_replicas or world,
-                         rank=own if rank is None else rank, shuffle=True,
-                         seed=run_seed() if seed is None else seed, drop_last=True)
-        self.num_items, self.num_samples, self.stream = num_items, num_samples, stream
-        self.total_size = num_samples * self.num_replicas
-        self._start = 0
+    _start = 0
 
     def skip(self, draws: int) -> None:
         """Start the next iteration after this process's first ``draws`` draws of the epoch."""
         self._start = draws
 
-    def epoch_stream(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Epoch ``self.epoch``'s ``(item_seeds, indices)`` over all processes, in draw order."""
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, zlib.crc32(self.stream.encode()), self.epoch))
-        passes = -(-self.total_size // self.num_items)
-        order = torch.cat([torch.randperm(self.num_items, generator=generator) for _ in range(passes)])
-        seeds = torch.randint(0, 2**62, (self.total_size,), generator=generator)
-        return seeds, order[:self.total_size]
+    def item_seeds(self) -> torch.Tensor:
+        """All ranks' item seeds of the epoch, shaped like :meth:`global_order`."""
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.stream, self.epoch))
+        return torch.randint(0, 2**62, (self.steps, self.num_replicas * self.batch_size), generator=generator)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        seeds, order = self.epoch_stream()
-        start, self._start = self.rank + self.num_replicas * self._start, 0
-        return zip(seeds[start::self.num_replicas].tolist(), order[start::self.num_replicas].tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
+        start, self._start = self._start, 0
+        mine = [t.view(self.steps, self.num_replicas, self.batch_size)[:, self.rank].reshape(-1)[start:]
+                for t in (self.item_seeds(), self.global_order())]
+        return zip(*(t.tolist() for t in mine))
 
     def step_seed(self, batch: int) -> int:
         """The seed of the global RNG for batch ``batch`` of the current epoch (the same for every
@@ -191,10 +157,13 @@ class ResumableLoader(DataLoader):
             self._resume = (int(state["epoch"]), int(state["batches"]))
 
 
-def training_stream(dataset: Dataset, batch_size: int, steps_per_epoch: int, stream: str, seed: int | None = None,
-                    collate_fn: Callable | None = None, num_workers: int = 0) -> ResumableLoader:
-    """The loader of one training stream: ``steps_per_epoch`` full batches per epoch, resumable."""
-    sampler = ResumableSampler(len(dataset), steps_per_epoch * batch_size, seed=seed, stream=stream)
+def training_stream(dataset: Dataset, batch_size: int, steps_per_epoch: int, stream: str, seed: int,
+                    collate_fn: Callable | None = None, num_workers: int = 0,
+                    trainer: Any | None = None) -> ResumableLoader:
+    """The loader of one training stream: ``steps_per_epoch`` full batches per epoch on this process
+    (rank and world size from ``trainer``), resumable."""
+    world, rank = _world_and_rank(trainer)
+    sampler = ResumableSampler(len(dataset), batch_size, steps_per_epoch, seed, stream, num_replicas=world, rank=rank)
     return ResumableLoader(SeededItems(dataset), batch_size=batch_size, sampler=sampler, drop_last=True,
                            collate_fn=collate_fn, num_workers=num_workers, persistent_workers=num_workers > 0)
 
@@ -218,8 +187,9 @@ class ResumableStreams:
 
     def training_stream(self, dataset: Dataset, batch_size: int, name: str, **kwargs: Any) -> ResumableLoader:
         if self._stream_seed is None:
-            self._stream_seed = run_seed()
-        loader = training_stream(dataset, batch_size, self.steps_per_epoch, name, seed=self._stream_seed, **kwargs)
+            self._stream_seed = shared_seed(self.trainer)  # a collective under DDP: every rank gets here
+        loader = training_stream(dataset, batch_size, self.steps_per_epoch, name, self._stream_seed,
+                                 trainer=self.trainer, **kwargs)
         loader.load_state_dict(self._saved_streams.pop(name, {}))
         self._streams[name] = loader
         return loader

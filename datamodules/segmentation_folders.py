@@ -248,8 +248,15 @@ class SegmentationFolders(ResumableStreams, LightningDataModule):
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"split_file {path} cannot be read as JSON ({err})") from err
-        if record.get("format") != SPLIT_FORMAT:
-            raise ValueError(f"split_file {path} is not a segmentation split (format {record.get('format')!r})")
+        if not isinstance(record, dict) or record.get("format") != SPLIT_FORMAT:
+            found = (f"format {record.get('format')!r}" if isinstance(record, dict)
+                     else f"a JSON {type(record).__name__}")
+            raise ValueError(f"split_file {path} is not a segmentation split ({found}; expected format "
+                             f"{SPLIT_FORMAT!r}): pass the split.json that a SegmentationFolders run saved")
+        missing = [k for k in ("labeled", "unlabeled", "test", "seed") if k not in record]
+        if missing:
+            raise ValueError(f"split_file {path} lacks {missing}: it was edited or cut short; pass a split.json "
+                             f"as saved")
         position = {s: i for i, s in enumerate(self.stems)}
         parts = {k: [position.get(s) for s in record[k]] for k in ("labeled", "unlabeled", "test")}
         listed = [i for k in parts for i in parts[k]]
@@ -275,13 +282,13 @@ class SegmentationFolders(ResumableStreams, LightningDataModule):
     def requested_unlabeled_views(self) -> tuple[str, ...]:
         return requested_views(self, default=("weak", "strong"))
 
-    def _stream(self, dataset: Dataset, batch_size: int, name: str = "labeled") -> DataLoader:
-        # permutation after permutation, resumable exactly (datamodules.resumable)
-        return self.training_stream(dataset, batch_size, name, num_workers=self.num_workers)
+    def _stream(self, dataset: Dataset, batch_size: int, stream: str) -> DataLoader:
+        # Permutation after permutation, sharded across DDP ranks, resumable exactly (datamodules.resumable).
+        return self.training_stream(dataset, batch_size, stream, num_workers=self.num_workers)
 
     def train_dataloader(self) -> CombinedLoader:
         labeled = SegmentationCrops(self.images, self.masks, self.split.labeled, self.geometry)
-        loaders = {"labeled": self._stream(labeled, self.batch_size)}
+        loaders = {"labeled": self._stream(labeled, self.batch_size, "labeled")}
         views = self.requested_unlabeled_views()
         if views:
             indices = self.split.unlabeled

@@ -7,8 +7,10 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -110,21 +112,40 @@ def targets_fingerprint(targets: torch.Tensor) -> str:
     return hashlib.sha1(data).hexdigest()[:16]
 
 
-def write_json_atomically(path: str | os.PathLike, record: dict, indent: int | None = None) -> Path:
-    """Write ``record`` as JSON through a temporary file and a rename: never half-written."""
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; on success it is flushed to disk and renamed onto
+    ``path`` (atomic on one filesystem), on failure removed: ``path`` is never half-written.
+
+    ``with atomic_path("model.ckpt") as tmp: torch.save(state, tmp)``
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # a new file's usual mode, not mkstemp's owner-only 0600
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=indent)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` through a temporary file and a rename: never half-written."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json_atomically(path: str | os.PathLike, record: dict, indent: int | None = None) -> Path:
+    """Write ``record`` as JSON through a temporary file and a rename: never half-written."""
+    return write_text_atomically(path, json.dumps(record, indent=indent))
 
 
 def run_split_path(trainer) -> Path | None:
@@ -162,8 +183,13 @@ def load_split(path: str | os.PathLike, targets: torch.Tensor, dataset: str) -> 
         record = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"split_file {path} is not valid JSON ({err}): it may be truncated or not a split file") from err
-    if record.get("format") != SPLIT_FORMAT:
-        raise ValueError(f"split_file {path} is not a labelwise split (format {record.get('format')!r})")
+    if not isinstance(record, dict) or record.get("format") != SPLIT_FORMAT:
+        found = f"format {record.get('format')!r}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+        raise ValueError(f"split_file {path} is not a labelwise split ({found}; expected format {SPLIT_FORMAT!r}): "
+                         f"pass the split.json that a classification run saved in its log dir")
+    missing = [k for k in ("dataset", "num_train", "targets_sha1", "seed", "labeled", "unlabeled") if k not in record]
+    if missing:
+        raise ValueError(f"split_file {path} lacks {missing}: it was edited or cut short; pass a split.json as saved")
     num_train = int(torch.as_tensor(targets).numel())
     if record["dataset"] != dataset or record["num_train"] != num_train or record["targets_sha1"] != targets_fingerprint(targets):
         raise ValueError(

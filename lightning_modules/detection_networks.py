@@ -20,6 +20,8 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import roi_pool
 from torchvision.ops.poolers import LevelMapper
 
+from lightning_modules.networks import read_weights_file
+
 #: builder and number of FPN feature maps (anchor levels) of each supported network
 NETWORKS = {
     "fasterrcnn_resnet50_fpn": (detection.fasterrcnn_resnet50_fpn, 5),
@@ -120,7 +122,7 @@ def replace_predictors(model: detection.GeneralizedRCNN, num_classes: int) -> No
 
 def load_network_weights(model: nn.Module, path: str) -> None:
     """Load a state_dict file (or a Lightning checkpoint's ``net.*`` weights); refuse one that does not fit."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_weights_file(path, "weights_path")
     if "state_dict" in state:
         state = {k.removeprefix("net."): v for k, v in state["state_dict"].items() if k.startswith("net.")}
     own = model.state_dict()

@@ -29,10 +29,10 @@ def log_detections(logger: Logger | None, images: list[torch.Tensor], detections
     """Log the first ``count`` images with their boxes to a W&B or TensorBoard logger; others have no image API."""
     if logger is None or count <= 0:
         return
-    drawn = [draw_detections(*item, score_threshold=score_threshold).float() / 255
+    drawn = [draw_detections(*item, score_threshold=score_threshold)
              for item in zip(images[:count], detections[:count], targets[:count])]
-    if isinstance(logger, WandbLogger):
+    if isinstance(logger, WandbLogger):  # uint8: wandb.Image casts floats unscaled, [0, 1] came out black
         logger.log_image(key=key, images=drawn, step=step, caption=["truth green, prediction red"] * len(drawn))
     elif isinstance(logger, TensorBoardLogger):
         for i, picture in enumerate(drawn):  # sizes differ between images: one entry each
-            logger.experiment.add_image(f"{key}/{i}", picture, global_step=step)
+            logger.experiment.add_image(f"{key}/{i}", picture.float() / 255, global_step=step)

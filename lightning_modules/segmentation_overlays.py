@@ -31,8 +31,9 @@ def log_overlays(logger: Logger | None, images: torch.Tensor, targets: torch.Ten
     if logger is None or count <= 0:
         return
     batch = overlays(images[:count], targets[:count], predictions[:count]).detach().cpu()
-    if isinstance(logger, WandbLogger):
-        logger.log_image(key=key, images=list(batch), step=step,
+    if isinstance(logger, WandbLogger):  # uint8: wandb.Image casts floats unscaled, [0, 1] came out black
+        pictures = (batch * 255).round().to(torch.uint8)
+        logger.log_image(key=key, images=list(pictures), step=step,
                          caption=["input grey, truth green, prediction red"] * len(batch))
     elif isinstance(logger, TensorBoardLogger):
         logger.experiment.add_images(key, batch, global_step=step)

@@ -25,6 +25,8 @@ from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
 from callbacks.ema import EMAModel
 from lightning_modules.criteria import build_criterion
+from lightning_modules.distributed import average_batchnorm_statistics, check_full_parameters
+from lightning_modules.training_checks import FiniteLossCheck, check_model_fits_data
 from lightning_modules.label_regularization import symmetric_kl
 from lightning_modules.networks import build_network
 from lightning_modules.ssl_losses import RAMPUPS
@@ -101,6 +103,7 @@ class SemiSupervisedModule(LightningModule):
         self.criterion = build_criterion(criterion, num_classes, **(criterion_kwargs or {}))
         # A plain attribute, not a submodule: DDP never wraps it and it gets no gradient.
         self.ema = EMAModel(self.net, decay=ema_decay) if ema_decay is not None else None
+        self.finite_loss_check = FiniteLossCheck()  # stops at a NaN/inf loss, naming the term and step
         self.val_acc, self.test_acc = self._metric(), self._metric()
         if self.multilabel:
             self.val_micro_f1 = MultilabelF1Score(num_classes, average="micro")
@@ -181,6 +184,7 @@ class SemiSupervisedModule(LightningModule):
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)
         loss = self.total_loss(losses)
+        self.finite_loss_check(loss, losses, self.global_step, self.current_epoch)
         logged = {f"train/{k}": v.detach() for k, v in losses.items()}
         logged["train/loss"] = loss.detach()
         self.log_dict(logged, on_step=True, on_epoch=False, batch_size=self.labeled_batch_size(batch))
@@ -192,8 +196,12 @@ class SemiSupervisedModule(LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        average_batchnorm_statistics(self.trainable_modules())  # DDP: every rank, and so the EMA, agrees
         if self.ema is not None:
             self.ema.update(self.net)
+
+    def on_train_end(self) -> None:
+        self.finite_loss_check.flush()
 
     def on_train_epoch_end(self) -> None:
         # Online label smoothing swaps in the soft labels it accumulated over the epoch.
@@ -206,7 +214,17 @@ class SemiSupervisedModule(LightningModule):
         if self.ema is not None:
             self.ema.to(self.device)
 
-    on_fit_start = on_validation_start = on_test_start = on_predict_start = _sync_ema_device
+    on_validation_start = on_test_start = on_predict_start = _sync_ema_device
+
+    def on_fit_start(self) -> None:
+        self._sync_ema_device()
+        check_model_fits_data(self.hparams, self.trainer.datamodule)
+        if self.ema is None:
+            return
+        check_full_parameters(self.trainer.strategy, type(self).__name__)
+        if self.ema.num_updates == 0:
+            # After DDP's broadcast of rank 0's weights (the copy made in __init__ holds this rank's own).
+            self.ema.restart(self.net)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> None:
         logits = self.eval_net(batch["image"])
@@ -264,6 +282,7 @@ class SemiSupervisedModule(LightningModule):
 
     # --- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.finite_loss_check.flush()  # never save weights from a step whose loss is still unchecked
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 

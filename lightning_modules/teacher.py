@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_modules.networks import build_network
+from lightning_modules.networks import build_network, read_weights_file
 
 __all__ = ["load_teacher"]
 
@@ -41,11 +41,7 @@ def load_teacher(
     count, architecture or weights do not match what was asked for, naming both sides.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher file {path} does not exist: pass a checkpoint written by train.py "
-                                "or a state_dict saved with torch.save(net.state_dict(), path)")
-    # weights_only: a teacher file is data, never code to run
-    stored = torch.load(path, map_location="cpu", weights_only=True)
+    stored = read_weights_file(path, "teacher file")
     hparams = stored.get("hyper_parameters") if isinstance(stored, dict) else None
     if hparams is not None:
         network, network_kwargs = _check_checkpoint(path, hparams, num_classes, in_channels, network, network_kwargs)

@@ -77,6 +77,14 @@ def _run_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _no_global_seed_from_earlier_tests(monkeypatch):
+    """seed_everything leaves PL_GLOBAL_SEED in the environment, and the training streams seed
+    from it (datamodules.sampling): without this, a test's data order would depend on which
+    tests ran before it in the same process."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for tiny-batch training tests: on 2 shared cores, two threads oversubscribe."""
@@ -84,3 +92,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    """W&B with no network: offline runs, W&B's own folders under ``tmp_path``, the run finished after
+    the test (a ``WandbLogger`` reuses any run still open, so the next test would log into this one)."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+    yield tmp_path
+    wandb.finish()

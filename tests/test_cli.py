@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 import datamodules
 import lightning_modules
@@ -44,6 +45,14 @@ def test_every_config_parses(config, capsys):
     assert "class_path: lightning_modules." in out
 
 
+@pytest.mark.parametrize("strategy", sorted((REPO / "configs" / "strategies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_strategy_fragments_combine_with_a_recipe(strategy, capsys):
+    recipe = REPO / "configs" / "fixmatch_cifar10.yaml"
+    out = _print_config(["fit", "--config", str(recipe), "--config", str(strategy)], capsys)
+    assert "class_path: lightning_modules.FixMatch" in out and "strategy:" in out
+    assert ("ema_decay: null" in out) == (strategy.stem == "fsdp")  # FSDP cannot shard the EMA copy
+
+
 def test_unknown_model_name_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--model", "NoSuchMethod", "--data", "DigitsSSL"])
@@ -58,6 +67,8 @@ def test_fit_then_validate_test_predict_from_the_checkpoint(tmp_path, capsys):
     assert cli.model.hparams.num_classes == 10 and cli.model.hparams.in_channels == 1  # linked from the data
     log_dir = Path(cli.trainer.log_dir)
     assert (log_dir / "split.json").is_file() and (log_dir / "config.yaml").is_file()
+    assert isinstance(cli.trainer.logger, (CSVLogger, TensorBoardLogger))  # the default: W&B only when asked
+    assert not list(tmp_path.rglob("*.wandb"))
     ckpt = next(log_dir.glob("checkpoints/*.ckpt"))
     for command in ("validate", "test"):
         cli = cli_main([command, *quick, "--ckpt_path", str(ckpt)])

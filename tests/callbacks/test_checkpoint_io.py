@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks import AtomicCheckpointIO, save_atomically
+from callbacks import AtomicCheckpointIO
 from datamodules import DigitsSSL
 from lightning_modules import Supervised
 from tests.ssl_helpers import SMALL_NET
@@ -33,6 +33,10 @@ class Blocking:
         return (int, (0,))
 
 
+def save(checkpoint: dict, path) -> None:
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+
+
 def _leftovers(folder) -> list[str]:
     return sorted(name for name in os.listdir(folder) if name != "last.ckpt")
 
@@ -40,7 +44,7 @@ def _leftovers(folder) -> list[str]:
 @pytest.mark.parametrize("failure", ["pickling", "fsync", "rename"])
 def test_a_failed_write_keeps_the_old_checkpoint_and_removes_the_partial_file(tmp_path, monkeypatch, failure):
     path = tmp_path / "last.ckpt"
-    save_atomically({"step": 1, "weights": torch.arange(10.0)}, path)
+    save({"step": 1, "weights": torch.arange(10.0)}, path)
     new = {"step": 2, "weights": torch.arange(100_000.0)}
     if failure == "pickling":
         new["tail"] = Unpicklable()
@@ -59,11 +63,11 @@ def test_a_failed_write_keeps_the_old_checkpoint_and_removes_the_partial_file(tm
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked writer")
 def test_a_writer_killed_mid_write_leaves_the_old_checkpoint_and_a_partial_file_lookups_ignore(tmp_path):
     path = tmp_path / "last.ckpt"
-    save_atomically({"step": 1}, path)
+    save({"step": 1}, path)
     pid = os.fork()
     if pid == 0:  # the child writes a checkpoint whose serialization hangs, and is killed
         try:
-            save_atomically({"step": 2, "tail": Blocking()}, path)
+            save({"step": 2, "tail": Blocking()}, path)
         finally:
             os._exit(0)
     deadline = time.monotonic() + 30
@@ -73,7 +77,7 @@ def test_a_writer_killed_mid_write_leaves_the_old_checkpoint_and_a_partial_file_
     os.waitpid(pid, 0)
     assert torch.load(path, weights_only=True) == {"step": 1}
     (partial,) = _leftovers(tmp_path)
-    assert partial.startswith(".last.ckpt.") and partial.endswith(".partial")
+    assert partial.startswith(".last.ckpt.") and partial.endswith(".tmp")
     assert ModelCheckpoint(dirpath=tmp_path)._find_last_checkpoints(trainer=None) == {str(path)}
 
 
@@ -83,7 +87,9 @@ def test_writes_never_pass_through_the_system_temporary_folder(tmp_path, monkeyp
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
     AtomicCheckpointIO().save_checkpoint({"step": 3}, tmp_path / "ckpts" / "last.ckpt")
     assert torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=True) == {"step": 3}
-    assert oct(os.stat(tmp_path / "ckpts" / "last.ckpt").st_mode & 0o777) != "0o600"  # not mkstemp's mode
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "ckpts" / "last.ckpt").st_mode & 0o777 == 0o666 & ~umask  # as Lightning's: not 0600
 
 
 class FailsOnThirdSave(Supervised):
@@ -107,7 +113,7 @@ def test_a_fit_that_crashes_while_saving_leaves_the_last_checkpoint_whole(tmp_pa
     with pytest.raises(RuntimeError, match="disk full"):
         trainer.fit(model, DigitsSSL(num_labeled=50, batch_size=8, steps_per_epoch=3))
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 1
-    assert not [name for name in os.listdir(tmp_path) if name.endswith(".partial")]
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
 
 def test_train_py_writes_checkpoints_atomically_by_default():

@@ -193,8 +193,8 @@ class _EpochSeeded(RandomSampler):
 
 
 class _EpochSeededDigits(DigitsSSL):
-    def _stream(self, dataset, batch_size):
-        loader = super()._stream(dataset, batch_size)
+    def _stream(self, dataset, batch_size, stream):
+        loader = super()._stream(dataset, batch_size, stream)
         sampler = _EpochSeeded(dataset, num_samples=len(loader.sampler))
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                           collate_fn=loader.collate_fn, num_workers=loader.num_workers)

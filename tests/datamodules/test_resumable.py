@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from datamodules import DigitsSSL, IndexedImages, SegmentationFolders
 from datamodules.resumable import ResumableSampler, SeededItems, mix_seed, training_stream
+from datamodules.sampling import StreamSampler
 
 
 class RandomItems(Dataset):
@@ -32,33 +33,31 @@ def _batches(loader, epoch: int) -> list[dict[str, torch.Tensor]]:
     return list(loader)
 
 
-def test_each_epoch_is_whole_permutations_set_by_seed_stream_and_epoch():
-    sampler = ResumableSampler(num_items=10, num_samples=25, seed=7, stream="labeled")
+def test_the_streams_order_with_one_seed_per_item_set_by_seed_stream_epoch_and_position():
+    sampler = ResumableSampler(10, batch_size=5, steps=5, seed=7, stream="labeled")
     torch.manual_seed(123)  # the global RNG plays no part
-    first = [i for _, i in sampler]
+    first = list(sampler)
     torch.manual_seed(456)
-    assert [i for _, i in sampler] == first
-    assert sorted(first[:10]) == sorted(first[10:20]) == list(range(10)) and len(set(first[20:])) == 5
-    sampler.set_epoch(1)
-    assert [i for _, i in sampler] != first
-    other = ResumableSampler(num_items=10, num_samples=25, seed=7, stream="unlabeled")
-    assert [i for _, i in other] != first
-    seeds = [s for s, _ in ResumableSampler(num_items=10, num_samples=25, seed=7)]
+    assert list(sampler) == first
+    assert [i for _, i in first] == list(StreamSampler(10, batch_size=5, steps=5, seed=7, stream="labeled"))
+    seeds = [s for s, _ in first]
     assert len(set(seeds)) == 25 and all(0 <= s < 2**62 for s in seeds)
+    sampler.set_epoch(1)
+    assert [s for s, _ in sampler] != seeds
+    assert [s for s, _ in ResumableSampler(10, batch_size=5, steps=5, seed=7, stream="unlabeled")] != seeds
     assert mix_seed(1, 2) != mix_seed(2, 1) and 0 <= mix_seed(2**70, -1) < 2**63
 
 
-def test_processes_share_out_one_stream_and_keep_the_epoch_length():
-    whole = list(ResumableSampler(num_items=7, num_samples=12, seed=3, num_replicas=1, rank=0))
-    ranks = [ResumableSampler(num_items=7, num_samples=6, seed=3, num_replicas=2, rank=r) for r in (0, 1)]
-    assert [len(r) for r in ranks] == [6, 6]
-    assert list(ranks[0]) == whole[0::2] and list(ranks[1]) == whole[1::2]
+def test_ranks_get_the_seeds_one_process_gives_their_images():
+    whole = list(ResumableSampler(7, batch_size=4, steps=3, seed=3))
+    ranks = [list(ResumableSampler(7, batch_size=2, steps=3, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    for step in range(3):
+        assert ranks[0][2 * step:2 * step + 2] + ranks[1][2 * step:2 * step + 2] == whole[4 * step:4 * step + 4]
 
 
 def test_a_loader_restored_mid_epoch_hands_out_exactly_the_remaining_batches_without_loading_the_others():
     data = RandomItems(10)
-    loader = training_stream(data, batch_size=3, steps_per_epoch=4, stream="labeled")
-    loader.sampler.seed = 5
+    loader = training_stream(data, batch_size=3, steps_per_epoch=4, stream="labeled", seed=5)
     loader.sampler.set_epoch(2)
     iterator = iter(loader)
     next(iterator), next(iterator)
@@ -68,7 +67,7 @@ def test_a_loader_restored_mid_epoch_hands_out_exactly_the_remaining_batches_wit
     after_tail = torch.rand(4)  # the global RNG after the last batch is a function of the position too
 
     fresh_data = RandomItems(10)
-    restored = training_stream(fresh_data, batch_size=3, steps_per_epoch=4, stream="labeled")
+    restored = training_stream(fresh_data, batch_size=3, steps_per_epoch=4, stream="labeled", seed=0)
     restored.load_state_dict(state)
     torch.manual_seed(999)
     assert [b["index"].tolist() for b in _batches(restored, 2)] == [b["index"].tolist() for b in tail]
@@ -80,7 +79,7 @@ def test_a_loader_restored_mid_epoch_hands_out_exactly_the_remaining_batches_wit
 
 
 def test_a_saved_state_of_another_epoch_restores_the_seed_but_skips_nothing():
-    loader = training_stream(RandomItems(10), batch_size=2, steps_per_epoch=3, stream="s")
+    loader = training_stream(RandomItems(10), batch_size=2, steps_per_epoch=3, stream="labeled", seed=0)
     loader.load_state_dict({"seed": 11, "epoch": 0, "batches": 3})  # epoch 0 finished
     assert loader.sampler.seed == 11 and len(_batches(loader, 1)) == 3
 
@@ -119,8 +118,8 @@ def test_segmentation_crops_are_the_same_with_and_without_loader_workers(shared_
 
 
 def test_too_few_items_is_refused():
-    with pytest.raises(ValueError, match="num_items"):
-        ResumableSampler(num_items=0, num_samples=4)
+    with pytest.raises(ValueError, match="size=0"):
+        ResumableSampler(0, batch_size=2, steps=2, seed=0)
 
 
 def test_a_datamodule_restores_stream_positions_for_a_resumed_fit_only():

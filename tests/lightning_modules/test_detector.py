@@ -18,11 +18,12 @@ from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.ops import roi_pool
 
-from lightning_modules.detection_overlays import draw_detections
+from lightning_modules.detection_overlays import draw_detections, log_detections
 from lightning_modules.detection_networks import MultiScaleRoIMaxPool
 from lightning_modules.detector import Detector, detection_metric, map_summary, metric_inputs
 from lightning_modules.unbiased_teacher import UnbiasedTeacher, pseudo_labels
 from tests.ssl_helpers import make_trainer
+from tests.wandb_records import history, offline_run_dir, run_records
 
 SHORT_SIDE = 160
 SMALL = dict(network="fasterrcnn_mobilenet_v3_large_fpn", min_size=SHORT_SIDE, max_size=256, log_images=0,
@@ -252,6 +253,24 @@ def test_drawn_detections_show_true_and_predicted_boxes(coco):
     assert drawn.dtype == torch.uint8 and drawn.shape == image.shape
     x0, y0 = target["boxes"][0, :2].long().tolist()
     assert drawn[:, y0, x0 + 3].tolist() == [0, 255, 0]  # lime: the true box's top edge
+
+
+def test_detections_log_to_an_offline_wandb_run(coco, wandb_offline):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    images, targets = coco[0][:2], coco[1][:2]
+    predictions = [{"boxes": t["boxes"][:1] + 3, "labels": t["labels"][:1], "scores": torch.tensor([0.9])}
+                   for t in targets]
+    logger = WandbLogger(project="labelwise-tests", save_dir=str(wandb_offline), offline=True)
+    log_detections(logger, images, predictions, targets, count=2, key="val/detections", step=7)
+    wandb.finish()
+    run_dir = offline_run_dir(wandb_offline)
+    (row,) = history(run_records(run_dir))["val/detections"]
+    assert row["_type"] == "images/separated" and row["count"] == 2
+    for name, *drawn in zip(row["filenames"], images, predictions, targets):  # the pictures read back as drawn
+        picture = decode_image(read_file(str(run_dir / "files" / name)), mode=ImageReadMode.RGB)
+        assert torch.equal(picture, draw_detections(*drawn))
 
 
 def test_mask_rcnn_runs_from_the_cli_on_membrane_cells(shared_data, tmp_path, one_thread):

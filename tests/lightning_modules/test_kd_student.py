@@ -22,7 +22,9 @@ def teacher_ckpt(tmp_path_factory) -> str:
     """A WRN-16-2 teacher trained for 30 steps on real digits, saved by the Trainer."""
     torch.manual_seed(0)
     teacher = Supervised(**{**SMALL_NET, "network": "wrn16_2"}, ema_decay=0.9, lr=0.1)
-    trainer = make_trainer(max_steps=30)
+    # Module-scoped, so it runs before the per-test chdir into tmp_path: give the Trainer its own
+    # root, or its split.json lands in the directory pytest was started from.
+    trainer = make_trainer(max_steps=30, default_root_dir=tmp_path_factory.mktemp("teacher_run"))
     trainer.fit(teacher, DigitsSSL(num_labeled=None, batch_size=32, steps_per_epoch=30))
     path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
     trainer.save_checkpoint(path)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from datamodules import SegmentationFolders
 from lightning_modules import SegFixMatch, SegMeanTeacher, Segmenter
@@ -14,8 +17,10 @@ from lightning_modules.segmentation_losses import SegmentationLoss
 from lightning_modules.segmentation_overlays import overlays
 from lightning_modules.ssl_losses import confident_pseudo_labels
 from tests.ssl_helpers import make_trainer
+from tests.wandb_records import config, history, offline_run_dir, run_records, saved_files
 from train import cli_main
 
+REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(network_kwargs={"encoder_name": "resnet18"}, ema_decay=0.9, log_images=0)
 
 
@@ -118,18 +123,44 @@ def test_overlays_colour_truth_green_prediction_red():
     assert out[0, 0, 2, 2] > out[0, 1, 2, 2]  # prediction only: red dominates
 
 
-def test_segmenter_runs_from_the_cli_with_wandb_offline_overlays(membrane, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+def test_segmenter_runs_from_the_cli_with_wandb_offline_overlays(membrane, wandb_offline, one_thread):
+    import wandb
+
     cli = cli_main(["fit", "--model", "Segmenter", "--model.network", "Unet",
                     "--model.network_kwargs", "{encoder_name: resnet18}", "--model.log_images", "2",
                     "--data", "SegmentationFolders", "--data.root", str(membrane), "--data.num_test", "2",
                     "--data.crop_size", "64", "--data.batch_size", "2", "--data.steps_per_epoch", "2",
                     "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
-                    "--trainer.logger", "WandbLogger", "--trainer.logger.save_dir", str(tmp_path),
-                    "--trainer.logger.offline", "true", "--trainer.logger.project", "labelwise-tests",
-                    "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+                    "--config", str(REPO / "configs" / "loggers" / "wandb.yaml"),
+                    "--trainer.logger.init_args.save_dir", str(wandb_offline / "runs"),
+                    "--trainer.logger.init_args.offline", "true",
+                    "--trainer.logger.init_args.project", "labelwise-tests",
+                    "--trainer.enable_progress_bar", "false"])
     assert "test/miou" in cli.trainer.callback_metrics
     assert cli.model.hparams.in_channels == 1 and cli.model.hparams.num_classes == 2  # linked from the data
-    run_files = list(tmp_path.rglob("*.png"))
-    assert run_files, "no overlay image was written by the offline W&B run"
+    iou = [float(cli.trainer.callback_metrics[f"test/iou_class{c}"]) for c in (0, 1)]
+    log_dir = Path(cli.trainer.log_dir)
+    wandb.finish()
+
+    run_dir = offline_run_dir(wandb_offline / "runs")
+    files, records = run_dir / "files", run_records(run_dir)
+    logged = history(records)
+    # one row from the sanity check, one from the validation epoch; each holds the first validation
+    # batch's overlays, and that batch is one whole slice (eval_batch_size 1), though log_images is 2
+    rows = logged["val/overlays"]
+    assert [(row["_type"], row["count"]) for row in rows] == [("images/separated", 1)] * 2
+    pictures = sorted((files / "media" / "images" / "val").glob("overlays_*.png"))
+    assert len(pictures) == 2
+    for picture in pictures:  # the membrane slice in grey, tinted: not the black of [0, 1] floats cast to uint8
+        pixels = torch.from_numpy(np.asarray(Image.open(picture).convert("RGB")))
+        assert pixels.shape == (512, 512, 3) and pixels.float().mean() > 50 and pixels.unique().numel() > 100
+    assert {name for row in rows for name in row["filenames"]} <= saved_files(records)
+    (table,) = logged["test/per_class"]
+    per_class = json.loads((files / table["path"]).read_text())
+    assert per_class["columns"] == ["class", "iou"]
+    assert [row[0] for row in per_class["data"]] == [0, 1]
+    assert [row[1] for row in per_class["data"]] == pytest.approx(iou)
+    assert "miou" in dict(json.loads((files / logged["test/metrics"][0]["path"]).read_text())["data"])
+    assert (files / "split.json").read_bytes() == (log_dir / "split.json").read_bytes()
+    assert config(records)["cli"]["model"]["class_path"] == "lightning_modules.Segmenter"
+    assert {"config.yaml", "split.json"} <= saved_files(records)
