@@ -20,9 +20,8 @@ Here nothing depends on the history of the process:
   accelerators) from ``(seed, e, b, rank)``, so the randomness of the step that uses the batch
   (augmentation on the device, dropout, a detector's box sampling) does not depend on what ran before.
 
-A DataModule takes its streams' seed from :func:`~datamodules.sampling.shared_seed` (``PL_GLOBAL_SEED``
-or a draw from torch's RNG, rank 0's on every rank) when it makes its first training loader, and keeps
-it in its ``state_dict``: a resumed run continues with the seed of the run it resumes.
+A stream's seed is :func:`~datamodules.sampling.shared_seed` (``PL_GLOBAL_SEED`` or a draw from torch's
+RNG, rank 0's on every rank), except in a resumed fit, which takes the checkpoint's.
 """
 
 from __future__ import annotations
@@ -183,23 +182,20 @@ class ResumableStreams:
         super().__init__(*args, **kwargs)
         self._streams: dict[str, ResumableLoader] = {}
         self._saved_streams: dict[str, dict[str, int]] = {}
-        self._stream_seed: int | None = None
 
     def training_stream(self, dataset: Dataset, batch_size: int, name: str, **kwargs: Any) -> ResumableLoader:
-        if self._stream_seed is None:
-            self._stream_seed = shared_seed(self.trainer)  # a collective under DDP: every rank gets here
-        loader = training_stream(dataset, batch_size, self.steps_per_epoch, name, self._stream_seed,
-                                 trainer=self.trainer, **kwargs)
-        loader.load_state_dict(self._saved_streams.pop(name, {}))
+        saved = self._saved_streams.pop(name, {})
+        # the checkpoint's seed on a resume; else shared_seed, a collective under DDP (every rank gets here)
+        seed = int(saved["seed"]) if saved else shared_seed(self.trainer)
+        loader = training_stream(dataset, batch_size, self.steps_per_epoch, name, seed, trainer=self.trainer, **kwargs)
+        loader.load_state_dict(saved)
         self._streams[name] = loader
         return loader
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stream_seed": self._stream_seed,
-                "training_streams": {name: loader.state_dict() for name, loader in self._streams.items()}}
+        return {"training_streams": {name: loader.state_dict() for name, loader in self._streams.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # only a resumed fit continues the streams (not a fit after testing a checkpoint)
         if self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING:
-            self._stream_seed = state_dict.get("stream_seed")
             self._saved_streams = dict(state_dict.get("training_streams", {}))
