@@ -24,7 +24,8 @@ import lightning_modules  # noqa: F401  (registers methods for --model by name)
 
 
 class LabelwiseCLI(LightningCLI):
-    """Links the data's class and channel counts into the model, and tests after ``fit``."""
+    """Links the data's class and channel counts into the model, writes checkpoints atomically
+    (:class:`callbacks.AtomicCheckpointIO` unless another checkpoint IO is chosen), and tests after ``fit``."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -36,6 +37,11 @@ class LabelwiseCLI(LightningCLI):
         if isinstance(args, list) or args is None:
             check_class_names(parser, sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        callbacks.use_atomic_checkpoints(trainer)
+        return trainer
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:

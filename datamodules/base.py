@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.augment import normalize, strong_augment, weak_augment
-from datamodules.sampling import stream_sampler
+from datamodules.resumable import ResumableStreams
 from datamodules.split import (LabeledSplit, class_balanced_split, load_split, run_split_path, save_split,
                               stratified_kfold)
 
@@ -62,7 +62,7 @@ def requested_views(datamodule: LightningDataModule, default: tuple[str, ...]) -
     return tuple(getattr(model, "unlabeled_views", default))
 
 
-class SSLDataModule(LightningDataModule):
+class SSLDataModule(ResumableStreams, LightningDataModule):
     """Base for labeled/unlabeled classification data.
 
     Subclasses set ``num_classes``, ``num_channels``, ``mean``, ``std`` and implement
@@ -234,10 +234,8 @@ class SSLDataModule(LightningDataModule):
         return requested_views(self, default=("weak", "strong"))
 
     def _stream(self, dataset: Dataset, batch_size: int, stream: str) -> DataLoader:
-        # Permutation after permutation, sharded across DDP ranks (datamodules.sampling).
-        sampler = stream_sampler(self.trainer, len(dataset), batch_size, self.steps_per_epoch, stream)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                          collate_fn=_keep_batch, num_workers=self.num_workers)
+        # Permutation after permutation, sharded across DDP ranks, resumable exactly (datamodules.resumable).
+        return self.training_stream(dataset, batch_size, stream, collate_fn=_keep_batch, num_workers=self.num_workers)
 
     def unlabeled_dataset(self) -> IndexedImages:
         images, targets = self._train

@@ -47,7 +47,7 @@ from torchvision.transforms import v2
 
 from datamodules.coco_reading import CocoImage, read_coco, target_of
 from datamodules.base import requested_views
-from datamodules.sampling import stream_sampler
+from datamodules.resumable import ResumableStreams
 from datamodules.split import run_split_path, write_json_atomically
 
 SPLIT_FORMAT = "labelwise-coco-split/1"
@@ -137,7 +137,7 @@ def collate_lists(items: list[dict[str, Any]]) -> dict[str, list]:
     return {key: [item[key] for item in items] for key in items[0]}
 
 
-class COCODetection(LightningDataModule):
+class COCODetection(ResumableStreams, LightningDataModule):
     """Detection data from a COCO json and its image folder, split into test, labeled and unlabeled.
 
     One seeded permutation of the image ids gives ``num_test`` test images (validation reports on
@@ -266,10 +266,8 @@ class COCODetection(LightningDataModule):
         return requested_views(self, default=())  # a plain detector asks for none
 
     def _stream(self, dataset: Dataset, batch_size: int, stream: str) -> DataLoader:
-        # Permutation after permutation, sharded across DDP ranks (datamodules.sampling).
-        sampler = stream_sampler(self.trainer, len(dataset), batch_size, self.steps_per_epoch, stream)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate_lists,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        # Permutation after permutation, sharded across DDP ranks, resumable exactly (datamodules.resumable).
+        return self.training_stream(dataset, batch_size, stream, collate_fn=collate_lists, num_workers=self.num_workers)
 
     def train_dataloader(self) -> CombinedLoader:
         labeled = DetectionItems(self.images, self.coco.images, self.split["labeled"], self.masks, self.geometry)

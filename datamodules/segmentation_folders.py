@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.augment import normalize
 from datamodules.base import requested_views
-from datamodules.sampling import stream_sampler
+from datamodules.resumable import ResumableStreams
 from datamodules.split import run_split_path, write_json_atomically
 from datamodules.segmentation_transforms import (SegmentationCrops, WholeImages, geometric_transform,
                                                  photometric_transform)
@@ -85,7 +85,7 @@ def _files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
     return found
 
 
-class SegmentationFolders(LightningDataModule):
+class SegmentationFolders(ResumableStreams, LightningDataModule):
     """Segmentation data from ``root/<image_dir>`` + ``root/<mask_dir>``, with a seeded split.
 
     The split draws one seeded permutation of the images that have masks: the first ``num_test``
@@ -283,10 +283,8 @@ class SegmentationFolders(LightningDataModule):
         return requested_views(self, default=("weak", "strong"))
 
     def _stream(self, dataset: Dataset, batch_size: int, stream: str) -> DataLoader:
-        # Permutation after permutation, sharded across DDP ranks (datamodules.sampling).
-        sampler = stream_sampler(self.trainer, len(dataset), batch_size, self.steps_per_epoch, stream)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        # Permutation after permutation, sharded across DDP ranks, resumable exactly (datamodules.resumable).
+        return self.training_stream(dataset, batch_size, stream, num_workers=self.num_workers)
 
     def train_dataloader(self) -> CombinedLoader:
         labeled = SegmentationCrops(self.images, self.masks, self.split.labeled, self.geometry)

@@ -116,12 +116,18 @@ class TemporalEnsembling(SemiSupervisedModule):
         return {"unlabeled_loss": (squared * seen).mean(), "ensemble_coverage": seen.mean()}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._apply_pending()
+
+    def _apply_pending(self) -> None:
         if self._pending is not None:
             self.update_memory(*self._pending)
             self._pending = None
 
     # --- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint saved in a callback's on_train_batch_end (ModelCheckpoint every_n_train_steps)
+        # comes before this module's on_train_batch_end: the step's update must be in it.
+        self._apply_pending()
         super().on_save_checkpoint(checkpoint)
         checkpoint["temporal_ensemble"] = {"ensemble": self.ensemble.cpu(), "update_counts": self.update_counts.cpu()}
 

@@ -1,0 +1,52 @@
+"""Checkpoint files that a crash can never leave half-written.
+
+Lightning 2.6's ``TorchCheckpointIO`` serializes the whole checkpoint into memory, then writes it
+through an fsspec transaction: into a temporary file made by ``tempfile.mkstemp()`` in the system's
+temporary folder, moved over the destination with ``shutil.move`` on commit, and never fsynced.
+When the temporary folder is on another file system than the checkpoints (``/tmp`` on tmpfs, a
+network or scratch volume), ``shutil.move`` copies into the destination itself, so a crash during
+the copy leaves a truncated ``last.ckpt``; without an fsync, a power cut after the rename can leave
+an empty one; and a process killed mid-write leaves a checkpoint-sized file in ``/tmp``.
+
+:class:`AtomicCheckpointIO` writes each checkpoint through :func:`datamodules.split.atomic_path`, the
+writer every other file of the library goes through: a temporary file next to the destination,
+fsynced, renamed over the destination with ``os.replace`` (atomic within one file system). After a
+crash at any point the destination holds the old checkpoint or the new one, whole. The temporary
+file is removed when the write fails; a process killed mid-write leaves ``.<name>.<random>.tmp``
+beside it, which no checkpoint lookup (``ckpt_path="last"``, top-k) matches. ``train.py`` uses it by
+default (:func:`use_atomic_checkpoints`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning import Trainer
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from datamodules.split import atomic_path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local writes are atomic (see the module docstring); remote paths
+    (``s3://`` and other fsspec file systems) go through Lightning's own writer.
+
+    Usage: ``Trainer(plugins=[AtomicCheckpointIO()])``, or ``--trainer.plugins AtomicCheckpointIO``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)  # raises for storage_options, as Lightning does
+            return
+        with atomic_path(path) as partial:
+            torch.save(checkpoint, partial)
+
+
+def use_atomic_checkpoints(trainer: Trainer) -> None:
+    """Put an :class:`AtomicCheckpointIO` in place of Lightning's default ``TorchCheckpointIO``; a
+    checkpoint IO chosen by the user or the strategy (async, XLA, sharded) is kept."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
