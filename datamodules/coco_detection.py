@@ -48,7 +48,7 @@ from torchvision.transforms import v2
 from datamodules.coco_reading import CocoImage, read_coco, target_of
 from datamodules.base import requested_views
 from datamodules.resumable import ResumableStreams
-from datamodules.split import run_split_path, write_json_atomically
+from datamodules.split import check_split_record, run_split_path, write_json_atomically
 
 SPLIT_FORMAT = "labelwise-coco-split/1"
 
@@ -242,8 +242,8 @@ class COCODetection(ResumableStreams, LightningDataModule):
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"split_file {path} cannot be read as JSON ({err}): pass a run's split.json") from err
-        if not isinstance(record, dict) or record.get("format") != SPLIT_FORMAT:
-            raise ValueError(f"split_file {path} is not a COCO detection split (format {SPLIT_FORMAT} expected)")
+        check_split_record(path, record, SPLIT_FORMAT, "COCO detection",
+                           "pass the split.json that a COCODetection run saved")
         parts = {k: [self._position.get(i) for i in record.get(k, [])] for k in ("labeled", "unlabeled", "test")}
         listed = [i for ids in parts.values() for i in ids]
         if None in listed or sorted(listed) != list(range(len(self.image_ids))):

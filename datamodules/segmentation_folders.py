@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.augment import normalize
 from datamodules.base import requested_views
 from datamodules.resumable import ResumableStreams
-from datamodules.split import run_split_path, write_json_atomically
+from datamodules.split import check_split_record, run_split_path, write_json_atomically
 from datamodules.segmentation_transforms import (SegmentationCrops, WholeImages, geometric_transform,
                                                  photometric_transform)
 
@@ -248,15 +248,9 @@ class SegmentationFolders(ResumableStreams, LightningDataModule):
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"split_file {path} cannot be read as JSON ({err})") from err
-        if not isinstance(record, dict) or record.get("format") != SPLIT_FORMAT:
-            found = (f"format {record.get('format')!r}" if isinstance(record, dict)
-                     else f"a JSON {type(record).__name__}")
-            raise ValueError(f"split_file {path} is not a segmentation split ({found}; expected format "
-                             f"{SPLIT_FORMAT!r}): pass the split.json that a SegmentationFolders run saved")
-        missing = [k for k in ("labeled", "unlabeled", "test", "seed") if k not in record]
-        if missing:
-            raise ValueError(f"split_file {path} lacks {missing}: it was edited or cut short; pass a split.json "
-                             f"as saved")
+        check_split_record(path, record, SPLIT_FORMAT, "segmentation",
+                           "pass the split.json that a SegmentationFolders run saved",
+                           keys=("labeled", "unlabeled", "test", "seed"))
         position = {s: i for i, s in enumerate(self.stems)}
         parts = {k: [position.get(s) for s in record[k]] for k in ("labeled", "unlabeled", "test")}
         listed = [i for k in parts for i in parts[k]]

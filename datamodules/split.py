@@ -10,7 +10,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -157,6 +157,20 @@ def run_split_path(trainer) -> Path | None:
     return Path(log_dir) / "split.json" if trainer.is_global_zero else None
 
 
+def check_split_record(path: str | os.PathLike, record: object, split_format: str, kind: str, fix: str,
+                       keys: Sequence[str] = ()) -> dict:
+    """``record`` (a split file's parsed JSON) if it is a ``split_format`` split holding every key in
+    ``keys``; else a ValueError naming the file, what it holds, and ``fix``."""
+    if not isinstance(record, dict) or record.get("format") != split_format:
+        found = f"format {record.get('format')!r}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+        raise ValueError(f"split_file {path} is not a {kind} split ({found}; expected format {split_format!r}): "
+                         f"{fix}")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise ValueError(f"split_file {path} lacks {missing}: it was edited or cut short; pass a split.json as saved")
+    return record
+
+
 def save_split(path: str | os.PathLike, split: LabeledSplit, targets: torch.Tensor, dataset: str) -> Path:
     """Write the split as JSON atomically (temporary file + rename): never half-written."""
     record = {
@@ -183,13 +197,9 @@ def load_split(path: str | os.PathLike, targets: torch.Tensor, dataset: str) -> 
         record = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"split_file {path} is not valid JSON ({err}): it may be truncated or not a split file") from err
-    if not isinstance(record, dict) or record.get("format") != SPLIT_FORMAT:
-        found = f"format {record.get('format')!r}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
-        raise ValueError(f"split_file {path} is not a labelwise split ({found}; expected format {SPLIT_FORMAT!r}): "
-                         f"pass the split.json that a classification run saved in its log dir")
-    missing = [k for k in ("dataset", "num_train", "targets_sha1", "seed", "labeled", "unlabeled") if k not in record]
-    if missing:
-        raise ValueError(f"split_file {path} lacks {missing}: it was edited or cut short; pass a split.json as saved")
+    check_split_record(path, record, SPLIT_FORMAT, "labelwise",
+                       "pass the split.json that a classification run saved in its log dir",
+                       keys=("dataset", "num_train", "targets_sha1", "seed", "labeled", "unlabeled"))
     num_train = int(torch.as_tensor(targets).numel())
     if record["dataset"] != dataset or record["num_train"] != num_train or record["targets_sha1"] != targets_fingerprint(targets):
         raise ValueError(
