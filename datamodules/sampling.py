@@ -96,10 +96,3 @@ def shared_seed(trainer) -> int:
 def _world_and_rank(trainer) -> tuple[int, int]:
     """``(world_size, global_rank)``; one process without a trainer (or a stand-in without them)."""
     return getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)
-
-
-def stream_sampler(trainer, size: int, batch_size: int, steps: int, stream: str) -> StreamSampler:
-    """A :class:`StreamSampler` for this process: rank and world size from ``trainer`` (one
-    process without a trainer), the seed from :func:`shared_seed`."""
-    world, rank = _world_and_rank(trainer)
-    return StreamSampler(size, batch_size, steps, shared_seed(trainer), stream, num_replicas=world, rank=rank)
