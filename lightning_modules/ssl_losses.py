@@ -79,7 +79,11 @@ def mixup(inputs: torch.Tensor, targets: torch.Tensor, alpha: float,
 
 
 def distribution_alignment(probs: torch.Tensor, model_marginal: torch.Tensor, target_marginal: torch.Tensor) -> torch.Tensor:
-    """``normalize(p * target / model)`` over dimension 1 (ReMixMatch's distribution alignment)."""
+    """``normalize(p * (target + 1e-6) / (model + 1e-6))`` over dimension 1 (ReMixMatch's distribution alignment).
+
+    The 1e-6 on both marginals is the authors' guard (google-research/remixmatch
+    ``remixmatch_no_cta.py`` line 52; USB ``semilearn/algorithms/hooks/dist_align.py`` lines 31, 105).
+    """
     shape = (1, -1) + (1,) * (probs.ndim - 2)
-    aligned = probs * (target_marginal / model_marginal.clamp_min(1e-12)).view(shape)
+    aligned = probs * ((target_marginal + 1e-6) / (model_marginal + 1e-6)).view(shape)
     return aligned / aligned.sum(dim=1, keepdim=True)
