@@ -20,26 +20,36 @@ class SoftMatch(SemiSupervisedModule):
     gathered from all ranks, each step:
 
     1. uniform alignment (UA, on by default): ``E_t[q] = m E_{t-1}[q] + (1 - m) mean_b q_b``
-       (``E_0 = 1/C``) from the raw probabilities, then ``q_b <- Normalize(q_b * (1/C) / E_t[q])``;
-    2. ``mu_t = m mu_{t-1} + (1 - m) mean_b max q_b`` and
-       ``sigma_t^2 = m sigma_{t-1}^2 + (1 - m) var_b max q_b`` (unbiased batch variance) on the
-       aligned ``q_b``, ``mu_0 = 1/C``, ``sigma_0^2 = 1``;
-    3. weight ``lambda(q_b) = lambda_max`` if ``max q_b >= mu_t``, else
-       ``lambda_max * exp(-(max q_b - mu_t)^2 / (2 sigma_t^2 / n_sigma^2))``.
+       from the raw probabilities, started at the first batch's mean (``E_1 = mean_b q_b``), then
+       ``q^_b = Normalize(q_b * (1/C) / E_t[q])`` (without UA, ``q^_b = q_b``);
+    2. ``mu_t = m mu_{t-1} + (1 - m) mean_b max q^_b`` and
+       ``sigma_t^2 = m sigma_{t-1}^2 + (1 - m) var_b max q^_b`` (unbiased batch variance) on the
+       aligned probabilities, ``mu_0 = 1/C``, ``sigma_0^2 = 1``;
+    3. weight ``lambda(q^_b) = lambda_max`` if ``max q^_b >= mu_t``, else
+       ``lambda_max * exp(-(max q^_b - mu_t)^2 / (2 sigma_t^2 / n_sigma^2))``.
 
-    Loss: ``L = L_s + lambda_u * 1/(mu B) sum_b lambda(q_b) CE(argmax q_b, p(y | strong(u_b)))``.
+    Loss: ``L = L_s + lambda_u * 1/(mu B) sum_b lambda(q^_b) CE(argmax q_b, p(y | strong(u_b)))``:
+    the pseudo-label is the argmax of the *raw* probabilities; UA only shapes the weights.
+
+    This follows the authors' code (USB ``semilearn/algorithms/softmatch/softmatch.py`` lines
+    86-104: the aligned probabilities feed the weighting hook, and the pseudo-labels are made from
+    the raw logits, "uniform alignment in softmatch do not use aligned probs for generating pesudo
+    labels"; ``hooks/dist_align.py`` lines 48-51 start the class marginal from the first batch;
+    ``softmatch/utils.py`` lines 24-40, 76 the Gaussian state and weight).
 
     The paper's Eq. for lambda is the Gaussian with variance ``sigma_t^2``; the authors' released
     configuration narrows it to standard deviation ``sigma_t / n_sigma`` with ``n_sigma = 2``, which
     is the default here (``n_sigma = 1`` gives the equation as printed). The global (not per-class)
-    mean and variance are used, as in the paper's main results.
+    mean and variance are used, as in the paper's main results. (USB registers the alignment hook
+    whatever its ``dist_align`` flag says; here ``uniform_alignment=False`` really turns UA off.)
 
     Paper recipe (CIFAR-10, 4000 labels, WRN-28-2): FixMatch's training recipe (hard labels,
     lambda_u = 1, mu = 7, B = 64, SGD 0.03 Nesterov, weight decay 5e-4, cosine 7/16 over 2^20
     steps, EMA 0.999) with m = 0.999, lambda_max = 1, n_sigma = 2, UA on.
 
-    State: buffers ``conf_mean``, ``conf_var`` (scalars) and ``prob_mean`` (``(C,)``, UA), in
-    ``state_dict``, updated identically on every rank.
+    State: buffers ``conf_mean``, ``conf_var`` (scalars) and ``prob_mean`` (``(C,)``, UA; all zeros
+    until the first batch, as a mean of probabilities never is), in ``state_dict``, updated
+    identically on every rank.
 
     Args:
         ema_momentum: m, the momentum of the moving averages.
@@ -63,13 +73,16 @@ class SoftMatch(SemiSupervisedModule):
         num_classes = self.hparams.num_classes
         self.register_buffer("conf_mean", torch.tensor(1.0 / num_classes))
         self.register_buffer("conf_var", torch.tensor(1.0))
-        self.register_buffer("prob_mean", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("prob_mean", torch.zeros(num_classes))  # zeros: not started
 
     # --- state -----------------------------------------------------------------------------
     @torch.no_grad()
     def align(self, probs: torch.Tensor) -> torch.Tensor:
         """UA: update ``E_t[q]`` from all ranks' ``probs``, return ``probs`` aligned to the uniform distribution."""
-        ema_update_(self.prob_mean, gather_rows(self, probs).mean(dim=0), self.ema_momentum)
+        batch_mean = gather_rows(self, probs).mean(dim=0)
+        m = self.ema_momentum
+        started = self.prob_mean.sum() > 0  # a tensor condition: no host synchronization
+        self.prob_mean.copy_(torch.where(started, m * self.prob_mean + (1 - m) * batch_mean, batch_mean))
         uniform = torch.full_like(self.prob_mean, 1.0 / len(self.prob_mean))
         return distribution_alignment(probs, self.prob_mean, uniform)
 
@@ -90,9 +103,9 @@ class SoftMatch(SemiSupervisedModule):
     # --- loss ------------------------------------------------------------------------------
     def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         probs = torch.softmax(logits["weak"].detach().float(), dim=1)
-        if self.uniform_alignment:
-            probs = self.align(probs)
-        confidence, pseudo_labels = probs.max(dim=1)
+        pseudo_labels = probs.argmax(dim=1)  # raw, not aligned: UA only shapes the weights
+        aligned = self.align(probs) if self.uniform_alignment else probs
+        confidence = aligned.max(dim=1).values
         self.update_state(confidence)
         weights = self.sample_weights(confidence)
         return {

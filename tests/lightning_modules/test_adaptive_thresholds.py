@@ -100,12 +100,13 @@ def test_softmatch_mean_variance_and_weights_by_hand(uniform_alignment):
                       uniform_alignment=uniform_alignment, **NET)
     out = model.unlabeled_loss({"weak": WEAK, "strong": STRONG}, {"target": TARGET})
     probs = torch.softmax(WEAK, 1)
+    pred = probs.argmax(1)  # pseudo-labels from the raw probabilities, aligned or not
     if uniform_alignment:
-        prob_mean = 0.9 / 3 + 0.1 * probs.mean(0)
+        prob_mean = probs.mean(0)  # the first batch starts the class marginal
         torch.testing.assert_close(model.prob_mean, prob_mean)
         probs = probs / prob_mean / 3
         probs = probs / probs.sum(1, keepdim=True)
-    conf, pred = probs.max(1)
+    conf = probs.max(1).values
     mu = 0.9 / 3 + 0.1 * conf.mean()
     var = 0.9 * 1.0 + 0.1 * conf.var(unbiased=True)
     torch.testing.assert_close(model.conf_mean, mu)
@@ -116,6 +117,32 @@ def test_softmatch_mean_variance_and_weights_by_hand(uniform_alignment):
     assert out["mask_ratio"].item() == pytest.approx(sum(weights) / 4, rel=1e-6)
     expected = _expected_ce([(i, int(pred[i]), weights[i]) for i in range(4)])
     assert out["unlabeled_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_softmatch_pseudo_labels_are_the_raw_argmax_not_the_aligned_one():
+    """USB softmatch.py lines 92-98: the hard label comes from the raw weak-view logits; the
+    aligned probabilities feed only the weights (line 90)."""
+    model = SoftMatch(num_classes=3, in_channels=1, ema_momentum=0.0, **NET)  # E_t[q] = this batch's mean
+    weak = torch.tensor([[4.0, 0.0, 0.0], [4.0, 0.0, 0.0], [4.0, 0.0, 0.0], [1.0, 0.8, 0.0]])
+    probs = torch.softmax(weak, 1)
+    aligned = probs / probs.mean(0)
+    assert aligned[3].argmax() == 1 and probs[3].argmax() == 0  # alignment flips row 3's argmax
+    out = model.unlabeled_loss({"weak": weak, "strong": STRONG}, {"target": probs.argmax(1)})
+    assert out["mask_ratio"].item() > 0
+    assert out["pseudo_label_acc"].item() == pytest.approx(1.0)  # every pseudo-label is the raw argmax
+    per_row = -torch.log_softmax(STRONG, 1)[torch.arange(4), probs.argmax(1)]
+    weights = model.sample_weights(aligned.div(aligned.sum(1, keepdim=True)).max(1).values)
+    assert out["unlabeled_loss"].item() == pytest.approx((weights * per_row).mean().item(), rel=1e-5)
+
+
+def test_softmatch_class_marginal_starts_from_the_first_batch():
+    """USB hooks/dist_align.py lines 48-51: ``p_model`` is the first batch's mean, then an EMA."""
+    model = SoftMatch(num_classes=3, in_channels=1, ema_momentum=0.9, **NET)
+    first, second = torch.softmax(WEAK, 1), torch.softmax(STRONG, 1)
+    model.unlabeled_loss({"weak": WEAK, "strong": STRONG}, {"target": TARGET})
+    torch.testing.assert_close(model.prob_mean, first.mean(0))
+    model.unlabeled_loss({"weak": STRONG, "strong": WEAK}, {"target": TARGET})
+    torch.testing.assert_close(model.prob_mean, 0.9 * first.mean(0) + 0.1 * second.mean(0))
 
 
 # --- gradients ---------------------------------------------------------------------------
