@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_modules.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl_losses import RAMPUPS, distribution_alignment, masked_accuracy, mixup, sharpen
+from lightning_modules.vat import frozen_buffers
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -45,19 +46,37 @@ class ReMixMatch(SemiSupervisedModule):
 
     Per step, with ``B`` labeled images ``x`` (weak view, one-hot ``y``) and ``mu B`` unlabeled images:
 
-    1. Guess (no gradient): ``p = softmax(f(weak(u)))``; distribution alignment
-       ``p~ = normalize(p * p_labeled / p_model)``, ``p_model`` the running mean of ``p`` over the
-       last ``dist_align_window`` batches (all-reduced over processes, including this batch);
-       ``q = sharpen(p~, T)``.
-    2. Augmentation anchoring: ``q`` is the target of every strong view ``strong``, ``strong2``.
-    3. Mixup (``Beta(alpha, alpha)``, ``lam' = max(lam, 1 - lam)``) of ``[x, strong(u), strong2(u)]``
-       with a shuffle of itself, targets ``[y, q, q]``; the first ``B`` rows are ``X'``, the rest ``U'``.
+    1. Guess (no gradient, BatchNorm's running statistics untouched): ``p = softmax(f(weak(u)))``;
+       distribution alignment ``p~ = normalize(p * (p_labeled + 1e-6) / (p_model + 1e-6))``,
+       ``p_model`` the mean of ``p`` over the last ``dist_align_window`` batches (all-reduced over
+       processes, this batch included); ``q = sharpen(p~, T)``.
+    2. Augmentation anchoring: ``q`` is the target of the weak view and of every strong view.
+    3. Mixup (one ``lam ~ Beta(alpha, alpha)`` per step, ``lam' = max(lam, 1 - lam)``) of
+       ``[x, strong(u), strong2(u), weak(u)]`` with a shuffle of itself, targets ``[y, q, q, q]``;
+       the first ``B`` rows are ``X'``, the rest ``U'``.
     4. ``L = H(y', f(X')) + lambda_u H(q', f(U')) + lambda_u1 H(q, f(strong(u))) + lambda_r H(r, g(rot_r(strong(u))))``
-       with ``H`` the soft cross-entropy and ``g`` a linear rotation head on the network's pooled
-       features predicting the rotation ``r`` in {0, 90, 180, 270} degrees.
+       with ``H`` the soft cross-entropy (mean over rows) and ``g`` a linear rotation head on the
+       network's pooled features predicting the rotation ``r`` in {0, 90, 180, 270} degrees.
 
     ``lambda_u`` is ``unlabeled_loss_weight``; the base's ``rampup`` ramps both ``lambda_u`` and
     ``lambda_u1`` (not ``lambda_r``).
+
+    Against the authors' code: steps 1-4 are USB's ``semilearn/algorithms/remixmatch/remixmatch.py``
+    (lines 120-134 the guess with BatchNorm frozen, 147-152 the mix of labeled, both strong and the
+    weak view, 179-198 the losses); google-research/remixmatch ``remixmatch_no_cta.py`` (lines
+    111-126) likewise mixes all K + 1 unlabeled views. Where they differ we choose:
+
+    * ``p_model``: the paper's "last 128 batches" as a ring over the batches seen so far (the
+      official ``layers.PMovingAverage`` pads its ring with uniform rows and updates after the
+      step; USB's ReMixMatch uses an EMA with momentum 0.999 started at the first batch, which
+      our ring equals on the first step).
+    * mixup draws one ``lam`` per step (USB ``algorithms/utils/ops.py`` lines 48-63); the
+      official code draws one per sample.
+    * BatchNorm: with ``concat_forward`` the mixed batch, the strong view and the rotated images
+      go through one forward and update the running statistics once (USB updates them from the
+      first labeled-size chunk only, the official code from its last interleaved chunk).
+      ``concat_forward=False`` forwards ``X'``, each view's part of ``U'``, the strong view and
+      the rotated images separately, which for ``mu = 1`` is USB's chunking.
 
     Departures from the paper: the strong views are the DataModule's RandAugment + Cutout, not
     CTAugment; the optimizer is the base's SGD recipe (as in TorchSSL/USB), not Adam.
@@ -185,20 +204,24 @@ class ReMixMatch(SemiSupervisedModule):
         labeled, unlabeled = batch["labeled"], batch.get("unlabeled")
         if unlabeled is None:  # no unlabeled stream: supervised cross-entropy only
             return {"labeled_loss": self.labeled_loss(self.net(labeled["image"]), labeled["target"])}
-        x, strong, strong2 = labeled["image"], unlabeled["strong"], unlabeled["strong2"]
-        num_labeled, num_unlabeled = len(x), len(strong)
-        with torch.no_grad():
+        strong = unlabeled["strong"]
+        with torch.no_grad(), frozen_buffers(self.net):  # the guess must not move BatchNorm's statistics
             guess = self.guess_labels(self.net(unlabeled["weak"]))
 
+        # USB's order: labeled, both strong views, then the weak view, all anchored to the guess.
+        inputs = [labeled["image"], strong, unlabeled["strong2"], unlabeled["weak"]]
         one_hot = F.one_hot(labeled["target"], self.hparams.num_classes).to(guess.dtype)
-        mixed_x, mixed_y, lam = mixup(torch.cat([x, strong, strong2]), torch.cat([one_hot, guess, guess]), self.mixup_alpha)
+        mixed_x, mixed_y, lam = mixup(torch.cat(inputs), torch.cat([one_hot, guess, guess, guess]), self.mixup_alpha)
+        sizes = [len(x) for x in inputs]
 
         rotated = rotations = None
         if self.rotation_head is not None:
-            rotations = torch.randint(0, 4, (num_unlabeled,), device=strong.device)
+            rotations = torch.randint(0, 4, (len(strong),), device=strong.device)
             rotated = rotate_batch(strong, rotations)
-        (mixed_logits, strong_logits), rotation_logits = self._forward([mixed_x, strong], rotated)
+        logits, rotation_logits = self._forward(list(mixed_x.split(sizes)) + [strong], rotated)
+        mixed_logits, strong_logits = torch.cat(logits[:-1]), logits[-1]
 
+        num_labeled = sizes[0]
         losses = {
             "labeled_loss": soft_cross_entropy(mixed_logits[:num_labeled], mixed_y[:num_labeled]),
             "unlabeled_loss": soft_cross_entropy(mixed_logits[num_labeled:], mixed_y[num_labeled:]),

@@ -1,5 +1,6 @@
 """UDA and ReMixMatch: training steps, gradient paths, TSA, confidence mask, distribution alignment, rotation."""
 
+import copy
 import math
 
 import lightning as L
@@ -155,6 +156,31 @@ def test_guesses_sum_to_one_on_a_real_batch_and_rotation_sends_gradient_to_its_h
     assert model.rotation_head.weight.grad.abs().sum() > 0 and model.rotation_head.bias.grad.abs().sum() > 0
     assert model.net.fc.weight.grad is None or model.net.fc.weight.grad.abs().sum() == 0  # the class head is not used
     assert sum(p.grad.abs().sum() for p in model.net.groups.parameters() if p.grad is not None) > 0
+
+
+def test_remixmatch_guess_leaves_batchnorm_statistics_and_the_step_moves_them_once():
+    """The label guess runs without touching BatchNorm's running statistics (USB remixmatch.py lines
+    120-130 freeze them); the step's one concatenated training forward moves them once."""
+    torch.manual_seed(0)
+    model = ReMixMatch(**NET)
+    batch = _digits_batch(model, uratio=1)
+    bns = [m for m in model.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    reference = copy.deepcopy(model.net)
+    torch.manual_seed(1)
+    model.compute_losses(batch)
+    assert all(int(m.num_batches_tracked) == 1 for m in bns)  # the guess forward counted no batch
+    # The same step's training rows (same draws: lam, permutation, rotations) through the copy, once.
+    x, (weak, strong, strong2) = batch["labeled"]["image"], (batch["unlabeled"][v] for v in ("weak", "strong", "strong2"))
+    inputs = torch.cat([x, strong, strong2, weak])
+    torch.manual_seed(1)
+    lam = torch.distributions.Beta(torch.tensor(0.75), torch.tensor(0.75)).sample()
+    lam, perm = torch.maximum(lam, 1 - lam), torch.randperm(len(inputs))
+    rotations = torch.randint(0, 4, (len(strong),))
+    rotated = torch.stack([torch.rot90(img, int(k), dims=(-2, -1)) for img, k in zip(strong, rotations)])
+    with torch.no_grad():
+        reference.forward_features(torch.cat([lam * inputs + (1 - lam) * inputs[perm], strong, rotated]))
+    for a, b in zip(reference.buffers(), model.net.buffers()):
+        torch.testing.assert_close(a, b)
 
 
 def test_rotation_helper_and_networks_without_features():
