@@ -34,6 +34,11 @@ class FlexMatch(FixMatch):
     Early in training every ``beta_c`` is 0, so every ``T_c`` is 0 and nearly all pseudo-labels are
     used; the thresholds rise towards ``tau`` as the memory fills.
 
+    Against the authors' code (USB ``algorithms/flexmatch/utils.py`` lines 15-63, pinned by
+    ``tests/lightning_modules/test_ssl_references_thresholds.py``): the same recurrence, with the
+    paper's strict ``>`` where USB compares with ``>=`` (lines 53, 55; a difference only on ties),
+    and the memory synchronized across ranks where USB's is not.
+
     Paper recipe (CIFAR-10, 4000 labels, WRN-28-2): FixMatch's (tau = 0.95, hard labels,
     lambda_u = 1, mu = 7, B = 64, SGD 0.03 Nesterov, weight decay 5e-4, cosine 7/16 over 2^20
     steps, EMA 0.999) with the convex mapping and threshold warm-up on.

@@ -34,10 +34,16 @@ class FreeMatch(SemiSupervisedModule):
 
     Paper recipe (CIFAR-10, 4000 labels, WRN-28-2): FixMatch's training recipe (hard labels,
     lambda_u = 1, mu = 7, B = 64, SGD 0.03 Nesterov, weight decay 5e-4, cosine 7/16 over 2^20
-    steps, EMA 0.999) with lambda = 0.999 and w_f = 0.001. As we recall the paper, w_f = 0.01 is
-    used only for the scarcest-label settings (CIFAR-10 with 10 labels, CIFAR-100 with 400, STL-10
-    with 40, ImageNet with 100k, all of SVHN) and 0.001 elsewhere; this was not checked against the
-    text here.
+    steps, EMA 0.999) with lambda = 0.999 and w_f = 0.001: every one of USB's released FreeMatch
+    configs (``config/classic_cv/freematch/*.yaml``, CIFAR-10/100, STL-10 and SVHN at every label
+    count) sets ``ent_loss_ratio: 0.001``; only its argparse default is 0.01 (``freematch.py`` line
+    150). The paper's own table of w_f was not checked here.
+
+    Against the authors' code (USB ``algorithms/freematch/utils.py`` lines 14-66, ``freematch.py``
+    lines 16-44 and 96-118, pinned by ``tests/lightning_modules/test_ssl_references_thresholds.py``):
+    the same recurrence and losses, except that the mask uses the paper's strict ``>`` where USB
+    uses ``>=`` (line 65). They differ only on ties, e.g. exactly uniform predictions at ``tau_0 = 1/C``,
+    which USB would all keep.
 
     State: buffers ``global_threshold`` (scalar), ``class_model`` and ``label_hist`` (``(C,)``), in
     ``state_dict``, updated identically on every rank.

@@ -35,7 +35,8 @@ class SoftMatch(SemiSupervisedModule):
     86-104: the aligned probabilities feed the weighting hook, and the pseudo-labels are made from
     the raw logits, "uniform alignment in softmatch do not use aligned probs for generating pesudo
     labels"; ``hooks/dist_align.py`` lines 48-51 start the class marginal from the first batch;
-    ``softmatch/utils.py`` lines 24-40, 76 the Gaussian state and weight).
+    ``softmatch/utils.py`` lines 24-40, 76 the Gaussian state and weight), pinned over several
+    steps by ``tests/lightning_modules/test_ssl_references_thresholds.py``.
 
     The paper's Eq. for lambda is the Gaussian with variance ``sigma_t^2``; the authors' released
     configuration narrows it to standard deviation ``sigma_t / n_sigma`` with ``n_sigma = 2``, which

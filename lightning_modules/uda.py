@@ -50,6 +50,12 @@ class UDA(SemiSupervisedModule):
     (``"log"``) or ``exp(5 (t - 1))`` (``"exp"``). The labeled loss is then the mean over the
     examples kept (0 when none is), as in the paper's code.
 
+    Against the authors' code (google-research/uda ``image/main.py`` lines 178-190, 261-290,
+    352-385, pinned by ``tests/lightning_modules/test_ssl_references.py``): the same losses. USB
+    (``algorithms/uda/uda.py`` lines 75-101) differs twice: it logs the cross-entropy to the soft
+    targets, larger than the KL by their entropy (the same gradient), and its TSA masks by the
+    largest probability over all classes and averages over every labeled row.
+
     Recipe (CIFAR-10, 4000 labels, WRN-28-2): T = 0.4, tau = 0.8, lambda_u = 1, mu = 7
     (``--data.uratio``), B = 64, and the FixMatch-family optimizer (SGD 0.03 Nesterov, weight
     decay 5e-4, cosine 7/16 over 2^20 steps, EMA 0.999); weak = flip + crop, strong = RandAugment
