@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from callbacks.swa import _unwrap_batches, recompute_batch_norm
+from callbacks.batch_norm import recompute_batch_norm, unwrap_batches
 from datamodules.split import atomic_path
 
 EMA_PREFIX = "net."
@@ -150,7 +150,7 @@ def soup_from_checkpoints(
 
     def bn_pass(m) -> None:
         datamodule.setup("fit")
-        recompute_batch_norm(m, _unwrap_batches(datamodule.train_dataloader()), device=m.device,
+        recompute_batch_norm(m, unwrap_batches(datamodule.train_dataloader()), device=m.device,
                              transform=lambda b: datamodule.on_after_batch_transfer(b, 0), num_batches=bn_batches)
         ema = getattr(m, "ema", None)
         if ema is not None and hasattr(ema, "module"):
