@@ -4,7 +4,7 @@ The callback keeps a uniform running mean of the module's parameters over snapsh
 ``every_n`` optimizer steps (or epochs) after the window opens, optionally switches the
 learning rate to :class:`torch.optim.swa_utils.SWALR` when it does, and at the end of fit copies
 the mean into the module and recomputes BatchNorm statistics for it with one pass over the
-training data. The mean is a plain list of tensors held by the callback (never a submodule of
+training data (the layers the module's forward runs; see :mod:`callbacks.batch_norm`). The mean is a plain list of tensors held by the callback (never a submodule of
 the LightningModule, so DDP never sees it) and travels in the callback's ``state_dict``.
 
 Why not Lightning's ``StochasticWeightAveraging``: see ``docs/callbacks_swa_soup.md``.
@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim.swa_utils import SWALR
 
-from callbacks.batch_norm import default_bn_inputs, recompute_batch_norm, unwrap_batches
+from callbacks.batch_norm import default_bn_inputs, forward_inputs, recompute_batch_norm, unwrap_batches
 from callbacks.ema import EMAModel, lerp_grouped
 
 
@@ -47,7 +47,9 @@ class SWA(L.Callback):
             ``interval`` units (0 switches at once).
         update_bn: after copying the mean into the module at the end of fit, recompute BatchNorm
             statistics with one pass over the training data (``bn_batches`` batches, default: one
-            epoch). Without it, the module keeps the running statistics of its last training step.
+            epoch) for the layers the module's forward runs in train mode; the others (a frozen
+            teacher, MutualLearning's other peers) keep theirs. Without it, the module keeps the
+            running statistics of its last training step.
         bn_batches: batches of the BatchNorm pass (``None``: the train loader's length).
         sync_ema: if the module has an ``ema`` :class:`EMAModel` (labelwise methods evaluate with it),
             also load the averaged weights into it so validation/test use the SWA weights.
@@ -55,7 +57,8 @@ class SWA(L.Callback):
             path (relative paths go under the trainer's ``log_dir``/``checkpoints``): the usual
             ModelCheckpoint files are written before SWA's weights exist.
 
-    Subclass and override :meth:`bn_inputs` for batches of another shape.
+    Subclass and override :meth:`bn_inputs` for batches of another shape, :meth:`bn_forward` to run more
+    than the module's forward in the BatchNorm pass.
     """
 
     def __init__(
@@ -210,6 +213,11 @@ class SWA(L.Callback):
         """The tensors of a (transferred, transformed) training batch that the BatchNorm pass forwards."""
         return default_bn_inputs(batch)
 
+    def bn_forward(self, pl_module: "L.LightningModule", inputs: list[torch.Tensor]) -> None:
+        """The BatchNorm pass's forward: the module's own (``self.net`` for labelwise methods). Layers it
+        does not run keep their statistics; override to run more (e.g. every peer of MutualLearning)."""
+        forward_inputs(pl_module, inputs)
+
     def _recompute_bn(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         dm = trainer.datamodule
         if dm is not None:
@@ -222,7 +230,7 @@ class SWA(L.Callback):
         if trainer.world_size > 1:
             reduce = lambda t: trainer.strategy.reduce(t, reduce_op="mean")  # noqa: E731
         recompute_batch_norm(pl_module, unwrap_batches(loader), device=pl_module.device, transform=transform,
-                             inputs_fn=self.bn_inputs, num_batches=num, reduce=reduce)
+                             inputs_fn=self.bn_inputs, num_batches=num, reduce=reduce, forward=self.bn_forward)
 
     # --- SWALR --------------------------------------------------------------------------------
     def _switch_to_swalr(self, trainer: "L.Trainer") -> None:
