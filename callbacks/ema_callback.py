@@ -204,11 +204,16 @@ def ema_weights_from_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict
     """
     if not isinstance(checkpoint, dict):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    found = [s for k, s in checkpoint.get("callbacks", {}).items()
-             if k.split("{")[0] == EMA.__qualname__ and isinstance(s, dict) and "ema" in s]
+    found = ema_callback_states(checkpoint)
     if len(found) != 1:
         raise KeyError(f"expected one EMA callback state in the checkpoint, found {len(found)}")
     return dict(found[0]["ema"]["module"])
+
+
+def ema_callback_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+    """The saved states of the :class:`EMA` callbacks in a checkpoint (Lightning keys them by class name)."""
+    return [s for k, s in checkpoint.get("callbacks", {}).items()
+            if k.split("{")[0] == EMA.__qualname__ and isinstance(s, dict) and "ema" in s]
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:
