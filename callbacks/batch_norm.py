@@ -134,9 +134,10 @@ def _reduce(norms: dict[nn.modules.batchnorm._BatchNorm, str], reached: dict, re
     if partial:
         raise RuntimeError(f"BatchNorm re-estimation: the forward reached {', '.join(partial[:4])} on some "
                            "processes only; make every process run the same layers")
-    for bn in reached:
-        bn.running_mean.copy_(reduce(bn.running_mean))
-        bn.running_var.copy_(reduce(bn.running_var))
+    for bn in norms:  # module order, the same on every process (the order reached may not be)
+        if bn in reached:
+            bn.running_mean.copy_(reduce(bn.running_mean))
+            bn.running_var.copy_(reduce(bn.running_var))
 
 
 def unwrap_batches(loader: Iterable[Any]) -> Iterable[Any]:

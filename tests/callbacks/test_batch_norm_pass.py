@@ -107,11 +107,17 @@ def test_a_pass_that_fails_leaves_every_statistic_as_it_was():
 
 # --- SWA and the soup on the methods with BatchNorm outside ``net`` ---------------------------------
 class _BeforeTheBNPass(L.Callback):
-    """Listed before SWA, so its ``on_train_end`` runs just before SWA copies the mean in and runs the pass."""
+    """Listed before SWA, so its ``on_train_end`` runs just before SWA copies the mean in and runs the
+    pass; it can also save a checkpoint there, whose statistics no BatchNorm pass has touched."""
+
+    def __init__(self, checkpoint=None) -> None:
+        self.checkpoint = checkpoint
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.rng = torch.get_rng_state()
         self.statistics = _statistics(pl_module)
+        if self.checkpoint is not None:
+            trainer.save_checkpoint(self.checkpoint)
+        self.rng = torch.get_rng_state()
 
 
 def _reference_net(module, data: DigitsSSL, rng: torch.Tensor, views: tuple[str, ...]) -> nn.Module:
@@ -126,9 +132,9 @@ def _reference_net(module, data: DigitsSSL, rng: torch.Tensor, views: tuple[str,
     return reference
 
 
-def _fit_with_swa(model, root, steps: int = 3):
+def _fit_with_swa(model, root, steps: int = 3, checkpoint=None):
     data = DigitsSSL(num_labeled=50, batch_size=16, steps_per_epoch=steps)
-    before = _BeforeTheBNPass()
+    before = _BeforeTheBNPass(checkpoint)
     trainer = make_trainer(max_epochs=2, accelerator="cpu", default_root_dir=root,
                            callbacks=[before, SWA(start=0.5, interval="step", update_bn=True)])
     with warnings.catch_warnings(record=True) as caught:
@@ -142,9 +148,8 @@ def mutual_learning(tmp_path_factory):
     torch.manual_seed(0)
     model = MutualLearning(distill_unlabeled=True, ema_decay=None, **SMALL_NET)
     root = tmp_path_factory.mktemp("mutual_learning")
-    trainer, data, before, messages = _fit_with_swa(model, root)
-    checkpoint = root / "swa.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoint = root / "trained.ckpt"   # the trained peers' statistics, saved before SWA's pass
+    trainer, data, before, messages = _fit_with_swa(model, root, checkpoint=checkpoint)
     return model, data, before, messages, checkpoint
 
 
@@ -160,6 +165,7 @@ def test_swa_bn_pass_on_mutual_learning_matches_reference_update_bn_and_keeps_th
 def test_soup_update_bn_keeps_the_statistics_of_layers_outside_the_forward(mutual_learning):
     model, data, _, _, checkpoint = mutual_learning
     stored = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    assert not torch.equal(stored["peers.0.bn.running_var"], torch.ones_like(stored["peers.0.bn.running_var"]))
     module, _, _ = soup_from_checkpoints([str(checkpoint)], data, update_bn=True, bn_batches=2,
                                          module_class=MutualLearning)
     _assert_equal(_statistics(module, "peers."), {k: v for k, v in stored.items() if k.startswith("peers.")
