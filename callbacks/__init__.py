@@ -5,7 +5,8 @@ from callbacks.checkpoint_io import AtomicCheckpointIO, use_atomic_checkpoints
 from callbacks.ema import EMAModel, lerp_grouped
 from callbacks.ema_callback import EMA, ema_weights_from_checkpoint
 from callbacks.soup import greedy_soup, save_soup, soup_from_checkpoints
-from callbacks.swa import SWA, recompute_batch_norm
+from callbacks.batch_norm import recompute_batch_norm
+from callbacks.swa import SWA
 from callbacks.wandb_run import WandbRun
 
 __all__ = [

@@ -90,7 +90,7 @@ class EMAModel:
         else:
             other_pairs += float_pairs
         for ema_b, b in other_pairs:
-            ema_b.copy_(b, non_blocking=True)
+            ema_b.copy_(b)  # blocking across devices: see lerp_grouped
         self.num_updates += 1
 
     def to(self, device: torch.device | str) -> "EMAModel":
@@ -116,13 +116,35 @@ def check_ema_arguments(decay: float, buffers: str) -> None:
 
 
 def lerp_grouped(targets: list[torch.Tensor], sources: list[torch.Tensor], weight: float) -> None:
-    """``targets += weight * (sources - targets)``, one foreach call per (device, dtype) group."""
+    """``targets += weight * (sources - targets)``, one foreach call per (device, dtype) group.
+
+    A source on another device is copied over with a blocking copy, as timm's ModelEmaV3 does
+    (``timm/utils/model_ema.py``, ``model_v.to(device=self.device)``): a non-blocking copy from CUDA
+    lands in pinned host memory that the CPU lerp would read before the copy has finished.
+    """
     groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
     for t, s in zip(targets, sources):
         key = (t.device, t.dtype)
         if key not in groups:
             groups[key] = ([], [])
         groups[key][0].append(t)
-        groups[key][1].append(s.to(device=t.device, dtype=t.dtype, non_blocking=True))
+        groups[key][1].append(s.to(device=t.device, dtype=t.dtype))
     for ts, ss in groups.values():
         torch._foreach_lerp_(ts, ss, weight)
+
+
+def broadcast_buffers(module: nn.Module, device: torch.device | str, src: int = 0) -> None:
+    """Give every process rank ``src``'s floating-point buffers of ``module``, one broadcast per dtype.
+
+    The broadcast runs on ``device``, the one the process group communicates on (the trained
+    module's): NCCL takes CUDA tensors only, so a copy kept on the CPU is staged there and back.
+    """
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in module.buffers():
+        if b.is_floating_point():
+            groups.setdefault(b.dtype, []).append(b)
+    for buffers in groups.values():
+        flat = torch.cat([b.detach().reshape(-1).to(device) for b in buffers])
+        torch.distributed.broadcast(flat, src=src)
+        for b, piece in zip(buffers, flat.split([b.numel() for b in buffers])):
+            b.copy_(piece.view_as(b))

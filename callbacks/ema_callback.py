@@ -21,8 +21,9 @@ reads the parameters, which DDP keeps identical on all ranks (same start, all-re
 same optimizer), through an elementwise deterministic lerp. BatchNorm buffers are the exception:
 each rank updates its running statistics from its own batch (DDP only broadcasts them at the next
 forward), so before the averaged weights are swapped in the callback broadcasts the copy's
-floating-point buffers from rank 0, exactly what DDP itself does to the raw buffers; checkpoints
-are written by rank 0 alone, so every rank resumes from rank 0's copy.
+floating-point buffers from rank 0, exactly what DDP itself does to the raw buffers (through the
+module's device, so a copy kept on the CPU works under NCCL); checkpoints are written by rank 0
+alone, so every rank resumes from rank 0's copy.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from callbacks.ema import EMAModel, check_ema_arguments
+from callbacks.ema import EMAModel, broadcast_buffers, check_ema_arguments
 
 
 class EMA(L.Callback):
@@ -122,7 +123,7 @@ class EMA(L.Callback):
         self.ema.to(pl_module.device)
         if not self.evaluate_with_ema or self.ema.num_updates == 0 or self._backup is not None:
             return
-        self._sync_buffers()
+        self._sync_buffers(pl_module.device)
         raw = _tensors(pl_module)
         with torch.no_grad():
             self._backup = [torch.empty_like(t) for t in raw]
@@ -148,14 +149,12 @@ class EMA(L.Callback):
         """Whether the averaged weights are in the module now."""
         return self._backup is not None
 
-    def _sync_buffers(self) -> None:
-        """Give every rank rank 0's buffers of the copy (see the module docstring)."""
+    def _sync_buffers(self, device: torch.device) -> None:
+        """Give every rank rank 0's buffers of the copy (see the module docstring), through ``device``,
+        the module's: a copy kept on the CPU (``device="cpu"``) cannot be broadcast by NCCL itself."""
         dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        for b in self.ema.module.buffers():
-            if b.is_floating_point():
-                dist.broadcast(b, src=0)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            broadcast_buffers(self.ema.module, device)
 
     # --- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
@@ -205,11 +204,16 @@ def ema_weights_from_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict
     """
     if not isinstance(checkpoint, dict):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    found = [s for k, s in checkpoint.get("callbacks", {}).items()
-             if k.split("{")[0] == EMA.__qualname__ and isinstance(s, dict) and "ema" in s]
+    found = ema_callback_states(checkpoint)
     if len(found) != 1:
         raise KeyError(f"expected one EMA callback state in the checkpoint, found {len(found)}")
     return dict(found[0]["ema"]["module"])
+
+
+def ema_callback_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+    """The saved states of the :class:`EMA` callbacks in a checkpoint (Lightning keys them by class name)."""
+    return [s for k, s in checkpoint.get("callbacks", {}).items()
+            if k.split("{")[0] == EMA.__qualname__ and isinstance(s, dict) and "ema" in s]
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -228,6 +232,6 @@ def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     for (dt, ds), (ts, ss) in groups.items():
         if dt == ds:
             torch._foreach_copy_(ts, ss)
-        else:
+        else:  # blocking: a non-blocking copy to the CPU could be read before it lands (see lerp_grouped)
             for t, s in zip(ts, ss):
-                t.copy_(s, non_blocking=True)
+                t.copy_(s)

@@ -5,9 +5,15 @@ and each next ingredient joins only if the uniform average of the soup's members
 at least as well as the current soup. The soup is therefore never worse on validation than its
 best ingredient.
 
-When a checkpoint holds a labelwise EMA copy (``checkpoint["ema"]``), the EMA weights are the ones
-the module evaluates with, so they are the ones souped: they replace the ``net.`` entries of the
-ingredient's state dict, and the soup checkpoint carries the soup in both places.
+Ties: a candidate that scores exactly as well as the soup joins it (``>=``), as in the paper's
+Algorithm 1; the authors' code (mlfoundations/model-soups ``main.py`` at d5398f1, line 181:
+``if held_out_val_accuracy > best_val_acc_so_far``) adds only on a strict gain. Without ties the two
+choose the same soup.
+
+The souped weights are the ones the run evaluated with (:func:`eval_state_dict`): the ``EMA``
+callback's average (``callbacks.EMA``) when the checkpoint has one, and a labelwise module's own EMA
+copy (``checkpoint["ema"]``) for its ``net.`` entries. The soup checkpoint carries the soup in each
+of those places.
 
 Checkpoints are read with ``torch.load(weights_only=False)``: soup only checkpoints you trust.
 """
@@ -20,7 +26,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from callbacks.swa import _unwrap_batches, recompute_batch_norm
+from callbacks.batch_norm import recompute_batch_norm, unwrap_batches
+from callbacks.ema_callback import ema_callback_states
 from datamodules.split import atomic_path
 
 EMA_PREFIX = "net."
@@ -36,9 +43,24 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint
 
 
-def eval_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights a module evaluates with: ``state_dict``, with the EMA copy in place of ``net.``."""
+def eval_state_dict(checkpoint: dict[str, Any], name: str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """The weights a module evaluates with, in the order of its ``state_dict``.
+
+    The ``EMA`` callback swaps its average of the whole module in for evaluation once it has been
+    updated, so that average replaces ``state_dict``; then a labelwise module evaluates ``net``
+    through its own EMA copy (``eval_net``), so that copy replaces the ``net.`` entries.
+    """
     state = dict(checkpoint["state_dict"]) if "state_dict" in checkpoint else dict(checkpoint)
+    found = ema_callback_states(checkpoint)
+    if len(found) > 1:
+        raise ValueError(f"{name} holds {len(found)} EMA callback states, so which average it evaluated with is "
+                         "ambiguous: soup checkpoints of runs with one EMA callback")
+    if found and found[0]["ema"]["num_updates"] > 0:
+        averaged = found[0]["ema"]["module"]
+        if set(averaged) != set(state):
+            raise ValueError(f"{name}: the EMA callback's average has other keys than its state_dict "
+                             f"({sorted(set(averaged) ^ set(state))[:3]}): it was not saved by this module")
+        state = {k: averaged[k] for k in state}
     ema = checkpoint.get("ema")
     if isinstance(ema, dict) and "module" in ema:
         for k, v in ema["module"].items():
@@ -80,7 +102,7 @@ def greedy_soup(
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"soup ingredients not found: {missing}")
-    states = {p: eval_state_dict(load_checkpoint(p)) for p in paths}
+    states = {p: eval_state_dict(load_checkpoint(p), p) for p in paths}
     scores = {p: float(evaluate(states[p])) for p in paths}
     sign = 1.0 if higher_is_better else -1.0
     ranked = sorted(paths, key=lambda p: -sign * scores[p])   # stable: ties keep the given order
@@ -150,7 +172,7 @@ def soup_from_checkpoints(
 
     def bn_pass(m) -> None:
         datamodule.setup("fit")
-        recompute_batch_norm(m, _unwrap_batches(datamodule.train_dataloader()), device=m.device,
+        recompute_batch_norm(m, unwrap_batches(datamodule.train_dataloader()), device=m.device,
                              transform=lambda b: datamodule.on_after_batch_transfer(b, 0), num_batches=bn_batches)
         ema = getattr(m, "ema", None)
         if ema is not None and hasattr(ema, "module"):
@@ -178,6 +200,8 @@ def save_soup(module, checkpoints: Sequence[str], chosen: list[str], scores: dic
     ema = getattr(module, "ema", None)
     if "ema" in base and ema is not None:
         base["ema"] = ema.state_dict()
+    for callback_state in ema_callback_states(base):   # the EMA callback's average is the soup too
+        callback_state["ema"]["module"] = {k: v.clone() for k, v in base["state_dict"].items()}
     for key in ("optimizer_states", "lr_schedulers"):
         base.pop(key, None)   # a soup is for evaluation / fine-tuning anew, not for resuming
     base["soup"] = {"ingredients": list(map(str, checkpoints)), "chosen": chosen, "scores": scores}

@@ -4,7 +4,7 @@ The callback keeps a uniform running mean of the module's parameters over snapsh
 ``every_n`` optimizer steps (or epochs) after the window opens, optionally switches the
 learning rate to :class:`torch.optim.swa_utils.SWALR` when it does, and at the end of fit copies
 the mean into the module and recomputes BatchNorm statistics for it with one pass over the
-training data. The mean is a plain list of tensors held by the callback (never a submodule of
+training data (the layers the module's forward runs; see :mod:`callbacks.batch_norm`). The mean is a plain list of tensors held by the callback (never a submodule of
 the LightningModule, so DDP never sees it) and travels in the callback's ``state_dict``.
 
 Why not Lightning's ``StochasticWeightAveraging``: see ``docs/callbacks_swa_soup.md``.
@@ -18,105 +18,17 @@ Usage::
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.core.optimizer import LRSchedulerConfig
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 from torch.optim.swa_utils import SWALR
 
+from callbacks.batch_norm import default_bn_inputs, forward_inputs, recompute_batch_norm, unwrap_batches
 from callbacks.ema import EMAModel, lerp_grouped
-
-
-def default_bn_inputs(batch: Any) -> list[torch.Tensor]:
-    """Images of a labelwise training batch that BatchNorm should see: the labeled images and every
-    unlabeled image view; an evaluation-style ``{"image": ...}`` batch or a bare tensor also works."""
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, (tuple, list)):
-        return [batch[0]]
-    if "labeled" in batch:
-        inputs = [batch["labeled"]["image"]]
-        for name, value in (batch.get("unlabeled") or {}).items():
-            if name not in ("index", "target") and isinstance(value, torch.Tensor) and value.is_floating_point():
-                inputs.append(value)
-        return inputs
-    return [batch["image"]]
-
-
-def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-
-@torch.no_grad()
-def recompute_batch_norm(
-    module: nn.Module,
-    batches: Iterable[Any],
-    device: torch.device | str | None = None,
-    transform: Any = None,
-    inputs_fn: Any = default_bn_inputs,
-    num_batches: int | None = None,
-    reduce: Any = None,
-) -> int:
-    """Reset every BatchNorm's running statistics and re-estimate them as the exact mean over batches.
-
-    Like :func:`torch.optim.swa_utils.update_bn` (``momentum=None``, a cumulative average), but for
-    labelwise's dict batches: each batch is moved to ``device``, passed through ``transform``
-    (the DataModule's ``on_after_batch_transfer``, which makes images float and augments them),
-    and the tensors ``inputs_fn(batch)`` returns go through ``module`` in one concatenated forward.
-    ``reduce(tensor)``, when given, averages the statistics over processes (DDP). Returns the number
-    of batches used; 0 means the module has no BatchNorm and nothing was done.
-    """
-    norms = _batch_norms(module)
-    if not norms:
-        return 0
-    momenta = {bn: bn.momentum for bn in norms}
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None
-    was_training = module.training
-    module.train()
-    seen = 0
-    try:
-        for batch in batches:
-            if num_batches is not None and seen >= num_batches:
-                break
-            if device is not None:
-                batch = move_data_to_device(batch, device)
-            if transform is not None:
-                batch = transform(batch)
-            inputs = inputs_fn(batch)
-            if all(x.shape[1:] == inputs[0].shape[1:] for x in inputs):
-                module(torch.cat(inputs))
-            else:
-                for x in inputs:
-                    module(x)
-            seen += 1
-    finally:
-        for bn, momentum in momenta.items():
-            bn.momentum = momentum
-        module.train(was_training)
-    if seen == 0:
-        raise RuntimeError("recompute_batch_norm got no batches; BatchNorm statistics would be left reset")
-    if reduce is not None:
-        for bn in norms:
-            bn.running_mean.copy_(reduce(bn.running_mean))
-            bn.running_var.copy_(reduce(bn.running_var))
-    return seen
-
-
-def _unwrap_batches(loader: Iterable[Any]) -> Iterable[Any]:
-    """Iterating a CombinedLoader yields ``(batch, batch_idx, dataloader_idx)``; keep the batch."""
-    from lightning.pytorch.utilities import CombinedLoader
-
-    if isinstance(loader, CombinedLoader):
-        for batch, _, _ in loader:
-            yield batch
-    else:
-        yield from loader
 
 
 class SWA(L.Callback):
@@ -135,7 +47,9 @@ class SWA(L.Callback):
             ``interval`` units (0 switches at once).
         update_bn: after copying the mean into the module at the end of fit, recompute BatchNorm
             statistics with one pass over the training data (``bn_batches`` batches, default: one
-            epoch). Without it, the module keeps the running statistics of its last training step.
+            epoch) for the layers the module's forward runs in train mode; the others (a frozen
+            teacher, MutualLearning's other peers) keep theirs. Without it, the module keeps the
+            running statistics of its last training step.
         bn_batches: batches of the BatchNorm pass (``None``: the train loader's length).
         sync_ema: if the module has an ``ema`` :class:`EMAModel` (labelwise methods evaluate with it),
             also load the averaged weights into it so validation/test use the SWA weights.
@@ -143,7 +57,8 @@ class SWA(L.Callback):
             path (relative paths go under the trainer's ``log_dir``/``checkpoints``): the usual
             ModelCheckpoint files are written before SWA's weights exist.
 
-    Subclass and override :meth:`bn_inputs` for batches of another shape.
+    Subclass and override :meth:`bn_inputs` for batches of another shape, :meth:`bn_forward` to run more
+    than the module's forward in the BatchNorm pass.
     """
 
     def __init__(
@@ -298,6 +213,11 @@ class SWA(L.Callback):
         """The tensors of a (transferred, transformed) training batch that the BatchNorm pass forwards."""
         return default_bn_inputs(batch)
 
+    def bn_forward(self, pl_module: "L.LightningModule", inputs: list[torch.Tensor]) -> None:
+        """The BatchNorm pass's forward: the module's own (``self.net`` for labelwise methods). Layers it
+        does not run keep their statistics; override to run more (e.g. every peer of MutualLearning)."""
+        forward_inputs(pl_module, inputs)
+
     def _recompute_bn(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         dm = trainer.datamodule
         if dm is not None:
@@ -309,8 +229,8 @@ class SWA(L.Callback):
         reduce = None
         if trainer.world_size > 1:
             reduce = lambda t: trainer.strategy.reduce(t, reduce_op="mean")  # noqa: E731
-        recompute_batch_norm(pl_module, _unwrap_batches(loader), device=pl_module.device, transform=transform,
-                             inputs_fn=self.bn_inputs, num_batches=num, reduce=reduce)
+        recompute_batch_norm(pl_module, unwrap_batches(loader), device=pl_module.device, transform=transform,
+                             inputs_fn=self.bn_inputs, num_batches=num, reduce=reduce, forward=self.bn_forward)
 
     # --- SWALR --------------------------------------------------------------------------------
     def _switch_to_swalr(self, trainer: "L.Trainer") -> None:

@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.swa import SWA, recompute_batch_norm
+from callbacks import SWA, recompute_batch_norm
 from datamodules import DigitsSSL
 from lightning_modules import Supervised
 
