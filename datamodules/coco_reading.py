@@ -1,4 +1,4 @@
-"""Reading COCO-format detection annotations, and decoding their masks without pycocotools.
+"""Reading COCO-format detection annotations, and decoding their masks.
 
 ``read_coco`` parses the json once and checks it: every annotation must name a listed image and a
 listed category, every image file must exist. Category ids become contiguous labels ``1..K`` in
@@ -9,9 +9,7 @@ left after clipping is dropped (it would raise inside torchvision's detectors). 
 them, flagged, in evaluation targets. One warning per read counts what was dropped, clipped and
 flagged.
 
-Masks: a polygon list (union of its polygons; a pixel is inside when its centre is, even-odd rule,
-pixel ``(x, y)`` covering ``[x, x+1) x [y, y+1)``), uncompressed RLE (``counts`` a list) or
-compressed RLE (``counts`` a string), both column-major as in COCO, decode to uint8 ``(H, W)``.
+``target_of(..., masks=True)`` decodes each image's masks at once (``datamodules.coco_masks``).
 """
 
 from __future__ import annotations
@@ -23,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from datamodules.coco_masks import decode_masks
 
 
 @dataclass
@@ -178,92 +177,10 @@ def target_of(image: CocoImage, masks: bool = False, crowd: bool = False) -> dic
         target["iscrowd"] = image.iscrowd[keep].long()
         target["area"] = image.area[keep]
     if masks:
-        decoded = []
-        for segmentation, ann_id, k in zip(image.segmentations, image.annotation_ids, keep.tolist()):
-            if k:
-                if segmentation is None:
-                    raise ValueError(f"annotation {ann_id} of image {image.id} has no segmentation: masks=True "
-                                     f"needs one per object; use masks=False for boxes only")
-                decoded.append(torch.from_numpy(decode_mask(segmentation, image.height, image.width)))
-        target["masks"] = (torch.stack(decoded) if decoded
-                           else torch.zeros(0, image.height, image.width, dtype=torch.uint8))
+        kept = [(s, ann_id) for s, ann_id, k in zip(image.segmentations, image.annotation_ids, keep.tolist()) if k]
+        for segmentation, ann_id in kept:
+            if segmentation is None:
+                raise ValueError(f"annotation {ann_id} of image {image.id} has no segmentation: masks=True "
+                                 f"needs one per object; use masks=False for boxes only")
+        target["masks"] = torch.from_numpy(decode_masks([s for s, _ in kept], image.height, image.width))
     return target
-
-
-# --- masks ----------------------------------------------------------------------------------------
-def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
-    """Union of ``[x0, y0, x1, y1, ...]`` polygons; a pixel is inside when its centre is (even-odd)."""
-    mask = np.zeros((height, width), dtype=np.uint8)
-    for polygon in polygons:
-        xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
-        if len(xy) < 3:
-            continue
-        x0, y0 = xy[:, 0], xy[:, 1]
-        x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-        top, bottom = max(int(np.floor(y0.min())), 0), min(int(np.ceil(y0.max())), height)
-        left, right = max(int(np.floor(x0.min())), 0), min(int(np.ceil(x0.max())), width)
-        if top >= bottom or left >= right:
-            continue
-        centres = np.arange(top, bottom) + 0.5
-        # edges crossing each row's centre line (half-open in y, so a vertex is counted once)
-        crossing = (centres[:, None] >= np.minimum(y0, y1)) & (centres[:, None] < np.maximum(y0, y1))
-        rows, edges = np.nonzero(crossing)
-        x = x0[edges] + (centres[rows] - y0[edges]) * (x1[edges] - x0[edges]) / (y1[edges] - y0[edges])
-        # every pixel whose centre lies right of a crossing sees one more crossing on its left
-        first = np.clip(np.floor(x + 0.5) - left, 0, right - left).astype(np.int64)
-        toggles = np.zeros((bottom - top, right - left + 1), dtype=np.int32)
-        np.add.at(toggles, (rows, first), 1)
-        mask[top:bottom, left:right] |= (np.cumsum(toggles, axis=1)[:, :-1] % 2).astype(np.uint8)
-    return mask
-
-
-def _counts_from_string(text: str | bytes) -> list[int]:
-    """COCO's compressed RLE: runs in 5-bit groups (0x20 = more, 0x10 = sign of the last group),
-    offset by 48; from the fourth run on, each is stored as its difference from the run two before."""
-    data = text.encode() if isinstance(text, str) else text
-    counts: list[int] = []
-    i = 0
-    while i < len(data):
-        value, shift, more = 0, 0, True
-        while more:
-            group = data[i] - 48
-            value |= (group & 0x1F) << shift
-            more = bool(group & 0x20)
-            i, shift = i + 1, shift + 5
-            if not more and group & 0x10:
-                value -= 1 << shift
-        counts.append(value + counts[-2] if len(counts) > 2 else value)
-    return counts
-
-
-def rle_to_mask(rle: dict[str, Any], height: int, width: int) -> np.ndarray:
-    """Decode ``{"counts": list or string, "size": [h, w]}`` (column-major runs, zeros first)."""
-    if list(rle.get("size", [])) != [height, width]:
-        raise ValueError(f"RLE of size {rle.get('size')} does not match its image ({height}, {width})")
-    counts = rle["counts"]
-    counts = _counts_from_string(counts) if isinstance(counts, (str, bytes)) else [int(c) for c in counts]
-    if sum(counts) != height * width or min(counts, default=0) < 0:
-        raise ValueError(f"RLE runs sum to {sum(counts)} (smallest {min(counts, default=0)}), but the image has "
-                         f"{height * width} pixels: the counts are corrupt")
-    values = np.arange(len(counts), dtype=np.uint8) % 2
-    return np.repeat(values, counts).reshape(width, height).T.copy()
-
-
-def decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """A COCO ``segmentation`` (polygon list, or RLE dict) as a uint8 ``(height, width)`` mask."""
-    if isinstance(segmentation, list):
-        return polygons_to_mask(segmentation, height, width)
-    if isinstance(segmentation, dict) and "counts" in segmentation:
-        return rle_to_mask(segmentation, height, width)
-    raise ValueError(f"unknown COCO segmentation {str(segmentation)[:80]}: expected polygons or an RLE dict")
-
-
-def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
-    """Uncompressed COCO RLE of a binary ``(H, W)`` mask: column-major runs, starting with zeros."""
-    flat = np.asarray(mask, dtype=bool).T.reshape(-1)
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts = [0] + counts
-    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}

@@ -10,6 +10,9 @@ computed in float32, also under autocast. With p the probabilities and t the one
 - focal: ``mean_pixels -alpha_t (1 - p_t)^gamma log p_t`` (Lin et al. 2017)
 - MS-SSIM: ``1 - mean_{image, c} MS-SSIM(p_c, t_c)`` (Wang et al. 2003)
 - hybrid: focal + MS-SSIM + IoU, the UNet 3+ loss (Huang et al. 2020).
+
+Dice, IoU and binary focal equal smp's losses when every class has true pixels (tested); why they
+stay ours (absent classes, per-image sums, softmax focal): docs/segmentation.md.
 """
 
 from __future__ import annotations

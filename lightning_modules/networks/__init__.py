@@ -104,7 +104,7 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int, **kwargs) 
 
 def _build_timm(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
     try:
-        import timm  # optional dependency, imported only when asked for
+        import timm  # imported only when asked for: it is slow to import
     except ImportError as err:
         raise ImportError(f"'timm:{name}' needs timm, which is not installed: pip install timm") from err
     if not timm.is_model(name):

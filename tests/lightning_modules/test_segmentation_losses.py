@@ -1,11 +1,16 @@
-"""Segmentation losses against their formulas on hand-checked tensors, and the dataset-level metrics
-against a confusion matrix computed here with plain torch."""
+"""Segmentation losses against their formulas on hand-checked tensors and against smp's losses on the
+real membrane masks, and the dataset-level metrics against a confusion matrix computed here with
+plain torch."""
 
 import math
 
+import numpy as np
 import pytest
+import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.ops import sigmoid_focal_loss
 
 from lightning_modules.segmentation_losses import (
     LOSSES, SegmentationLoss, deep_supervision_loss, dice_loss, focal_loss, iou_loss, ms_ssim, ms_ssim_loss,
@@ -113,6 +118,66 @@ def test_combined_and_deep_supervision_losses():
     value = deep_supervision_loss([logits, small], targets, F.cross_entropy, weights=[3.0, 1.0])
     assert torch.allclose(value, (3 * F.cross_entropy(logits, targets) + F.cross_entropy(upsampled, targets)) / 4)
     assert torch.allclose(deep_supervision_loss([logits, logits], targets, dice_loss), dice_loss(logits, targets))
+
+
+@pytest.fixture(scope="module")
+def membrane(shared_data):
+    """Four real membrane slices: binary logits from the grey level (membranes are dark), the same
+    probabilities as two softmax logits, and the cell masks, (4, 512, 512)."""
+    root = shared_data / "membrane"
+    if not (root / "label").is_dir():
+        pytest.skip(f"{root} not found")
+    grey, label = (torch.from_numpy(np.stack([np.asarray(Image.open(root / kind / f"{i}.png").convert("L"))
+                                              for i in range(4)])) for kind in ("image", "label"))
+    grey, targets = grey.double() / 255, (label > 127).long()
+    binary = (8 * (grey - 0.5)).unsqueeze(1)
+    return binary, torch.cat([-binary, binary], dim=1) / 2, targets
+
+
+@pytest.mark.parametrize("smooth", [1.0, 0.0])
+def test_dice_iou_and_binary_focal_equal_smp_on_membrane_masks(membrane, smooth):
+    """Ours (float32) against smp's classes in float64. smp's Dice smooths numerator and denominator
+    by the same s (``(I + s) / ((P + T) / 2 + s)``), so our ``smooth`` is smp's ``2 * smooth``."""
+    binary, two, targets = membrane
+    for logits, mode in ((binary, "binary"), (two, "multiclass")):
+        dice = smp.losses.DiceLoss(mode, smooth=smooth / 2)(logits, targets)
+        jaccard = smp.losses.JaccardLoss(mode, smooth=smooth)(logits, targets)
+        assert dice_loss(logits.float(), targets, smooth) == pytest.approx(float(dice), abs=2e-6)
+        assert LOSSES["dice"](smooth=smooth)(logits.float(), targets) == pytest.approx(float(dice), abs=2e-6)
+        assert iou_loss(logits.float(), targets, smooth) == pytest.approx(float(jaccard), abs=2e-6)
+        assert LOSSES["iou"](smooth=smooth)(logits.float(), targets) == pytest.approx(float(jaccard), abs=2e-6)
+        # per image: smp has no such reduction; the mean of smp on one-image batches (all slices hold both classes)
+        per_image = torch.stack([smp.losses.JaccardLoss(mode, smooth=smooth)(logits[i:i + 1], targets[i:i + 1])
+                                 for i in range(len(targets))]).mean()
+        assert iou_loss(logits.float(), targets, smooth, per_image=True) == pytest.approx(float(per_image), abs=2e-6)
+    for alpha in (None, 0.25):
+        reference = smp.losses.FocalLoss("binary", alpha=alpha, gamma=2.0)(binary, targets)
+        assert focal_loss(binary.float(), targets, 2.0, alpha) == pytest.approx(float(reference), rel=1e-5)
+        assert LOSSES["focal"](alpha=alpha)(binary.float(), targets) == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_where_smp_differs_absent_classes_and_multiclass_focal(membrane):
+    """The two definitions we keep (docs/segmentation.md): smp zeroes Dice and IoU for a class with no
+    true pixel, so a slice without foreground gets no loss for the foreground it predicts, where ours
+    gives ``P / (P + s)`` and a gradient that lowers it; smp's multiclass focal is a one-vs-rest
+    sigmoid focal per channel, ours the softmax one (cross-entropy at gamma 0, like the binary case)."""
+    binary, two, targets = membrane
+    empty = torch.zeros_like(targets)
+    for loss, reference in ((dice_loss, smp.losses.DiceLoss("binary", smooth=0.5)),
+                            (iou_loss, smp.losses.JaccardLoss("binary", smooth=1.0))):
+        logits = binary.float().requires_grad_()
+        assert reference(logits, empty).item() == 0.0
+        foreground = torch.sigmoid(logits).sum().detach()
+        ours = loss(logits, empty)
+        assert ours.item() == pytest.approx(float(foreground / (foreground + 1)), rel=1e-5)
+        ours.backward()
+        assert (logits.grad > 0).all()  # gradient descent lowers every foreground logit
+    focal_two = focal_loss(two.float(), targets)
+    assert float(focal_two) == pytest.approx(float(focal_loss(binary.float(), targets)), rel=1e-5)
+    one_vs_rest = torch.stack([sigmoid_focal_loss(two[:, c], (targets == c).double(), alpha=-1, reduction="mean")
+                               for c in range(2)]).mean()
+    assert float(smp.losses.FocalLoss("multiclass")(two, targets)) == pytest.approx(float(one_vs_rest), rel=1e-9)
+    assert abs(float(focal_two) - float(one_vs_rest)) > 0.05
 
 
 # --- metrics ------------------------------------------------------------------------------------
