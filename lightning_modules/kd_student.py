@@ -57,8 +57,11 @@ class KDStudent(SemiSupervisedModule):
         distill_unlabeled: also distil on the DataModule's unlabeled (weak view) images.
         image_size: side of the training images, used to size the FitNets connectors.
         test_teacher: also log the teacher's accuracy on the test images (``test/teacher_acc``).
-        **kwargs: the base's network, optimizer, EMA and criterion arguments.
+        **kwargs: the base's network, optimizer, EMA and criterion arguments (R-Drop's
+            ``rdrop_weight`` is refused: this module trains through its own ``compute_losses``).
     """
+
+    supports_rdrop = False  # its own compute_losses: no second dropout pass of the labeled batch
 
     def __init__(
         self,
