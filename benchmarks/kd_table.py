@@ -13,7 +13,8 @@ training images (JPEG copies from ../shared/data/cifar10) and is tested, EMA wei
 Rows: vanilla CE; label smoothing; Tf-KD reg (virtual teacher); R-Drop; Hinton KD; FitNets;
 attention transfer; RKD; similarity-preserving KD; category-structure KD; Deep Mutual Learning
 (two student peers); Tf-KD self (the CE row's student as its own teacher). Feature and relation
-rows use CE plus their own term, as RepDistiller does; weights are the published ones.
+rows use CE plus their own term, as RepDistiller does; weights are the published ones. The Tf-KD rows
+use the authors' CIFAR-100 ResNet-18 strengths carried to 10 classes, as configs/tfkd_*_cifar10.yaml.
 """
 
 from __future__ import annotations
@@ -43,23 +44,30 @@ BUDGETS = {
     "gpu": dict(teacher="wrn40_2", student="wrn16_2", teacher_steps=30000, student_steps=30000, batch_size=64,
                 bn_momentum=0.001, ema_decay=0.999),
 }
-# Feature-map pairs for a Wide ResNet pair: the last group's output of each (pre-activation sums).
-LAST_GROUP = [["groups.2", "groups.2"]]
+# Feature-map pairs for a Wide ResNet pair (group outputs are pre-activation sums). FitNets hints the
+# middle group, as the paper's middle-layer hint and RepDistiller's --hint_layer 2 (block2) do; AT
+# uses all three groups, as the authors' code and RepDistiller (feat[1:-1]) and configs/at_cifar10.yaml.
+MIDDLE_GROUP = [["groups.1", "groups.1"]]
+ALL_GROUPS = [[f"groups.{k}", f"groups.{k}"] for k in range(3)]
 CE_ONLY = dict(ce_weight=1.0, kd_weight=0.0)
+# Tf-KD at the authors' CIFAR-100 ResNet-18 strength carried to 10 classes (configs/tfkd_*_cifar10.yaml):
+# reg: weight * multiplier / C = 0.1; self: alpha 0.95, T 6, multiplier 50 -> CE 0.05, batch-mean KD 0.475.
+TFKD_REG = dict(criterion="tfkd_reg", criterion_kwargs={"weight": 0.1, "multiplier": 10.0})
+TFKD_SELF = dict(temperature=6.0, ce_weight=0.05, kd_weight=0.475)
 # row name -> (module, extra arguments); "teacher" / "self" mark the rows that distil from a checkpoint
 METHODS = {
     "CE": (Supervised, {}),
     "label smoothing": (Supervised, dict(criterion="label_smoothing", criterion_kwargs={"smoothing": 0.1})),
-    "Tf-KD reg": (Supervised, dict(criterion="tfkd_reg")),
+    "Tf-KD reg": (Supervised, TFKD_REG),
     "R-Drop": (Supervised, dict(rdrop_weight=1.0, network_kwargs={"dropout": 0.1})),
     "KD": ("teacher", {}),
-    "FitNets": ("teacher", dict(CE_ONLY, hint_layers=LAST_GROUP, connector_relu=False)),
-    "AT": ("teacher", dict(CE_ONLY, at_layers=LAST_GROUP)),
+    "FitNets": ("teacher", dict(CE_ONLY, hint_layers=MIDDLE_GROUP, connector_relu=False)),
+    "AT": ("teacher", dict(CE_ONLY, at_layers=ALL_GROUPS)),
     "RKD": ("teacher", dict(CE_ONLY, rkd_distance_weight=25.0, rkd_angle_weight=50.0)),
     "SP": ("teacher", dict(CE_ONLY, sp_weight=3000.0)),
     "CSKD": ("teacher", dict(cskd_weight=1.0)),
     "DML": (MutualLearning, {}),
-    "Tf-KD self": ("self", {}),
+    "Tf-KD self": ("self", TFKD_SELF),
 }
 
 

@@ -117,9 +117,11 @@ def attention_transfer_loss(
 ) -> torch.Tensor:
     """Attention transfer (Zagoruyko & Komodakis, 2017): ``sum_pairs mean_{n, hw} (a_s - a_t)^2``.
 
-    The paper writes ``beta / 2 * sum_pairs ||a_s - a_t||_2``; the authors' released code uses this
-    squared, element-averaged form, which is what ``beta = 1000`` weights (the caller applies beta). Where the two maps
-    of a pair differ in size, both are average-pooled (before normalisation) to the smaller one.
+    The authors' code (attention-transfer ``utils.py:18-23``; ``cifar.py:223`` adds ``beta *`` it with
+    ``--beta 1e+3``) and RepDistiller (``distiller_zoo/AT.py:26``, ``-b 1000``) both weight this squared,
+    element-averaged term by 1000, unhalved; the paper's Eq. 2, ``beta / 2 * sum ||a_s - a_t||_p``, is
+    torchdistill's ``ATLoss(mode="paper")``. The caller applies beta. Maps of different sizes: both
+    energies ``mean_c |f|^p`` are average-pooled to the smaller (RepDistiller pools the features).
     """
     if len(student_features) != len(teacher_features) or not student_features:
         raise ValueError(

@@ -14,8 +14,9 @@ Intermediate features come from forward hooks addressed by module path (``groups
 soft targets are the unlabeled loss), which is distillation as semi-supervised learning.
 
 Self-distillation without a separate teacher (Tf-KD self, Yuan et al., 2020) is this module with
-a checkpoint of the same architecture as the teacher; Tf-KD's virtual teacher is the
-``tfkd_reg`` criterion of any module.
+a checkpoint of the same architecture as the teacher; the authors' ResNet-18 recipe (alpha 0.95,
+T 6, multiplier 50 on a class-averaged KL) is ``temperature=6, ce_weight=0.05, kd_weight=0.475``
+(``configs/tfkd_self_cifar10.yaml``). Tf-KD's virtual teacher is the ``tfkd_reg`` criterion of any module.
 
 Defaults follow RepDistiller's CIFAR recipe (../shared/guide/ANCHORS.md): T = 4, CE weight 0.1,
 KD weight 0.9; FitNets weight 100 and AT weight 1000 when those are switched on.
@@ -57,8 +58,11 @@ class KDStudent(SemiSupervisedModule):
         distill_unlabeled: also distil on the DataModule's unlabeled (weak view) images.
         image_size: side of the training images, used to size the FitNets connectors.
         test_teacher: also log the teacher's accuracy on the test images (``test/teacher_acc``).
-        **kwargs: the base's network, optimizer, EMA and criterion arguments.
+        **kwargs: the base's network, optimizer, EMA and criterion arguments (R-Drop's
+            ``rdrop_weight`` is refused: this module trains through its own ``compute_losses``).
     """
+
+    supports_rdrop = False  # its own compute_losses: no second dropout pass of the labeled batch
 
     def __init__(
         self,

@@ -130,3 +130,13 @@ def test_kd_student_runs_from_the_cli(teacher_ckpt, tmp_path):
     metrics = cli.trainer.callback_metrics
     assert "test/acc" in metrics and "test/teacher_acc" in metrics  # test_after_fit ran
     assert "train/hint_loss" in (Path(cli.trainer.log_dir) / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_rdrop_is_refused_with_a_clear_error(tmp_path):
+    # KDStudent trains through its own compute_losses, which has no second dropout pass: rdrop_weight
+    # used to be accepted and silently ignored.
+    plain = tmp_path / "teacher_state.pt"
+    torch.save(Supervised(**SMALL_NET).net.state_dict(), plain)
+    with pytest.raises(ValueError, match=r"rdrop_weight=1.0 is not possible for KDStudent"):
+        KDStudent(teacher=str(plain), teacher_network="wrn10_1", rdrop_weight=1.0, **DIGITS)
+    assert KDStudent(teacher=str(plain), teacher_network="wrn10_1", rdrop_weight=0.0, **DIGITS).hparams.rdrop_weight == 0
