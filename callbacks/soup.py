@@ -9,12 +9,20 @@ When a checkpoint holds a labelwise EMA copy (``checkpoint["ema"]``), the EMA we
 the module evaluates with, so they are the ones souped: they replace the ``net.`` entries of the
 ingredient's state dict, and the soup checkpoint carries the soup in both places.
 
+Validation must be held out: selecting ingredients on the test set (what a DataModule validates on
+unless it holds out a fold or ``val_labeled_per_class`` / ``num_val`` images) makes the soup's
+test score optimistic, so :func:`soup_from_checkpoints` refuses it unless ``select_on_test`` is
+set, and refuses ingredients whose ``split.json`` (beside the checkpoint or one folder up, where
+``train.py`` writes both) shows they trained on any of the validation images.
+
 Checkpoints are read with ``torch.load(weights_only=False)``: soup only checkpoints you trust.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -119,6 +127,28 @@ def load_into(module, state: dict[str, torch.Tensor]) -> None:
         ema.module.load_state_dict({k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)})
 
 
+def check_held_out(checkpoints: Sequence[str | os.PathLike], datamodule) -> None:
+    """Raise if an ingredient's ``split.json`` shows it trained on some of ``datamodule``'s validation
+    images (``datamodule.held_out_ids()``, after ``setup``); warn for an ingredient without one."""
+    held_out = set(datamodule.held_out_ids()) if hasattr(datamodule, "held_out_ids") else set()
+    if not held_out:
+        return
+    for checkpoint in map(Path, checkpoints):
+        found = [p for p in (checkpoint.parent / "split.json", checkpoint.parent.parent / "split.json") if p.is_file()]
+        if not found:
+            warnings.warn(f"no split.json beside soup ingredient {checkpoint}: cannot check that it held out the "
+                          f"{len(held_out)} validation images the soup is selected on")
+            continue
+        record = json.loads(found[0].read_text())
+        trained_on = held_out - set(record.get("val") or [])
+        if trained_on:
+            raise ValueError(f"soup ingredient {checkpoint} trained on {len(trained_on)} of the {len(held_out)} "
+                             f"validation images (its split {found[0]} does not hold them out): train every "
+                             f"ingredient with the held-out split the soup uses (the same seed and "
+                             f"val_labeled_per_class / num_val, or --data.split_file), or pass that run's split.json "
+                             f"as the soup DataModule's split_file")
+
+
 def soup_from_checkpoints(
     checkpoints: Sequence[str | os.PathLike],
     datamodule,
@@ -128,12 +158,15 @@ def soup_from_checkpoints(
     higher_is_better: bool = True,
     bn_batches: int | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
+    select_on_test: bool = False,
 ):
-    """Greedy soup scored by ``Trainer.validate`` on ``datamodule``'s validation set.
+    """Greedy soup scored by ``Trainer.validate`` on ``datamodule``'s held-out validation images.
 
-    With ``update_bn`` every candidate's BatchNorm statistics are re-estimated on the training
-    data before it is scored (and kept in the soup). Returns ``(module, chosen, scores)`` with the
-    soup loaded into ``module``.
+    A DataModule that validates on its test set (``validates_on_test_set``) is refused unless
+    ``select_on_test`` (the soup's test score is then optimistic); ingredients that trained on
+    validation images are refused (:func:`check_held_out`). With ``update_bn`` every candidate's
+    BatchNorm statistics are re-estimated on the training data before it is scored (and kept in
+    the soup). Returns ``(module, chosen, scores)`` with the soup loaded into ``module``.
     """
     import lightning as L
 
@@ -142,6 +175,13 @@ def soup_from_checkpoints(
     for p in checkpoints:
         if not Path(p).is_file():
             raise FileNotFoundError(f"soup ingredient {str(p)!r} does not exist")
+    datamodule.setup("validate")
+    if getattr(datamodule, "validates_on_test_set", False) and not select_on_test:
+        raise ValueError(f"{type(datamodule).__name__} validates on its test set, so a soup selected on it would be "
+                         f"selected on test data: hold out validation images (val_labeled_per_class for "
+                         f"classification, num_val for segmentation and detection, the ingredients' own split_file), "
+                         f"or pass select_on_test=True (--select_on_test) to do it knowingly")
+    check_held_out(checkpoints, datamodule)
     module = _load_module(str(checkpoints[0]), module_class)
     kwargs = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                   enable_model_summary=False, enable_checkpointing=False)
