@@ -12,8 +12,8 @@ ingredient's state dict, and the soup checkpoint carries the soup in both places
 Validation must be held out: selecting ingredients on the test set (what a DataModule validates on
 unless it holds out a fold or ``val_labeled_per_class`` / ``num_val`` images) makes the soup's
 test score optimistic, so :func:`soup_from_checkpoints` refuses it unless ``select_on_test`` is
-set, and refuses ingredients whose ``split.json`` (beside the checkpoint or one folder up, where
-``train.py`` writes both) shows they trained on any of the validation images.
+set, and refuses ingredients that trained on any of the validation images (as their checkpoint,
+or a ``split.json`` beside it, records what they held out).
 
 Checkpoints are read with ``torch.load(weights_only=False)``: soup only checkpoints you trust.
 """
@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from callbacks.swa import _unwrap_batches, recompute_batch_norm
+from datamodules.held_out import recorded_held_out
 from datamodules.split import atomic_path
 
 EMA_PREFIX = "net."
@@ -128,25 +129,30 @@ def load_into(module, state: dict[str, torch.Tensor]) -> None:
 
 
 def check_held_out(checkpoints: Sequence[str | os.PathLike], datamodule) -> None:
-    """Raise if an ingredient's ``split.json`` shows it trained on some of ``datamodule``'s validation
-    images (``datamodule.held_out_ids()``, after ``setup``); warn for an ingredient without one."""
+    """Raise if an ingredient trained on some of ``datamodule``'s validation images
+    (``datamodule.held_out_ids()``, after ``setup``): the images the ingredient held out are read
+    from its checkpoint (the DataModule's ``"held_out"`` record), else from a ``split.json`` beside
+    it or one folder up; warn for an ingredient with neither."""
     held_out = set(datamodule.held_out_ids()) if hasattr(datamodule, "held_out_ids") else set()
     if not held_out:
         return
     for checkpoint in map(Path, checkpoints):
-        found = [p for p in (checkpoint.parent / "split.json", checkpoint.parent.parent / "split.json") if p.is_file()]
-        if not found:
-            warnings.warn(f"no split.json beside soup ingredient {checkpoint}: cannot check that it held out the "
-                          f"{len(held_out)} validation images the soup is selected on")
-            continue
-        record = json.loads(found[0].read_text())
-        trained_on = held_out - set(record.get("val") or [])
+        recorded, source = recorded_held_out(load_checkpoint(checkpoint), datamodule), "its checkpoint"
+        if recorded is None:
+            found = [p for p in (checkpoint.parent / "split.json", checkpoint.parent.parent / "split.json")
+                     if p.is_file()]
+            if not found:
+                warnings.warn(f"soup ingredient {checkpoint} records no held-out images and has no split.json "
+                              f"beside it: cannot check that it held out the {len(held_out)} validation images")
+                continue
+            recorded, source = json.loads(found[0].read_text()).get("val") or [], f"its split {found[0]}"
+        trained_on = held_out - set(recorded)
         if trained_on:
             raise ValueError(f"soup ingredient {checkpoint} trained on {len(trained_on)} of the {len(held_out)} "
-                             f"validation images (its split {found[0]} does not hold them out): train every "
-                             f"ingredient with the held-out split the soup uses (the same seed and "
-                             f"val_labeled_per_class / num_val, or --data.split_file), or pass that run's split.json "
-                             f"as the soup DataModule's split_file")
+                             f"validation images ({source} does not hold them out): train every ingredient with "
+                             f"the held-out split the soup uses (the same seed and val_labeled_per_class / num_val, "
+                             f"or --data.split_file), or pass that run's split.json as the soup DataModule's "
+                             f"split_file")
 
 
 def soup_from_checkpoints(

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.augment import normalize, strong_augment, weak_augment
-from datamodules.held_out import check_held_out_arguments, check_loaded_split, draw_split
+from datamodules.held_out import RecordsHeldOut, check_held_out_arguments, check_loaded_split, draw_split
 from datamodules.in_memory import IndexedImages, keep_batch
 from datamodules.image_files import load_classification_folder
 from datamodules.resumable import ResumableStreams
@@ -40,7 +40,7 @@ def requested_views(datamodule: LightningDataModule, default: tuple[str, ...]) -
     return tuple(getattr(model, "unlabeled_views", default))
 
 
-class SSLDataModule(ResumableStreams, LightningDataModule):
+class SSLDataModule(RecordsHeldOut, ResumableStreams, LightningDataModule):
     """Base for labeled/unlabeled classification data.
 
     Subclasses set ``num_classes``, ``num_channels``, ``mean``, ``std`` and implement

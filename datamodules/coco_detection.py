@@ -46,6 +46,7 @@ from torchvision.io import ImageReadMode, decode_image
 from datamodules.coco_reading import read_coco, target_of
 from datamodules.base import requested_views
 from datamodules.detection_transforms import DetectionItems, StrongPhotometric, collate_lists, detection_geometry
+from datamodules.held_out import RecordsHeldOut
 from datamodules.image_files import load_whole_images
 from datamodules.named_split import draw_parts, read_parts, split_record
 from datamodules.resumable import ResumableStreams
@@ -54,7 +55,7 @@ from datamodules.split import run_split_path, write_json_atomically
 SPLIT_FORMAT = "labelwise-coco-split/1"
 
 
-class COCODetection(ResumableStreams, LightningDataModule):
+class COCODetection(RecordsHeldOut, ResumableStreams, LightningDataModule):
     """Detection data from a COCO json and its image folder, split into test, labeled and unlabeled.
 
     One seeded permutation of the image ids gives ``num_test`` test images, then ``num_val``
@@ -95,7 +96,8 @@ class COCODetection(ResumableStreams, LightningDataModule):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         self.root = Path(root).expanduser()
         self.annotation_path = self.root / annotation_file
-        self.coco = read_coco(self.annotation_path, self.root / image_dir)
+        self.image_dir = self.root / image_dir
+        self.coco = read_coco(self.annotation_path, self.image_dir)
         self.category_ids = [-1] + self.coco.category_ids  # label -> COCO id; -1: the background
         self.category_names = ["background"] + self.coco.category_names
         self.num_classes = len(self.category_ids)
@@ -173,7 +175,8 @@ class COCODetection(ResumableStreams, LightningDataModule):
         if self.predict_images is not None:
             return [{"id": i + 1, "file_name": name, "height": int(image.shape[1]), "width": int(image.shape[2])}
                     for i, (image, name) in enumerate(zip(self.predict_images.images, self.predict_images.names))]
-        return [{"id": r.id, "file_name": r.path.name, "height": r.height, "width": r.width}
+        return [{"id": r.id, "file_name": r.path.relative_to(self.image_dir).as_posix(), "height": r.height,
+                 "width": r.width}
                 for r in (self.coco.images[i] for i in self.split["test"].tolist())]
 
     def setup(self, stage: str) -> None:

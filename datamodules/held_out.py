@@ -3,10 +3,13 @@ out for validation: a stratified k-fold fold, or ``val_per_class`` labeled image
 
 Validation on held-out training images instead of the test set is what makes a choice made on
 ``val/*`` (a greedy soup's ingredients, a checkpoint kept by ``ModelCheckpoint(monitor=...)``)
-honest: the test set then plays no part in it.
+honest: the test set then plays no part in it. :class:`RecordsHeldOut` puts the held-out images
+in every checkpoint, so the soup can check that no ingredient trained on its validation images.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -73,3 +76,17 @@ def check_loaded_split(split: LabeledSplit, path: str, num_folds: int | None, fo
         raise ValueError(f"split_file {path} holds {found}, but val_labeled_per_class={val_per_class} was asked "
                          f"for: drop val_labeled_per_class to use the file's split, or pass the matching file")
     return split
+
+
+class RecordsHeldOut:
+    """DataModule mixin: ``state_dict`` (saved in every checkpoint under the DataModule's class name)
+    also holds ``"held_out"``, the validation images as ``held_out_ids()`` names them ([] if none)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "held_out": list(self.held_out_ids())}
+
+
+def recorded_held_out(checkpoint: dict, datamodule: Any) -> list | None:
+    """The held-out images a checkpoint of a ``datamodule``-like DataModule recorded, or None if it holds no record."""
+    state = checkpoint.get(type(datamodule).__qualname__)
+    return list(state["held_out"]) if isinstance(state, dict) and "held_out" in state else None

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.augment import normalize
 from datamodules.base import requested_views
+from datamodules.held_out import RecordsHeldOut
 from datamodules.image_files import (FolderImages, decode_all, decode_rgb_or_grey, files_by_stem,
                                      load_whole_images, natural_key)
 from datamodules.named_split import draw_parts, read_parts, split_record
@@ -72,7 +73,7 @@ class SegmentationSplit:
     val: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
 
-class SegmentationFolders(ResumableStreams, LightningDataModule):
+class SegmentationFolders(RecordsHeldOut, ResumableStreams, LightningDataModule):
     """Segmentation data from ``root/<image_dir>`` + ``root/<mask_dir>``, with a seeded split.
 
     The split draws one seeded permutation of the images that have masks: the first ``num_test``

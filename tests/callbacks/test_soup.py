@@ -84,9 +84,22 @@ def test_soup_refuses_to_select_on_the_test_set_unless_asked(ingredients):
 
 def test_soup_refuses_an_ingredient_that_trained_on_the_validation_digits(ingredients, tmp_path):
     leaky = _fit(tmp_path / "leaky", 3, 0.05, [], epochs=1)  # no held-out digits: trained on all of them
+    assert torch.load(ingredients[0], weights_only=False)["DigitsSSL"]["held_out"] == _held_out_digits()
     with pytest.raises(ValueError, match=r"soup ingredient .*leaky/final.ckpt trained on \d+ of the 50 validation "
-                                         r"images .*split\.json does not hold them out"):
+                                         r"images \(its checkpoint does not hold them out\)"):
         soup_from_checkpoints([*ingredients, leaky], _data())
+    # a checkpoint without the record (written before it existed): the split.json beside it tells
+    old = torch.load(leaky, weights_only=False)
+    del old["DigitsSSL"]["held_out"]
+    torch.save(old, tmp_path / "leaky" / "old.ckpt")
+    with pytest.raises(ValueError, match=r"old.ckpt trained on \d+ of the 50 .*its split .*leaky/split.json does not"):
+        soup_from_checkpoints([*ingredients, str(tmp_path / "leaky" / "old.ckpt")], _data())
+
+
+def _held_out_digits() -> list[int]:
+    data = _data()
+    data.setup("validate")
+    return data.split.val.tolist()
 
 
 def test_update_bn_soup_is_never_worse_than_its_best_ingredient(ingredients):
