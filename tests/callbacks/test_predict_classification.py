@@ -91,6 +91,10 @@ def _bad_folder(folder: Path, kind: str) -> Path:
         (folder / "notes.txt").write_text("not an image")
     if kind == "truncated":
         (folder / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # a PNG signature and nothing else
+    if kind == "same name":
+        digit = Image.fromarray(DigitsSSL().load_test()[0][0, 0].numpy())
+        digit.save(folder / "a.png")
+        digit.save(folder / "a.bmp")
     return folder
 
 
@@ -99,6 +103,7 @@ def _bad_folder(folder: Path, kind: str) -> Path:
     ("missing", FileNotFoundError, r"predict_root .*missing does not exist: pass the folder of images"),
     ("no images", ValueError, r"holds no images .*\(it holds \['notes.txt'\]"),
     ("truncated", ValueError, r"DigitsSSL: cannot decode image .*cut\.png .*: replace or remove it"),
+    ("same name", ValueError, r"a\.bmp and .*a\.png differ only in their suffix, so their predictions would share"),
 ])
 def test_bad_predict_folders_stop_with_a_clear_error(trained, tmp_path, kind, error, match):
     root, ckpt = trained
