@@ -53,8 +53,8 @@ def find_images(root: str | os.PathLike, owner: str, suffixes: Sequence[str] = I
     files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes),
                    key=lambda p: p.relative_to(root).as_posix())
     if not files:
-        others = sorted(p.name for p in root.rglob("*") if p.is_file())[:3]
-        found = f" (it holds {others}{', ...' if others else ''})" if others else " (it is empty)"
+        others = sorted(p.name for p in root.rglob("*") if p.is_file())
+        found = f" (it holds {others[:3]}{' and more' if len(others) > 3 else ''})" if others else " (it is empty)"
         raise ValueError(f"{owner}: predict_root {root} holds no images with a suffix in {', '.join(suffixes)}"
                          f"{found}: put the images to predict there")
     stems: dict[str, Path] = {}
