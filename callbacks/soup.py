@@ -20,16 +20,14 @@ Checkpoints are read with ``torch.load(weights_only=False)``: soup only checkpoi
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from callbacks.swa import _unwrap_batches, recompute_batch_norm
-from datamodules.held_out import recorded_held_out
+from datamodules.held_out import check_held_out
 from datamodules.split import atomic_path
 
 EMA_PREFIX = "net."
@@ -128,33 +126,6 @@ def load_into(module, state: dict[str, torch.Tensor]) -> None:
         ema.module.load_state_dict({k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)})
 
 
-def check_held_out(checkpoints: Sequence[str | os.PathLike], datamodule) -> None:
-    """Raise if an ingredient trained on some of ``datamodule``'s validation images
-    (``datamodule.held_out_ids()``, after ``setup``): the images the ingredient held out are read
-    from its checkpoint (the DataModule's ``"held_out"`` record), else from a ``split.json`` beside
-    it or one folder up; warn for an ingredient with neither."""
-    held_out = set(datamodule.held_out_ids()) if hasattr(datamodule, "held_out_ids") else set()
-    if not held_out:
-        return
-    for checkpoint in map(Path, checkpoints):
-        recorded, source = recorded_held_out(load_checkpoint(checkpoint), datamodule), "its checkpoint"
-        if recorded is None:
-            found = [p for p in (checkpoint.parent / "split.json", checkpoint.parent.parent / "split.json")
-                     if p.is_file()]
-            if not found:
-                warnings.warn(f"soup ingredient {checkpoint} records no held-out images and has no split.json "
-                              f"beside it: cannot check that it held out the {len(held_out)} validation images")
-                continue
-            recorded, source = json.loads(found[0].read_text()).get("val") or [], f"its split {found[0]}"
-        trained_on = held_out - set(recorded)
-        if trained_on:
-            raise ValueError(f"soup ingredient {checkpoint} trained on {len(trained_on)} of the {len(held_out)} "
-                             f"validation images ({source} does not hold them out): train every ingredient with "
-                             f"the held-out split the soup uses (the same seed and val_labeled_per_class / num_val, "
-                             f"or --data.split_file), or pass that run's split.json as the soup DataModule's "
-                             f"split_file")
-
-
 def soup_from_checkpoints(
     checkpoints: Sequence[str | os.PathLike],
     datamodule,
@@ -187,7 +158,7 @@ def soup_from_checkpoints(
                          f"selected on test data: hold out validation images (val_labeled_per_class for "
                          f"classification, num_val for segmentation and detection, the ingredients' own split_file), "
                          f"or pass select_on_test=True (--select_on_test) to do it knowingly")
-    check_held_out(checkpoints, datamodule)
+    check_held_out({str(p): load_checkpoint(p) for p in checkpoints}, datamodule)
     module = _load_module(str(checkpoints[0]), module_class)
     kwargs = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                   enable_model_summary=False, enable_checkpointing=False)
