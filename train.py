@@ -41,6 +41,7 @@ class LabelwiseCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         callbacks.use_atomic_checkpoints(trainer)
+        callbacks.use_prediction_writer(trainer)  # predict writes files and says where (callbacks.PredictionWriter)
         return trainer
 
     def after_fit(self) -> None:

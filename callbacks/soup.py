@@ -15,6 +15,12 @@ callback's average (``callbacks.EMA``) when the checkpoint has one, and a labelw
 copy (``checkpoint["ema"]``) for its ``net.`` entries. The soup checkpoint carries the soup in each
 of those places.
 
+Validation must be held out: selecting ingredients on the test set (what a DataModule validates on
+unless it holds out a fold or ``val_labeled_per_class`` / ``num_val`` images) makes the soup's
+test score optimistic, so :func:`soup_from_checkpoints` refuses it unless ``select_on_test`` is
+set, and refuses ingredients that trained on any of the validation images (as their checkpoint,
+or a ``split.json`` beside it, records what they held out).
+
 Checkpoints are read with ``torch.load(weights_only=False)``: soup only checkpoints you trust.
 """
 
@@ -28,6 +34,7 @@ import torch
 
 from callbacks.batch_norm import recompute_batch_norm, unwrap_batches
 from callbacks.ema_callback import ema_callback_states
+from datamodules.held_out import check_held_out
 from datamodules.split import atomic_path
 
 EMA_PREFIX = "net."
@@ -150,12 +157,15 @@ def soup_from_checkpoints(
     higher_is_better: bool = True,
     bn_batches: int | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
+    select_on_test: bool = False,
 ):
-    """Greedy soup scored by ``Trainer.validate`` on ``datamodule``'s validation set.
+    """Greedy soup scored by ``Trainer.validate`` on ``datamodule``'s held-out validation images.
 
-    With ``update_bn`` every candidate's BatchNorm statistics are re-estimated on the training
-    data before it is scored (and kept in the soup). Returns ``(module, chosen, scores)`` with the
-    soup loaded into ``module``.
+    A DataModule that validates on its test set (``validates_on_test_set``) is refused unless
+    ``select_on_test`` (the soup's test score is then optimistic); ingredients that trained on
+    validation images are refused (:func:`check_held_out`). With ``update_bn`` every candidate's
+    BatchNorm statistics are re-estimated on the training data before it is scored (and kept in
+    the soup). Returns ``(module, chosen, scores)`` with the soup loaded into ``module``.
     """
     import lightning as L
 
@@ -164,6 +174,13 @@ def soup_from_checkpoints(
     for p in checkpoints:
         if not Path(p).is_file():
             raise FileNotFoundError(f"soup ingredient {str(p)!r} does not exist")
+    datamodule.setup("validate")
+    if getattr(datamodule, "validates_on_test_set", False) and not select_on_test:
+        raise ValueError(f"{type(datamodule).__name__} validates on its test set, so a soup selected on it would be "
+                         f"selected on test data: hold out validation images (val_labeled_per_class for "
+                         f"classification, num_val for segmentation and detection, the ingredients' own split_file), "
+                         f"or pass select_on_test=True (--select_on_test) to do it knowingly")
+    check_held_out({str(p): load_checkpoint(p) for p in checkpoints}, datamodule)
     module = _load_module(str(checkpoints[0]), module_class)
     kwargs = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                   enable_model_summary=False, enable_checkpointing=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from lightning import LightningDataModule
@@ -22,35 +22,13 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.augment import normalize, strong_augment, weak_augment
+from datamodules.held_out import RecordsHeldOut, check_held_out_arguments, check_loaded_split, draw_split
+from datamodules.in_memory import IndexedImages, keep_batch
+from datamodules.image_files import load_classification_folder
 from datamodules.resumable import ResumableStreams
-from datamodules.split import (LabeledSplit, class_balanced_split, load_split, run_split_path, save_split,
-                              stratified_kfold)
+from datamodules.split import LabeledSplit, load_split, run_split_path, save_split
 
 log = logging.getLogger(__name__)
-
-
-class IndexedImages(Dataset):
-    """Rows ``indices`` of an in-memory uint8 image tensor; batches are gathered in one indexing op."""
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor | None = None) -> None:
-        self.images, self.targets = images, targets
-        self.indices = torch.arange(len(images)) if indices is None else indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        index = self.indices[i]
-        return {"image": self.images[index], "target": self.targets[index], "index": index}
-
-    def __getitems__(self, positions: Sequence[int]) -> dict[str, torch.Tensor]:
-        index = self.indices[torch.as_tensor(positions, dtype=torch.long)]
-        return {"image": self.images[index], "target": self.targets[index], "index": index}
-
-
-def _keep_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Collate function: ``IndexedImages.__getitems__`` already returns a whole batch."""
-    return batch
 
 
 def requested_views(datamodule: LightningDataModule, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -62,7 +40,7 @@ def requested_views(datamodule: LightningDataModule, default: tuple[str, ...]) -
     return tuple(getattr(model, "unlabeled_views", default))
 
 
-class SSLDataModule(ResumableStreams, LightningDataModule):
+class SSLDataModule(RecordsHeldOut, ResumableStreams, LightningDataModule):
     """Base for labeled/unlabeled classification data.
 
     Subclasses set ``num_classes``, ``num_channels``, ``mean``, ``std`` and implement
@@ -88,18 +66,16 @@ class SSLDataModule(ResumableStreams, LightningDataModule):
         cutout_fraction: largest Cutout side in the strong view, as a fraction of the image.
         unlabeled_views: override the views the model asks for.
         num_workers: loader processes; 0 is right for in-memory data.
-        num_folds: stratified k-fold cross-validation over the training set (``None``: off). At
-            ``setup("fit")`` the training set is split by :func:`datamodules.split.stratified_kfold`
-            (seeded by ``seed``); the labeled/unlabeled split is then drawn from the fold's
-            training part only, the held-out fold is neither labeled nor unlabeled, and
-            ``val_dataloader`` returns the held-out fold with its labels instead of the test set.
-            Indices stay relative to the full training set, and ``split.json`` records
-            ``num_folds``, ``fold`` and the held-out indices, so ``split_file`` reproduces the fold.
-        fold: which fold is held out, ``0 .. num_folds - 1``.
+        num_folds, fold: stratified k-fold cross-validation (``None``: off): fold ``fold`` of the
+            training set (:func:`datamodules.split.stratified_kfold`, seeded by ``seed``) is held out.
+        val_labeled_per_class: hold out this many training images per class instead (``None``: off).
 
-    Cross-validation, e.g. 5 runs ``--data.num_folds 5 --data.fold k`` for ``k`` in ``0..4``:
-    every training image is held out exactly once, and ``val/acc`` is the held-out accuracy.
-    Test and predict always use the test set.
+    Held-out images (a fold, or ``val_labeled_per_class``) are drawn first, then the labeled split
+    from the rest; they are neither labeled nor unlabeled, ``val_dataloader`` returns them with
+    their labels instead of the test set, and ``split.json`` records them as ``val`` (indices into
+    the full training set), so ``split_file`` reproduces them (:mod:`datamodules.held_out`).
+    Test always uses the test set; predict too unless ``predict_root`` names a folder of images
+    (searched recursively, decoded like the training images and resized to their size).
     """
 
     num_classes: int
@@ -128,6 +104,8 @@ class SSLDataModule(ResumableStreams, LightningDataModule):
         num_workers: int = 0,
         num_folds: int | None = None,
         fold: int = 0,
+        val_labeled_per_class: int | None = None,
+        predict_root: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("uratio", uratio), ("steps_per_epoch", steps_per_epoch)):
@@ -144,11 +122,10 @@ class SSLDataModule(ResumableStreams, LightningDataModule):
         self.pad_fraction, self.randaugment_ops, self.cutout_fraction = pad_fraction, randaugment_ops, cutout_fraction
         self.unlabeled_views = unlabeled_views
         self.num_workers = num_workers
-        if num_folds is not None and num_folds < 2:
-            raise ValueError(f"num_folds must be at least 2 (or None for no cross-validation), got {num_folds}")
-        if num_folds is not None and not 0 <= fold < num_folds:
-            raise ValueError(f"fold must be in 0..{num_folds - 1} for num_folds={num_folds}, got {fold}")
-        self.num_folds, self.fold = num_folds, fold
+        check_held_out_arguments(num_folds, fold, val_labeled_per_class)
+        self.num_folds, self.fold, self.val_labeled_per_class = num_folds, fold, val_labeled_per_class
+        self.predict_root = predict_root
+        self._predict: Dataset | None = None
         self.split: LabeledSplit | None = None
         self.split_path: Path | None = None
         self._train: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -165,15 +142,40 @@ class SSLDataModule(ResumableStreams, LightningDataModule):
     def load_extra_unlabeled(self) -> torch.Tensor | None:
         return None
 
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c) for c in range(self.num_classes)]
+
+    def training_image_size(self) -> tuple[int, int]:
+        """(H, W) the model sees; images from ``predict_root`` are resized to it."""
+        return tuple(self.load_test()[0].shape[-2:])
+
+    @property
+    def validates_on_test_set(self) -> bool:
+        """Whether ``val_dataloader`` is the test set (no fold or held-out split): a model selected by
+        validation is then selected on test data."""
+        if self.split is not None:
+            return self.split.val is None
+        return self.num_folds is None and self.val_labeled_per_class is None and self.split_file is None
+
+    def held_out_ids(self) -> list[int]:
+        """The validation images as ``split.json`` records them (``val``), after ``setup``."""
+        return [] if self.split is None or self.split.val is None else self.split.val.tolist()
+
     # --- set-up ----------------------------------------------------------------------------
     @property
     def dataset_name(self) -> str:
         return type(self).__name__
 
     def setup(self, stage: str) -> None:
-        # validate needs the split too when validation runs on a held-out fold
-        fold_or_file = self.num_folds is not None or self.split_file is not None
-        needs_split = stage == "fit" or (stage == "validate" and fold_or_file)
+        if stage == "predict" and self.predict_root is not None:
+            if self._predict is None:
+                self._predict = load_classification_folder(self.predict_root, self.num_channels,
+                                                           self.training_image_size(), self.dataset_name)
+            return
+        # validate needs the split too when validation runs on held-out training images
+        held_out = self.num_folds is not None or self.val_labeled_per_class is not None or self.split_file is not None
+        needs_split = stage == "fit" or (stage == "validate" and held_out)
         if needs_split:
             if self._train is None:
                 self._train = self._checked("train", self.load_train())
@@ -198,28 +200,12 @@ class SSLDataModule(ResumableStreams, LightningDataModule):
         return data
 
     def _make_split(self, targets: torch.Tensor) -> LabeledSplit:
-        if self.split_file is not None:
-            split = load_split(self.split_file, targets, self.dataset_name)
-            if self.num_folds is not None and (split.num_folds, split.fold) != (self.num_folds, self.fold):
-                found = "no fold" if split.num_folds is None else f"fold {split.fold} of {split.num_folds}"
-                raise ValueError(
-                    f"split_file {self.split_file} holds {found}, but num_folds={self.num_folds}, fold={self.fold} "
-                    f"was asked for: drop num_folds/fold to use the file's split, or pass the matching file"
-                )
-            log.info("loaded the labeled/unlabeled split from %s", self.split_file)
-            return split
-        if self.num_folds is None:
-            return self._labeled_split(targets)
-        train_idx, val_idx = stratified_kfold(targets, self.num_folds, self.fold, self.seed)
-        inner = self._labeled_split(targets[train_idx])
-        # back to indices into the full training set (train_idx is sorted, so order is kept)
-        return LabeledSplit(train_idx[inner.labeled], train_idx[inner.unlabeled], self.seed,
-                            val_idx, self.num_folds, self.fold)
-
-    def _labeled_split(self, targets: torch.Tensor) -> LabeledSplit:
-        if self.num_labeled is None:
-            return LabeledSplit(torch.arange(len(targets)), torch.empty(0, dtype=torch.long), self.seed)
-        return class_balanced_split(targets, self.num_labeled, self.num_classes, self.seed)
+        if self.split_file is None:
+            return draw_split(targets, self.num_labeled, self.num_classes, self.seed, self.num_folds, self.fold,
+                              self.val_labeled_per_class)
+        split = load_split(self.split_file, targets, self.dataset_name)
+        log.info("loaded the labeled/unlabeled split from %s", self.split_file)
+        return check_loaded_split(split, self.split_file, self.num_folds, self.fold, self.val_labeled_per_class)
 
     def _save_split(self) -> None:
         trainer = self.trainer
@@ -235,7 +221,7 @@ class SSLDataModule(ResumableStreams, LightningDataModule):
 
     def _stream(self, dataset: Dataset, batch_size: int, stream: str) -> DataLoader:
         # Permutation after permutation, sharded across DDP ranks, resumable exactly (datamodules.resumable).
-        return self.training_stream(dataset, batch_size, stream, collate_fn=_keep_batch, num_workers=self.num_workers)
+        return self.training_stream(dataset, batch_size, stream, collate_fn=keep_batch, num_workers=self.num_workers)
 
     def unlabeled_dataset(self) -> IndexedImages:
         images, targets = self._train
@@ -261,13 +247,13 @@ class SSLDataModule(ResumableStreams, LightningDataModule):
 
     def _eval_loader(self) -> DataLoader:
         return DataLoader(IndexedImages(*self._test), batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=_keep_batch, num_workers=self.num_workers)
+                          collate_fn=keep_batch, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         if self.split is not None and self.split.val is not None:
-            # k-fold: the held-out fold of the training set, with its labels
+            # the held-out fold or validation images of the training set, with their labels
             return DataLoader(IndexedImages(*self._train, self.split.val), batch_size=self.eval_batch_size,
-                              shuffle=False, collate_fn=_keep_batch, num_workers=self.num_workers)
+                              shuffle=False, collate_fn=keep_batch, num_workers=self.num_workers)
         # Like USB and TorchSSL, validation reports on the test set; nothing is selected by it.
         return self._eval_loader()
 
@@ -275,7 +261,10 @@ class SSLDataModule(ResumableStreams, LightningDataModule):
         return self._eval_loader()
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader()
+        if self._predict is None:
+            return self._eval_loader()
+        return DataLoader(self._predict, batch_size=self.eval_batch_size, shuffle=False, collate_fn=keep_batch,
+                          num_workers=self.num_workers)
 
     # --- augmentation, on the batch's device ----------------------------------------------
     def weak(self, images: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,9 @@ class DigitsSSL(SSLDataModule):
     The images are upsampled to ``image_size`` (bilinear) so that crops, rotations and Cutout
     act at a scale comparable to CIFAR's; flips are off because they change digits' identity.
     Defaults: 5 labels per class, 32 labeled + 7 x 32 unlabeled images per step.
+
+    ``predict_root`` images are read as grey, white digits on black (as scikit-learn's, scaled
+    0..16 -> 0..255) and resized to ``image_size``.
     """
 
     num_classes = 10
@@ -45,6 +48,9 @@ class DigitsSSL(SSLDataModule):
             train_idx, test_idx = torch.as_tensor(train_idx).sort().values, torch.as_tensor(test_idx).sort().values
             self._parts = {"train": (images[train_idx], targets[train_idx]), "test": (images[test_idx], targets[test_idx])}
         return self._parts
+
+    def training_image_size(self) -> tuple[int, int]:
+        return self.image_size, self.image_size
 
     def load_train(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._load()["train"]

@@ -60,6 +60,20 @@ class ImageFolderSSL(SSLDataModule):
             raise ValueError(f"ImageFolderSSL: {train} has no class folders: expected train/<class>/<image>")
         return classes
 
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+    def training_image_size(self) -> tuple[int, int]:
+        if self.image_size is not None:
+            return self.image_size, self.image_size
+        first = self._files("train")[0][0]
+        try:
+            with Image.open(first) as pil:  # reads the header only
+                return pil.height, pil.width
+        except (OSError, UnidentifiedImageError) as err:
+            raise ValueError(f"ImageFolderSSL: cannot read {first} ({err}): replace or remove the file") from err
+
     def _files(self, split: str) -> tuple[list[Path], torch.Tensor]:
         folder = self.root / split
         if not folder.is_dir():

@@ -19,8 +19,9 @@ or all -1 for an image without a mask (``unlabeled_without_mask``); methods use 
 diagnostics such as pseudo-label accuracy over pixels with target >= 0. ``strong*`` views add an
 independent photometric draw (colour jitter, blur, noise) to the image only, ``weak*`` and
 ``plain*`` views are the geometric crop alone. Labeled crops are the geometric (weak) augmentation
-of image and mask. Validation, test and predict batches are whole images of the test split:
-``{"image": float32 (B, C, H, W), "target": int64 (B, H, W), "index": int64 (B,)}``.
+of image and mask. Validation and test batches are whole images of the validation or test split:
+``{"image": float32 (B, C, H, W), "target": int64 (B, H, W), "index": int64 (B,)}``; predict
+batches are whole images without targets, ``{"image", "index", "file": [str]}``.
 
 Augmentation runs per sample in the loader (``datamodules.segmentation_transforms``); only
 normalization runs after the transfer to the device. ``datamodules.sliding_window`` turns a model
@@ -29,14 +30,11 @@ trained on crops into whole-image logits.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,8 +46,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.augment import normalize
 from datamodules.base import requested_views
+from datamodules.held_out import RecordsHeldOut
+from datamodules.image_files import (FolderImages, decode_all, decode_rgb_or_grey, files_by_stem,
+                                     load_whole_images, natural_key)
+from datamodules.named_split import draw_parts, read_parts, split_record
 from datamodules.resumable import ResumableStreams
-from datamodules.split import check_split_record, run_split_path, write_json_atomically
+from datamodules.split import run_split_path, write_json_atomically
 from datamodules.segmentation_transforms import (SegmentationCrops, WholeImages, geometric_transform,
                                                  photometric_transform)
 
@@ -68,31 +70,19 @@ class SegmentationSplit:
     unlabeled: Tensor
     test: Tensor
     seed: int
+    val: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
 
-def _natural_key(stem: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", stem)]
-
-
-def _files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in suffixes:
-            if path.stem in found:
-                raise ValueError(f"SegmentationFolders: {found[path.stem]} and {path} share the stem {path.stem!r}: "
-                                 f"keep one file per stem")
-            found[path.stem] = path
-    return found
-
-
-class SegmentationFolders(ResumableStreams, LightningDataModule):
+class SegmentationFolders(RecordsHeldOut, ResumableStreams, LightningDataModule):
     """Segmentation data from ``root/<image_dir>`` + ``root/<mask_dir>``, with a seeded split.
 
     The split draws one seeded permutation of the images that have masks: the first ``num_test``
-    form the test set (validation reports on it too, as ``SSLDataModule`` does), the next
-    ``num_labeled`` the labeled set, and the rest, plus images without masks when
-    ``unlabeled_without_mask`` is set, the unlabeled set. At ``setup("fit")`` the split is saved
-    by stem to ``<log_dir>/split.json``; ``split_file`` reuses such a file.
+    form the test set, the next ``num_val`` the validation set (``0``: validation reports on the
+    test set, as ``SSLDataModule`` does), the next ``num_labeled`` the labeled set, and the rest,
+    plus images without masks when ``unlabeled_without_mask`` is set, the unlabeled set
+    (:mod:`datamodules.named_split`). At ``setup("fit")`` the split is saved by stem to
+    ``<log_dir>/split.json``; ``split_file`` reuses such a file. Predict runs on the test images,
+    or on every image under ``predict_root`` (no masks needed; named by their path there).
 
     Args:
         root: folder holding ``image_dir`` and ``mask_dir``.
@@ -102,7 +92,9 @@ class SegmentationFolders(ResumableStreams, LightningDataModule):
         grayscale: decode images as one channel (``num_channels`` 1) instead of RGB (3).
         unlabeled_without_mask: images without a mask join the unlabeled set instead of raising.
         num_labeled: labeled training images; ``None`` labels every non-test image with a mask.
-        num_test: held-out images for validation and test.
+        num_test: held-out images for test (and validation while ``num_val`` is 0).
+        num_val: held-out images for validation only.
+        predict_root: a folder of images to predict on instead of the test images.
         crop_size: side of the random training crops (``None``: whole images, all of one size).
         flips, rot90: random horizontal+vertical flips and 90-degree rotations of the crops.
         color_jitter, blur_probability, noise_std: the strong view's photometric changes.
@@ -124,7 +116,8 @@ class SegmentationFolders(ResumableStreams, LightningDataModule):
                  noise_std: float = 0.03, batch_size: int = 4, uratio: int = 1, steps_per_epoch: int = 100,
                  eval_batch_size: int = 1, include_labeled_in_unlabeled: bool = False,
                  unlabeled_views: list[str] | None = None, mean: list[float] | None = None,
-                 std: list[float] | None = None, num_workers: int = 0, decode_threads: int = 4) -> None:
+                 std: list[float] | None = None, num_workers: int = 0, decode_threads: int = 4, num_val: int = 0,
+                 predict_root: str | None = None) -> None:
         super().__init__()
         if mask_mode not in ("binary", "index"):
             raise ValueError(f"mask_mode must be 'binary' or 'index', got {mask_mode!r}")
@@ -142,6 +135,7 @@ class SegmentationFolders(ResumableStreams, LightningDataModule):
         self.num_channels = 1 if grayscale else 3
         self.unlabeled_without_mask = unlabeled_without_mask
         self.num_labeled, self.num_test, self.seed, self.split_file = num_labeled, num_test, seed, split_file
+        self.num_val, self.predict_root = num_val, predict_root
         self.batch_size, self.uratio, self.steps_per_epoch = batch_size, uratio, steps_per_epoch
         self.eval_batch_size, self.num_workers, self.decode_threads = eval_batch_size, num_workers, decode_threads
         self.include_labeled_in_unlabeled, self.unlabeled_views = include_labeled_in_unlabeled, unlabeled_views
@@ -152,19 +146,16 @@ class SegmentationFolders(ResumableStreams, LightningDataModule):
         self.geometry = geometric_transform(crop_size, flips, rot90)
         self.photometric = photometric_transform(self.num_channels, color_jitter, blur_probability, noise_std)
         self.stems: list[str] = []
+        self.image_names: list[str] = []  # file names in image_dir, one per stem
         self.images: list[Tensor] = []
         self.masks: list[Tensor | None] = []
         self.split: SegmentationSplit | None = None
         self.split_path: Path | None = None
+        self.predict_images: FolderImages | None = None
 
     # --- reading the folders ----------------------------------------------------------------
     def _decode_image(self, path: Path) -> Tensor:
-        try:
-            with Image.open(path) as pil:
-                array = np.asarray(pil.convert("L" if self.num_channels == 1 else "RGB"))
-        except (OSError, UnidentifiedImageError) as err:
-            raise ValueError(f"SegmentationFolders: cannot decode image {path} ({err}): replace or remove it") from err
-        return torch.from_numpy(array.copy()).reshape(*array.shape[:2], -1).permute(2, 0, 1).contiguous()
+        return decode_rgb_or_grey(path, self.num_channels, "SegmentationFolders")
 
     def _decode_mask(self, path: Path, image_path: Path, image_size: tuple[int, int]) -> Tensor:
         try:
@@ -198,11 +189,11 @@ class SegmentationFolders(ResumableStreams, LightningDataModule):
         if not image_root.is_dir():
             raise FileNotFoundError(f"SegmentationFolders: {image_root} does not exist: root must hold "
                                     f"{self.image_dir}/ and {self.mask_dir}/")
-        images = _files_by_stem(image_root, IMAGE_SUFFIXES)
+        images = files_by_stem(image_root, IMAGE_SUFFIXES, "SegmentationFolders")
         if not images:
             raise ValueError(f"SegmentationFolders: {image_root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        masks = _files_by_stem(mask_root, MASK_SUFFIXES) if mask_root.is_dir() else {}
-        stems = sorted(images, key=_natural_key)
+        masks = files_by_stem(mask_root, MASK_SUFFIXES, "SegmentationFolders") if mask_root.is_dir() else {}
+        stems = sorted(images, key=natural_key)
         missing = [s for s in stems if s not in masks]
         if missing and not self.unlabeled_without_mask:
             raise ValueError(f"SegmentationFolders: image {images[missing[0]]} has no mask {mask_root}/{missing[0]}"
@@ -213,56 +204,51 @@ class SegmentationFolders(ResumableStreams, LightningDataModule):
             log.warning("SegmentationFolders: %d mask(s) without an image are ignored, e.g. %s", len(orphans),
                         masks[orphans[0]])
         pairs = [(images[s], masks.get(s)) for s in stems]
-        with ThreadPoolExecutor(max(1, min(self.decode_threads, os.cpu_count() or 1))) as pool:
-            decoded = list(pool.map(self._read, pairs))
-        self.stems = stems
+        decoded = decode_all(pairs, self._read, self.decode_threads)
+        self.stems, self.image_names = stems, [images[s].name for s in stems]
         self.images = [image for image, _ in decoded]
         self.masks = [mask for _, mask in decoded]
 
     # --- the split ----------------------------------------------------------------------------
     def draw_split(self) -> SegmentationSplit:
         with_mask = [i for i, m in enumerate(self.masks) if m is not None]
-        without = [i for i, m in enumerate(self.masks) if m is None]
-        if not 0 <= self.num_test < len(with_mask):
-            raise ValueError(f"num_test={self.num_test} must leave training images: {len(with_mask)} images have masks")
-        generator = torch.Generator().manual_seed(self.seed)
-        order = torch.tensor(with_mask, dtype=torch.long)[torch.randperm(len(with_mask), generator=generator)]
-        test, rest = order[:self.num_test], order[self.num_test:]
-        num_labeled = len(rest) if self.num_labeled is None else self.num_labeled
-        if not 1 <= num_labeled <= len(rest):
-            raise ValueError(f"num_labeled={self.num_labeled} must be in 1..{len(rest)} ({len(with_mask)} images with "
-                             f"masks, {self.num_test} held out for test)")
-        unlabeled = torch.cat([rest[num_labeled:], torch.tensor(without, dtype=torch.long)])
-        labeled = rest[:num_labeled]
-        return SegmentationSplit(labeled.sort().values, unlabeled.sort().values, test.sort().values, self.seed)
+        without = torch.tensor([i for i, m in enumerate(self.masks) if m is None], dtype=torch.long)
+        parts = draw_parts(with_mask, self.num_test, self.num_val, self.num_labeled, self.seed,
+                           f"{len(with_mask)} images have masks")
+        parts["unlabeled"] = torch.cat([parts["unlabeled"], without])
+        return SegmentationSplit(**{k: v.sort().values for k, v in parts.items()}, seed=self.seed)
 
     def split_record(self) -> dict:
-        names = lambda idx: [self.stems[i] for i in idx.tolist()]  # noqa: E731
-        return {"format": SPLIT_FORMAT, "root": str(self.root), "seed": self.split.seed,
-                "labeled": names(self.split.labeled), "unlabeled": names(self.split.unlabeled),
-                "test": names(self.split.test)}
+        parts = {k: getattr(self.split, k) for k in ("labeled", "unlabeled", "test", "val")}
+        return split_record(SPLIT_FORMAT, self.split.seed, self.stems, parts, root=str(self.root))
 
     def load_split(self, path: str | os.PathLike) -> SegmentationSplit:
-        path = Path(path)
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"split_file {path} cannot be read as JSON ({err})") from err
-        check_split_record(path, record, SPLIT_FORMAT, "segmentation",
-                           "pass the split.json that a SegmentationFolders run saved",
-                           keys=("labeled", "unlabeled", "test", "seed"))
-        position = {s: i for i, s in enumerate(self.stems)}
-        parts = {k: [position.get(s) for s in record[k]] for k in ("labeled", "unlabeled", "test")}
-        listed = [i for k in parts for i in parts[k]]
-        if None in listed or sorted(listed) != list(range(len(self.stems))):
-            raise ValueError(f"split_file {path} does not partition the {len(self.stems)} images under {self.root}: "
-                             f"it was made for other files")
-        if any(self.masks[i] is None for i in parts["labeled"] + parts["test"]):
-            raise ValueError(f"split_file {path} lists images without masks as labeled or test")
-        as_tensor = lambda idx: torch.tensor(sorted(idx), dtype=torch.long)  # noqa: E731
-        return SegmentationSplit(*(as_tensor(parts[k]) for k in ("labeled", "unlabeled", "test")), int(record["seed"]))
+        parts, record = read_parts(path, SPLIT_FORMAT, "segmentation", "pass the split.json that a SegmentationFolders "
+                                   "run saved", self.stems, f"{len(self.stems)} images under {self.root}: it was made "
+                                   f"for other files", required=("labeled", "unlabeled", "test", "seed"))
+        if any(self.masks[i] is None for k in ("labeled", "test", "val") for i in parts[k].tolist()):
+            raise ValueError(f"split_file {path} lists images without masks as labeled, test or validation images")
+        return SegmentationSplit(**parts, seed=int(record["seed"]))
+
+    @property
+    def validates_on_test_set(self) -> bool:
+        """Whether validation reports on the test images (no ``num_val``, no validation in ``split_file``)."""
+        return len(self.split.val) == 0 if self.split is not None else self.num_val == 0 and not self.split_file
+
+    def held_out_ids(self) -> list[str]:
+        """The validation images by stem, as ``split.json`` records them (``val``), after ``setup``."""
+        return [self.stems[i] for i in self.split.val.tolist()] if self.split is not None else []
+
+    def mask_pixel_values(self) -> list[int]:
+        """The pixel value of each class in a mask file, so a written prediction reads back as a mask."""
+        return [0, 255] if self.mask_mode == "binary" else list(range(self.num_classes))
 
     def setup(self, stage: str) -> None:
+        if stage == "predict" and self.predict_root is not None:
+            if self.predict_images is None:
+                self.predict_images = load_whole_images(self.predict_root, self._decode_image, "SegmentationFolders",
+                                                        self.eval_batch_size, IMAGE_SUFFIXES, self.decode_threads)
+            return
         if not self.images:
             self.load()
         if self.split is None:
@@ -295,16 +281,30 @@ class SegmentationFolders(ResumableStreams, LightningDataModule):
             loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio, "unlabeled")
         return CombinedLoader(loaders, mode="max_size_cycle")
 
-    def _eval_loader(self) -> DataLoader:
-        if len(self.split.test) == 0:
+    def _eval_loader(self, part: str = "test") -> DataLoader:
+        indices = getattr(self.split, part)
+        if len(indices) == 0:
             raise ValueError("num_test=0: there are no held-out images to evaluate on")
-        return DataLoader(WholeImages(self.images, self.masks, self.split.test), batch_size=self.eval_batch_size,
+        return DataLoader(WholeImages(self.images, self.masks, indices), batch_size=self.eval_batch_size,
                           shuffle=False, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
+        if len(self.split.val):
+            return self._eval_loader("val")
         return self._eval_loader() if len(self.split.test) else []  # num_test=0: no validation
 
-    test_dataloader = predict_dataloader = _eval_loader
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """Whole images (``{"image", "index", "file"}``) under ``predict_root``, else the test images."""
+        images = self.predict_images
+        if images is None:
+            if len(self.split.test) == 0:
+                raise ValueError("num_test=0: there are no test images to predict; pass predict_root")
+            test = self.split.test.tolist()
+            images = FolderImages([self.images[i] for i in test], [self.image_names[i] for i in test])
+        return DataLoader(images, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
 
     def to_float(self, images: Tensor) -> Tensor:
         return normalize(images, self.mean, self.std)

@@ -21,8 +21,9 @@ SPLIT_FORMAT = "labelwise-split/1"
 class LabeledSplit:
     """Indices into a training set: ``labeled`` and ``unlabeled`` are disjoint and sorted.
 
-    With k-fold cross-validation, ``val`` holds the held-out fold (sorted, disjoint from both) and
-    ``num_folds``/``fold`` say which fold it is; without it they are ``None``.
+    ``val`` holds the images held out for validation (sorted, disjoint from both), or ``None``:
+    with k-fold cross-validation the held-out fold (``num_folds``/``fold`` say which), with
+    ``val_labeled_per_class`` that many images per class (``val_per_class``).
     """
 
     labeled: torch.Tensor
@@ -31,6 +32,7 @@ class LabeledSplit:
     val: torch.Tensor | None = None
     num_folds: int | None = None
     fold: int | None = None
+    val_per_class: int | None = None
 
 
 def stratified_kfold(targets: torch.Tensor, num_folds: int, fold: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,8 +185,10 @@ def save_split(path: str | os.PathLike, split: LabeledSplit, targets: torch.Tens
         "labeled": split.labeled.tolist(),
         "unlabeled": split.unlabeled.tolist(),
     }
-    if split.val is not None:  # k-fold: the held-out fold, so the file still partitions the training set
-        record.update(num_folds=split.num_folds, fold=split.fold, val=split.val.tolist())
+    if split.val is not None:  # held-out images, so the file still partitions the training set
+        held_out = {"num_folds": split.num_folds, "fold": split.fold} if split.num_folds is not None else \
+            {"val_labeled_per_class": split.val_per_class}
+        record.update(held_out, val=split.val.tolist())
     return write_json_atomically(path, record)
 
 
@@ -212,8 +216,10 @@ def load_split(path: str | os.PathLike, targets: torch.Tensor, dataset: str) -> 
     val = torch.tensor(record["val"], dtype=torch.long) if record.get("val") is not None else None
     everything = torch.cat([labeled, unlabeled] + ([val] if val is not None else []))
     if everything.numel() != num_train or torch.unique(everything).numel() != num_train:
-        parts = "labeled, unlabeled and held-out fold" if val is not None else "labeled and unlabeled"
+        parts = "labeled, unlabeled and held-out images" if val is not None else "labeled and unlabeled"
         raise ValueError(f"split_file {path} does not partition the {num_train} training images into {parts}")
-    if val is not None:
+    if val is not None and record.get("num_folds") is not None:
         return LabeledSplit(labeled, unlabeled, int(record["seed"]), val, int(record["num_folds"]), int(record["fold"]))
+    if val is not None:
+        return LabeledSplit(labeled, unlabeled, int(record["seed"]), val, val_per_class=record.get("val_labeled_per_class"))
     return LabeledSplit(labeled, unlabeled, int(record["seed"]))

@@ -16,6 +16,15 @@ class TorchvisionSSL(SSLDataModule):
     folder_hint: str
     targets_attribute = "targets"  # SVHN and STL-10 call it "labels"
     channels_last_storage = True  # CIFAR stores (N, H, W, C); SVHN and STL-10 (N, C, H, W)
+    image_side = 32
+    names: tuple[str, ...] | None = None  # None: the class names torchvision reads with the data
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.names) if self.names is not None else list(self._open("test").classes)
+
+    def training_image_size(self) -> tuple[int, int]:
+        return self.image_side, self.image_side
 
     def prepare_data(self) -> None:
         if self.download:
@@ -58,6 +67,7 @@ class CIFAR10SSL(TorchvisionSSL):
     folder_hint = "cifar-10-batches-py/"
     num_classes, num_channels = 10, 3
     mean, std = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+    names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 class CIFAR100SSL(TorchvisionSSL):
@@ -84,6 +94,7 @@ class SVHNSSL(TorchvisionSSL):
     mean, std = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
     default_hflip = False
     targets_attribute, channels_last_storage = "labels", False
+    names = tuple(str(d) for d in range(10))
 
     def __init__(self, num_labeled: int | None = 1000, use_extra: bool = False, **kwargs) -> None:
         super().__init__(num_labeled=num_labeled, **kwargs)
@@ -107,6 +118,8 @@ class STL10SSL(TorchvisionSSL):
     num_classes, num_channels = 10, 3
     mean, std = (0.4409, 0.4279, 0.3868), (0.2683, 0.2610, 0.2687)
     targets_attribute, channels_last_storage = "labels", False
+    image_side = 96
+    names = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 
     def __init__(self, num_labeled: int | None = 1000, **kwargs) -> None:
         super().__init__(num_labeled=num_labeled, **kwargs)

@@ -194,9 +194,10 @@ class Detector(SemiSupervisedModule):
         if self.with_masks:
             for item in detections:
                 item["masks"] = item["masks"][:, 0] > 0.5
-        for item, target in zip(detections, batch.get("targets") or []):
-            if "image_id" in target:
-                item["image_id"] = target["image_id"]
+        image_ids = batch.get("image_id") or [target.get("image_id") for target in batch.get("targets") or []]
+        for item, image_id in zip(detections, image_ids):
+            if image_id is not None:
+                item["image_id"] = torch.as_tensor(image_id)
         return detections
 
     _images_logged = False

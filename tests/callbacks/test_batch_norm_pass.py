@@ -167,7 +167,7 @@ def test_soup_update_bn_keeps_the_statistics_of_layers_outside_the_forward(mutua
     stored = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     assert not torch.equal(stored["peers.0.bn.running_var"], torch.ones_like(stored["peers.0.bn.running_var"]))
     module, _, _ = soup_from_checkpoints([str(checkpoint)], data, update_bn=True, bn_batches=2,
-                                         module_class=MutualLearning)
+                                         module_class=MutualLearning, select_on_test=True)
     _assert_equal(_statistics(module, "peers."), {k: v for k, v in stored.items() if k.startswith("peers.")
                                                   and ("running" in k or "num_batches_tracked" in k)})
     assert int(module.net.bn.num_batches_tracked) == 2   # the network itself was re-estimated

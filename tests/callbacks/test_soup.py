@@ -1,4 +1,4 @@
-"""Greedy soup over real digits runs written by train.py's CLI."""
+"""Greedy soup over real digits runs written by train.py's CLI, selected on held-out validation digits."""
 
 import subprocess
 import sys
@@ -16,32 +16,34 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def ingredients(tmp_path_factory):
-    """Three short Supervised runs with other seeds and learning rates, fit through the CLI."""
+def _fit(out, seed: int, lr: float, held_out: list[str], epochs: int = 2) -> str:
+    """A short Supervised run fit through the CLI; its split.json lands beside its checkpoint."""
     from train import cli_main
 
+    cli_main(["fit", "--model", "Supervised", "--model.network", "wrn10_1",
+              "--model.network_kwargs", '{"bn_momentum": 0.1}', "--model.ema_decay", "null",
+              "--model.lr", str(lr), "--data", "DigitsSSL", "--data.num_labeled", "50", *held_out,
+              "--data.batch_size", "16", "--data.steps_per_epoch", "10", "--trainer.max_epochs", str(epochs),
+              "--seed_everything", str(seed), "--trainer.default_root_dir", str(out),
+              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+              "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
+              "--test_after_fit", "false",
+              "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={out}",
+              "--trainer.callbacks.filename=final"])
+    return str(out / "final.ckpt")
+
+
+@pytest.fixture(scope="module")
+def ingredients(tmp_path_factory):
+    """Three short Supervised runs with other seeds and learning rates, 5 digits per class held out."""
     root = tmp_path_factory.mktemp("runs")
-    paths = []
     torch.set_num_threads(1)
-    for seed, lr in [(0, 0.05), (1, 0.03), (2, 0.1)]:
-        out = root / f"run{seed}"
-        cli_main(["fit", "--model", "Supervised", "--model.network", "wrn10_1",
-                  "--model.network_kwargs", '{"bn_momentum": 0.1}', "--model.ema_decay", "null",
-                  "--model.lr", str(lr), "--data", "DigitsSSL", "--data.num_labeled", "50",
-                  "--data.batch_size", "16", "--data.steps_per_epoch", "10", "--trainer.max_epochs", "2",
-                  "--seed_everything", str(seed), "--trainer.default_root_dir", str(out),
-                  "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                  "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
-                  "--test_after_fit", "false",
-                  "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={out}",
-                  "--trainer.callbacks.filename=final"])
-        paths.append(str(out / "final.ckpt"))
-    return paths
+    return [_fit(root / f"run{seed}", seed, lr, ["--data.val_labeled_per_class", "5"])
+            for seed, lr in [(0, 0.05), (1, 0.03), (2, 0.1)]]
 
 
-def _data():
-    return DigitsSSL(num_labeled=50, batch_size=16, steps_per_epoch=3)
+def _data(**kwargs):
+    return DigitsSSL(num_labeled=50, batch_size=16, steps_per_epoch=3, val_labeled_per_class=5, **kwargs)
 
 
 def test_soup_is_never_worse_than_its_best_ingredient(ingredients):
@@ -54,6 +56,50 @@ def test_soup_is_never_worse_than_its_best_ingredient(ingredients):
     import lightning as L
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     assert trainer.validate(module, datamodule=_data(), verbose=False)[0]["val/acc"] == pytest.approx(scores["soup"])
+
+
+def test_soup_scores_are_on_the_held_out_digits_not_the_test_set(ingredients):
+    """Each ingredient's score is its accuracy on the 50 held-out training digits, counted here by hand."""
+    import lightning as L
+
+    data = _data()
+    _, _, scores = soup_from_checkpoints(ingredients, data, metric="val/acc")
+    images, targets = data._train
+    held_out = data.split.val
+    assert len(held_out) == 50 and not set(held_out.tolist()) & set(data.split.labeled.tolist())
+    for path in ingredients:
+        module = L.LightningModule.load_from_checkpoint(path).eval()
+        with torch.no_grad():
+            predicted = module.eval_net(data.to_float(images[held_out])).argmax(dim=1)
+        assert scores[path] == pytest.approx(float((predicted == targets[held_out]).float().mean()))
+
+
+def test_soup_refuses_to_select_on_the_test_set_unless_asked(ingredients):
+    test_set = DigitsSSL(num_labeled=50, batch_size=16, steps_per_epoch=3)
+    with pytest.raises(ValueError, match="DigitsSSL validates on its test set.*val_labeled_per_class.*select_on_test"):
+        soup_from_checkpoints(ingredients, test_set)
+    _, _, scores = soup_from_checkpoints(ingredients[:1], test_set, select_on_test=True)
+    assert set(scores) == {ingredients[0], "soup"}
+
+
+def test_soup_refuses_an_ingredient_that_trained_on_the_validation_digits(ingredients, tmp_path):
+    leaky = _fit(tmp_path / "leaky", 3, 0.05, [], epochs=1)  # no held-out digits: trained on all of them
+    assert torch.load(ingredients[0], weights_only=False)["DigitsSSL"]["held_out"] == _held_out_digits()
+    with pytest.raises(ValueError, match=r"soup ingredient .*leaky/final.ckpt trained on \d+ of the 50 validation "
+                                         r"images \(its checkpoint does not hold them out\)"):
+        soup_from_checkpoints([*ingredients, leaky], _data())
+    # a checkpoint without the record (written before it existed): the split.json beside it tells
+    old = torch.load(leaky, weights_only=False)
+    del old["DigitsSSL"]["held_out"]
+    torch.save(old, tmp_path / "leaky" / "old.ckpt")
+    with pytest.raises(ValueError, match=r"old.ckpt trained on \d+ of the 50 .*its split .*leaky/split.json does not"):
+        soup_from_checkpoints([*ingredients, str(tmp_path / "leaky" / "old.ckpt")], _data())
+
+
+def _held_out_digits() -> list[int]:
+    data = _data()
+    data.setup("validate")
+    return data.split.val.tolist()
 
 
 def test_update_bn_soup_is_never_worse_than_its_best_ingredient(ingredients):
@@ -103,10 +149,12 @@ def test_command_line_writes_the_soup(ingredients, tmp_path, capsys):
         sys.path.pop(0)
     out = tmp_path / "soup.ckpt"
     result = soup_script.main(["--checkpoints", *ingredients, "--data", "DigitsSSL", "--data_kwargs",
-                               '{"num_labeled": 50, "batch_size": 16, "steps_per_epoch": 3}',
+                               '{"num_labeled": 50, "batch_size": 16, "steps_per_epoch": 3, "val_labeled_per_class": 5}',
                                "--metric", "val/acc", "--output", str(out)])
     printed = capsys.readouterr().out
     assert "soup" in printed and all(p in printed for p in ingredients)
+    assert "selected on 50 held-out validation images" in printed
+    assert f"on the test set: test/acc soup {result['test']['soup']:.4f}, best ingredient alone" in printed
     checkpoint = torch.load(out, map_location="cpu", weights_only=False)
     assert checkpoint["soup"]["chosen"] == result["chosen"]
     assert "optimizer_states" not in checkpoint
@@ -116,3 +164,5 @@ def test_command_line_writes_the_soup(ingredients, tmp_path, capsys):
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     acc = trainer.validate(module, datamodule=_data(), verbose=False)[0]["val/acc"]
     assert acc == pytest.approx(result["scores"]["soup"])
+    test_acc = trainer.test(module, datamodule=_data(), verbose=False)[0]["test/acc"]
+    assert test_acc == pytest.approx(result["test"]["soup"])

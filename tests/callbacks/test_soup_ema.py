@@ -73,14 +73,15 @@ def test_soup_ingredient_is_the_ema_callbacks_average_and_scores_what_the_run_ev
     module = L.LightningModule.load_from_checkpoint(base)
     ran = _validate(module, callbacks=[EMA(decay=0.9)], ckpt_path=base)["val/loss"]
     assert ran != pytest.approx(_validate(L.LightningModule.load_from_checkpoint(base))["val/loss"], rel=1e-4)
-    _, chosen, scores = soup_from_checkpoints([base], _data(), metric="val/loss", higher_is_better=False)
+    _, chosen, scores = soup_from_checkpoints([base], _data(), metric="val/loss", higher_is_better=False,
+                                          select_on_test=True)
     assert chosen == [base] and scores[base] == pytest.approx(ran, rel=1e-6)
 
 
 def test_soup_checkpoint_carries_the_soup_in_the_ema_callbacks_state(runs, tmp_path):
     paths = runs["fine_tunes"]
     module, chosen, scores = soup_from_checkpoints(paths, _data(), metric="val/loss", higher_is_better=False,
-                                                   module_class=Supervised)
+                                                   module_class=Supervised, select_on_test=True)
     out = tmp_path / "soup.ckpt"
     save_soup(module, paths, chosen, scores, str(out))
     written = load_checkpoint(out)

@@ -87,6 +87,28 @@ def test_image_folder_reads_real_cifar_tree(cifar_folder):
     assert dm._test[0].shape == (50, 3, 32, 32)
 
 
+
+def test_image_folder_predicts_a_folder_decoded_and_resized_like_its_training_images(cifar_folder, tmp_path):
+    """predict_root: the same JPEG decodes to the training pixels; a 64x64 copy is resized to 32x32."""
+    from PIL import Image
+
+    source = sorted((cifar_folder / "test" / "cat").iterdir())[0]
+    (tmp_path / "new" / "big").mkdir(parents=True)
+    shutil.copy(source, tmp_path / "new" / "cat.jpg")
+    with Image.open(source) as pil:
+        pil.resize((64, 64), Image.BICUBIC).save(tmp_path / "new" / "big" / "cat64.png")
+    dm = ImageFolderSSL(root=str(cifar_folder), predict_root=str(tmp_path / "new"), eval_batch_size=8)
+    dm.setup("predict")
+    assert dm._test is None  # the test set is not read to predict a folder
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["file"] == ["big/cat64.png", "cat.jpg"] and batch["image"].shape == (2, 3, 32, 32)
+    assert batch["target"].tolist() == [-1, -1] and dm.class_names[3] == "cat"
+    dm_test = ImageFolderSSL(root=str(cifar_folder))
+    dm_test.setup("test")
+    files = [p for c in dm_test.classes for p in sorted((cifar_folder / "test" / c).iterdir())]
+    assert torch.equal(batch["image"][1], dm_test._test[0][files.index(source)])
+
+
 # --- bad input: each a clear error naming the problem --------------------------------------
 def test_num_labeled_larger_than_data():
     with pytest.raises(ValueError, match="num_labeled=5000 is larger than the training set"):

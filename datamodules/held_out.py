@@ -1,0 +1,119 @@
+"""Which labeled/unlabeled split a classification DataModule draws, and the training images it holds
+out for validation: a stratified k-fold fold, or ``val_per_class`` labeled images per class.
+
+Validation on held-out training images instead of the test set is what makes a choice made on
+``val/*`` (a greedy soup's ingredients, a checkpoint kept by ``ModelCheckpoint(monitor=...)``)
+honest: the test set then plays no part in it. :class:`RecordsHeldOut` puts the held-out images
+in every checkpoint, so the soup can check that no ingredient trained on its validation images.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from datamodules.split import LabeledSplit, class_balanced_split, stratified_kfold
+
+
+def check_held_out_arguments(num_folds: int | None, fold: int, val_per_class: int | None) -> None:
+    if num_folds is not None and num_folds < 2:
+        raise ValueError(f"num_folds must be at least 2 (or None for no cross-validation), got {num_folds}")
+    if num_folds is not None and not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in 0..{num_folds - 1} for num_folds={num_folds}, got {fold}")
+    if val_per_class is not None and (val_per_class < 1 or num_folds is not None):
+        raise ValueError(f"val_labeled_per_class must be at least 1 and cannot be combined with num_folds (a fold "
+                         f"is already held out), got {val_per_class} with num_folds={num_folds}")
+
+
+def held_out_per_class(targets: torch.Tensor, per_class: int, num_classes: int, seed: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train_indices, val_indices)``: ``per_class`` images of every class drawn for validation
+    (seeded), the rest for training; both sorted."""
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    counts = torch.bincount(targets, minlength=num_classes)
+    short = [c for c in range(num_classes) if counts[c] <= per_class]
+    if short:
+        raise ValueError(f"val_labeled_per_class={per_class} would hold out every image of class(es) {short} "
+                         f"({[int(counts[c]) for c in short]} images): use at most {int(counts.min()) - 1}")
+    held = class_balanced_split(targets, per_class * num_classes, num_classes, seed)
+    return held.unlabeled, held.labeled
+
+
+def draw_split(targets: torch.Tensor, num_labeled: int | None, num_classes: int, seed: int,
+               num_folds: int | None = None, fold: int = 0, val_per_class: int | None = None) -> LabeledSplit:
+    """The split of a training set with ``targets``: validation images first (a fold, or
+    ``val_per_class`` per class, if asked), then ``num_labeled`` class-balanced labeled images from
+    the rest (``None``: all of it), the remainder unlabeled. Indices are into the full training set."""
+    def labeled_split(part: torch.Tensor) -> LabeledSplit:
+        if num_labeled is None:
+            return LabeledSplit(torch.arange(len(part)), torch.empty(0, dtype=torch.long), seed)
+        return class_balanced_split(part, num_labeled, num_classes, seed)
+
+    if num_folds is not None:
+        train_idx, val_idx = stratified_kfold(targets, num_folds, fold, seed)
+        held_out = {"num_folds": num_folds, "fold": fold}
+    elif val_per_class is not None:
+        train_idx, val_idx = held_out_per_class(targets, val_per_class, num_classes, seed)
+        held_out = {"val_per_class": val_per_class}
+    else:
+        return labeled_split(targets)
+    inner = labeled_split(targets[train_idx])
+    # back to indices into the full training set (train_idx is sorted, so order is kept)
+    return LabeledSplit(train_idx[inner.labeled], train_idx[inner.unlabeled], seed, val_idx, **held_out)
+
+
+def check_loaded_split(split: LabeledSplit, path: str, num_folds: int | None, fold: int,
+                       val_per_class: int | None) -> LabeledSplit:
+    """``split`` (read from ``path``) if it holds the fold or validation images asked for, else a ValueError."""
+    if num_folds is not None and (split.num_folds, split.fold) != (num_folds, fold):
+        found = "no fold" if split.num_folds is None else f"fold {split.fold} of {split.num_folds}"
+        raise ValueError(f"split_file {path} holds {found}, but num_folds={num_folds}, fold={fold} was asked for: "
+                         f"drop num_folds/fold to use the file's split, or pass the matching file")
+    if val_per_class is not None and split.val_per_class != val_per_class:
+        found = "no validation images" if split.val_per_class is None else \
+            f"{split.val_per_class} validation images per class"
+        raise ValueError(f"split_file {path} holds {found}, but val_labeled_per_class={val_per_class} was asked "
+                         f"for: drop val_labeled_per_class to use the file's split, or pass the matching file")
+    return split
+
+
+class RecordsHeldOut:
+    """DataModule mixin: ``state_dict`` (saved in every checkpoint under the DataModule's class name)
+    also holds ``"held_out"``, the validation images as ``held_out_ids()`` names them ([] if none)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "held_out": list(self.held_out_ids())}
+
+
+def recorded_held_out(checkpoint: dict, datamodule: Any) -> list | None:
+    """The held-out images a checkpoint of a ``datamodule``-like DataModule recorded, or None if it holds no record."""
+    state = checkpoint.get(type(datamodule).__qualname__)
+    return list(state["held_out"]) if isinstance(state, dict) and "held_out" in state else None
+
+
+def check_held_out(ingredients: Mapping[str, dict], datamodule: Any) -> None:
+    """Raise if a model (checkpoint path -> loaded checkpoint) trained on some of ``datamodule``'s
+    validation images (``held_out_ids()``, after ``setup``), so a choice among them on those images
+    would be biased. What each held out is read from its checkpoint, else from a ``split.json``
+    beside it or one folder up; a model with neither gets a warning."""
+    held_out = set(datamodule.held_out_ids()) if hasattr(datamodule, "held_out_ids") else set()
+    for path, checkpoint in ingredients.items() if held_out else ():
+        recorded, source = recorded_held_out(checkpoint, datamodule), "its checkpoint"
+        if recorded is None:
+            found = [p for p in (Path(path).parent / "split.json", Path(path).parent.parent / "split.json")
+                     if p.is_file()]
+            if not found:
+                warnings.warn(f"soup ingredient {path} records no held-out images and has no split.json beside "
+                              f"it: cannot check that it held out the {len(held_out)} validation images")
+                continue
+            recorded, source = json.loads(found[0].read_text()).get("val") or [], f"its split {found[0]}"
+        trained_on = held_out - set(recorded)
+        if trained_on:
+            raise ValueError(f"soup ingredient {path} trained on {len(trained_on)} of the {len(held_out)} validation "
+                             f"images ({source} does not hold them out): train every ingredient with the held-out "
+                             f"split the soup uses (the same seed and val_labeled_per_class / num_val, or "
+                             f"--data.split_file), or pass that run's split.json as the soup DataModule's split_file")
