@@ -78,11 +78,15 @@ def _run_in_tmp(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _no_global_seed_from_earlier_tests(monkeypatch):
+def _no_global_seed_from_earlier_tests():
     """seed_everything leaves PL_GLOBAL_SEED in the environment, and the training streams seed
     from it (datamodules.sampling): without this, a test's data order would depend on which
-    tests ran before it in the same process."""
-    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    tests ran before it in the same process. Cleared again afterwards, because a module-scoped
+    fixture is set up before this function-scoped one and would see the previous test's seed (not
+    monkeypatch, whose undo would restore a seed that such a fixture had set)."""
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    yield
+    os.environ.pop("PL_GLOBAL_SEED", None)
 
 
 @pytest.fixture
