@@ -4,12 +4,14 @@ from callbacks.adversarial import FGM, PGD
 from callbacks.checkpoint_io import AtomicCheckpointIO, use_atomic_checkpoints
 from callbacks.ema import EMAModel, lerp_grouped
 from callbacks.ema_callback import EMA, ema_weights_from_checkpoint
+from callbacks.resumable_checkpoint import ResumableCheckpoint, StoppedBySignal
 from callbacks.soup import greedy_soup, save_soup, soup_from_checkpoints
 from callbacks.swa import SWA, recompute_batch_norm
 from callbacks.wandb_run import WandbRun
 
 __all__ = [
     "EMA", "SWA", "FGM", "PGD", "WandbRun", "AtomicCheckpointIO", "use_atomic_checkpoints",
+    "ResumableCheckpoint", "StoppedBySignal",
     "EMAModel", "lerp_grouped", "ema_weights_from_checkpoint",
     "greedy_soup", "soup_from_checkpoints", "save_soup", "recompute_batch_norm",
 ]
