@@ -50,8 +50,10 @@ def run_train_py(args: list[str], cwd: Path, timeout: float = 600) -> tuple[int,
     return process.wait(timeout=timeout), log.read_text()
 
 
-def stop_at_step(args: list[str], cwd: Path, step: int, signum: int, timeout: float = 600) -> tuple[int, str]:
-    """Run ``train.py ARGS`` and send it ``signum`` at the start of step ``step + 1``: (exit status, output)."""
+def stop_at_step(args: list[str], cwd: Path, step: int, signum: int, times: int = 1,
+                 timeout: float = 600) -> tuple[int, str]:
+    """Run ``train.py ARGS`` and send it ``signum`` (``times`` times) at the start of step ``step + 1``:
+    (exit status, output)."""
     folder = cwd / "signal"
     folder.mkdir(exist_ok=True)
     process, log = train_py([*args, "--trainer.callbacks+=tests.signal_helpers.WaitForSignal",
@@ -63,6 +65,8 @@ def stop_at_step(args: list[str], cwd: Path, step: int, signum: int, timeout: fl
             process.wait()
             raise AssertionError(f"train.py ended before step {step + 1}:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
-    process.send_signal(signum)
+    for _ in range(times):
+        process.send_signal(signum)
+        time.sleep(0.5)  # one signal at a time: signals of one kind that arrive together count once
     (folder / "sent").touch()
     return process.wait(timeout=timeout), log.read_text()

@@ -57,6 +57,20 @@ def test_ckpt_path_last_without_a_run_is_an_error_not_a_fresh_start(capsys):
     assert f"no {Path('runs', 'quickstart', 'checkpoints', 'last.ckpt')}" in err
 
 
+def test_ckpt_path_last_with_wandb_is_the_newest_runs_checkpoint(wandb_offline):
+    import wandb
+
+    wandb_args = ["--config", str(REPO / "configs" / "loggers" / "wandb.yaml"),
+                  "--trainer.logger.init_args.save_dir", "runs/wandb"]
+    first = _fit("--trainer.max_epochs", "1", *wandb_args)
+    checkpoint = Path(first.trainer.checkpoint_callback.last_model_path)
+    assert checkpoint.parent.parent.parent == Path("runs", "wandb", "labelwise")  # <save_dir>/<project>/<run id>
+    wandb.finish()
+    resumed = _fit("--trainer.max_epochs", "2", "--ckpt_path", "last", *wandb_args)
+    assert resumed.trainer.ckpt_path == str(checkpoint) and resumed.trainer.global_step == 4
+    wandb.finish()
+
+
 def test_a_run_shorter_than_an_epoch_leaves_last_ckpt_at_its_final_step():
     cli = _fit("--data.steps_per_epoch", "100", "--trainer.max_steps", "3")
     checkpoints = Path(cli.trainer.log_dir) / "checkpoints"
