@@ -2,47 +2,100 @@
 
     python train.py fit --config configs/quickstart.yaml
     python train.py fit --model FixMatch --data CIFAR10SSL --data.num_labeled 4000 --data.download true
-    python train.py test --config configs/fixmatch_cifar10.yaml --ckpt_path path/to/last.ckpt
+    python train.py fit --config configs/quickstart.yaml --ckpt_path last   # continue the newest run
+    python train.py test --config configs/quickstart.yaml \
+        --ckpt_path runs/quickstart/lightning_logs/version_0/checkpoints/last.ckpt
     python train.py fit --model FixMatch --data DigitsSSL --print_config
     python train.py fit --config configs/unet_membrane.yaml --config configs/loggers/wandb.yaml
 
 Runs log to CSV (TensorBoard when installed) unless a logger is configured; with W&B
 (configs/loggers/wandb.yaml) every run also keeps its config, split and test-metric tables
 (callbacks.WandbRun, added to every run). See docs/dashboards.md.
+
+Checkpoints: ``last.ckpt`` in the run's ``checkpoints/`` folder (callbacks.ResumableCheckpoint, unless
+a config sets its own checkpoint callback), also written on Ctrl-C and SIGTERM; ``--ckpt_path last``
+continues the newest run of the config in its own folder. See docs/robustness.md, "Exact resume".
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from lightning import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI
 
 import callbacks  # registers callbacks for --trainer.callbacks by name
 import datamodules  # noqa: F401  (registers DataModules for --data by name)
 import lightning_modules  # noqa: F401  (registers methods for --model by name)
+from callbacks.ckpt_path import keep_csv_metrics, resolve_ckpt_path
 
 
 class LabelwiseCLI(LightningCLI):
-    """Links the data's class and channel counts into the model, writes checkpoints atomically
-    (:class:`callbacks.AtomicCheckpointIO` unless another checkpoint IO is chosen), and tests after ``fit``."""
+    """Links the data's class and channel counts into the model, checks ``--ckpt_path`` and resolves
+    ``last`` (:mod:`callbacks.ckpt_path`), keeps ``last.ckpt`` resumable
+    (:class:`callbacks.ResumableCheckpoint` when no checkpoint callback is configured), writes
+    checkpoints atomically (:class:`callbacks.AtomicCheckpointIO` unless another checkpoint IO is
+    chosen), refuses to evaluate untrained weights, and tests after ``fit``."""
+
+    _resumed_version: str | None = None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_channels", "model.init_args.in_channels", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the final (EMA) weights on the test set and print the accuracy.")
+        parser.add_argument("--allow_untrained", type=bool, default=False,
+                            help="validate/test/predict without --ckpt_path: evaluate the model's freshly "
+                                 "initialised weights on purpose (refused otherwise).")
 
     def parse_arguments(self, parser, args) -> None:
         if isinstance(args, list) or args is None:
             check_class_names(parser, sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
+        self.check_ckpt_path(parser)
+
+    def check_ckpt_path(self, parser) -> None:
+        """Resolve ``--ckpt_path last`` and refuse a path that is not a checkpoint of the config's model,
+        before LightningCLI reads its hyper-parameters (which would replace the config's model class)."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        try:
+            resumed = resolve_ckpt_path(self.config[subcommand], subcommand, Path.cwd())
+        except ValueError as error:
+            parser.error(str(error))
+        if resumed is not None:  # the resumed fit logs on in the run's own folder
+            self._resumed_version, logger = resumed
+            self.config = parser.parse_object({subcommand: {"trainer": {"logger": logger}}}, self.config)
 
     def instantiate_trainer(self, **kwargs):
+        trainer_config = self.config_init.get(str(self.subcommand), self.config_init)["trainer"]
+        configured = trainer_config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if trainer_config.get("enable_checkpointing") is not False and "callbacks" not in kwargs and \
+                not any(isinstance(callback, Checkpoint) for callback in configured):
+            kwargs["callbacks"] = [*configured, callbacks.ResumableCheckpoint()]  # in place of Lightning's default
         trainer = super().instantiate_trainer(**kwargs)
         callbacks.use_atomic_checkpoints(trainer)
         callbacks.use_prediction_writer(trainer)  # predict writes files and says where (callbacks.PredictionWriter)
         return trainer
+
+    def before_fit(self) -> None:
+        if self._resumed_version is not None and self.trainer.is_global_zero:
+            keep_csv_metrics(self.trainer.logger)
+
+    def refuse_untrained_weights(self) -> None:
+        config, model = self.config[self.subcommand], self.model
+        if config.get("ckpt_path") or config.get("allow_untrained") or getattr(model, "has_trained_weights", False):
+            return  # a checkpoint, asked for, or a model built from trained weights (Ensemble, pretrained Detector)
+        self.parser.error(
+            f"{self.subcommand} without --ckpt_path would score the freshly initialised weights of "
+            f"{type(model).__name__} (chance level): pass --ckpt_path <run>/checkpoints/last.ckpt, or "
+            f"--ckpt_path last for this config's newest run; --allow_untrained true evaluates them on purpose")
+
+    before_validate = before_test = before_predict = refuse_untrained_weights
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:

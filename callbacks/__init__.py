@@ -5,6 +5,7 @@ from callbacks.checkpoint_io import AtomicCheckpointIO, use_atomic_checkpoints
 from callbacks.ema import EMAModel, lerp_grouped
 from callbacks.ema_callback import EMA, ema_weights_from_checkpoint
 from callbacks.prediction_writer import PredictionWriter, use_prediction_writer
+from callbacks.resumable_checkpoint import ResumableCheckpoint, StoppedBySignal
 from callbacks.soup import greedy_soup, save_soup, soup_from_checkpoints
 from callbacks.batch_norm import recompute_batch_norm
 from callbacks.swa import SWA
@@ -12,7 +13,7 @@ from callbacks.wandb_run import WandbRun
 
 __all__ = [
     "EMA", "SWA", "FGM", "PGD", "WandbRun", "PredictionWriter", "AtomicCheckpointIO", "use_atomic_checkpoints",
-    "use_prediction_writer",
+    "use_prediction_writer", "ResumableCheckpoint", "StoppedBySignal",
     "EMAModel", "lerp_grouped", "ema_weights_from_checkpoint",
     "greedy_soup", "soup_from_checkpoints", "save_soup", "recompute_batch_norm",
 ]

@@ -136,6 +136,12 @@ class Detector(SemiSupervisedModule):
     def with_masks(self) -> bool:
         return self.hparams.network.startswith("maskrcnn")
 
+    @property
+    def has_trained_weights(self) -> bool:
+        """Built from trained weights (torchvision's ``weights`` or ``weights_path``): train.py then
+        evaluates it without ``--ckpt_path``."""
+        return self.hparams.weights is not None or self.hparams.weights_path is not None
+
     def trainable_modules(self) -> list[nn.Module]:
         return [self.net]
 

@@ -78,6 +78,8 @@ class Ensemble(LightningModule):
 
     #: no unlabeled stream: the ensemble never trains
     unlabeled_views: tuple[str, ...] = ()
+    #: its weights are the members' trained ones (train.py evaluates it without --ckpt_path)
+    has_trained_weights = True
 
     def __init__(
         self,

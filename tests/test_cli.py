@@ -43,6 +43,9 @@ def test_print_config_for_every_data_class(data, capsys):
 def test_every_config_parses(config, capsys):
     out = _print_config(["fit", "--config", str(config)], capsys)
     assert "class_path: lightning_modules." in out
+    # every recipe keeps a resumable last.ckpt (docs/robustness.md, Exact resume); long epochs also on steps
+    assert "class_path: callbacks.ResumableCheckpoint" in out
+    assert ("every_n_train_steps: 256" in out) == ("steps_per_epoch: 1024" in out or "steps_per_epoch: 782" in out)
 
 
 @pytest.mark.parametrize("strategy", sorted((REPO / "configs" / "strategies").glob("*.yaml")), ids=lambda p: p.stem)

@@ -81,17 +81,18 @@ def _differences(a: Any, b: Any, path: str = "") -> list[str]:
 
 
 def _fit(make_model: Callable, make_data: Callable, root: Path, crash_at: int | None = None,
-         resume: bool = False, checkpoint: dict | None = None, **trainer_kwargs) -> tuple[dict, RecordBatches]:
-    """One run: uninterrupted (no checkpoints), killed at step ``crash_at`` (after ``ModelCheckpoint``
+         resume: bool = False, checkpoint: dict | None = None, checkpoint_class: type = ModelCheckpoint,
+         **trainer_kwargs) -> tuple[dict, RecordBatches]:
+    """One run: uninterrupted (no checkpoints), killed at step ``crash_at`` (after ``checkpoint_class``
     with ``checkpoint`` saved), or resumed with ``ckpt_path="last"``. Returns its final checkpoint."""
     L.seed_everything(0, verbose=False)
     record = RecordBatches()
     callbacks: list[Callback] = [record]
     if crash_at is not None:
-        callbacks += [ModelCheckpoint(dirpath=root / "checkpoints", **{"save_last": True, **(checkpoint or {})}),
+        callbacks += [checkpoint_class(dirpath=root / "checkpoints", **{"save_last": True, **(checkpoint or {})}),
                       CrashAt(crash_at)]
-    elif resume:  # finds last.ckpt in its folder; saves nothing more
-        callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", save_top_k=0))
+    elif resume:  # finds last.ckpt in its folder
+        callbacks.append(checkpoint_class(dirpath=root / "checkpoints", save_top_k=0))
     options = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                    limit_val_batches=0, deterministic=True, default_root_dir=root,
                    enable_checkpointing=crash_at is not None or resume)
