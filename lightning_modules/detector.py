@@ -13,7 +13,7 @@ Batches are those of :class:`datamodules.COCODetection`: training
 Metrics: torchmetrics' ``MeanAveragePrecision`` (COCO mAP@[.5:.95], box and, for Mask R-CNN,
 mask) with the ``faster_coco_eval`` backend (pip package ``faster-coco-eval``), scored on as many
 detections per image as the network keeps (``detections_per_img``; COCO's 100 is reported beside
-when it keeps more).
+when it keeps more), per class under the category's name when the DataModule names them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
+from datamodules.class_keys import class_keys
 from lightning_modules.detection_networks import build_detection_network, load_network_weights
 from lightning_modules.detection_overlays import log_detections
 from lightning_modules.semi_supervised import SemiSupervisedModule
@@ -65,14 +66,16 @@ def metric_inputs(detections: list[dict[str, torch.Tensor]], with_masks: bool) -
 
 
 def map_summary(values: dict[str, torch.Tensor], with_masks: bool,
-                max_detection_thresholds: Sequence[int] = (1, 10, COCO_MAX_DETECTIONS)) -> dict[str, torch.Tensor | float]:
-    """``map``, ``map_50``, ..., ``mar_100``, ``ap_class{label}`` (masks: ``segm_`` prefix).
+                max_detection_thresholds: Sequence[int] = (1, 10, COCO_MAX_DETECTIONS),
+                label_keys: Sequence[str] | None = None) -> dict[str, torch.Tensor | float]:
+    """``map``, ``map_50``, ..., ``mar_100``, ``ap_<class>`` (masks: ``segm_`` prefix).
 
     All are scored on the metric's last detection limit. Above COCO's 100, ``mar_<limit>`` and
     ``map_maxdets100`` (AP at 100 detections per image) come too, and ``map``, ``map_maxdets100``
     and per-class AP are read from the precision table as COCO's summary reads it: pycocotools'
-    summary takes its overall AP at a fixed 100 whatever the limits. -1 (no such objects) is
-    dropped, except for ``map`` itself.
+    summary takes its overall AP at a fixed 100 whatever the limits. Per-class AP is
+    ``ap_<label_keys[label]>`` (:func:`datamodules.class_keys.class_keys`), ``ap_class<label>``
+    without names. -1 (no such objects) is dropped, except for ``map`` itself.
     """
     thresholds = list(max_detection_thresholds)
     recalls = tuple(f"mar_{t}" for t in thresholds if t >= COCO_MAX_DETECTIONS)
@@ -90,7 +93,8 @@ def map_summary(values: dict[str, torch.Tensor], with_masks: bool,
             per_class = [float(_coco_mean(table[:, :, k, 0, -1])) for k in range(table.shape[2])]
         for label, ap in zip(values["classes"].reshape(-1).tolist(), per_class):
             if ap >= 0:
-                summary[f"{prefix}ap_class{label}"] = ap
+                name = label_keys[label] if label_keys is not None and 0 <= label < len(label_keys) else f"class{label}"
+                summary[f"{prefix}ap_{name}"] = ap
     return summary
 
 
@@ -211,8 +215,9 @@ class Detector(SemiSupervisedModule):
         self._images_logged = False
 
     def _log_map(self, stage: str, metric: MeanAveragePrecision) -> None:
-        # synchronized: the same on every rank
-        summary = map_summary(metric.compute(), self.with_masks, metric.max_detection_thresholds)
+        names = getattr(self.trainer.datamodule, "category_names", None)  # per-class AP named by category
+        summary = map_summary(metric.compute(), self.with_masks, metric.max_detection_thresholds,  # synchronized
+                              class_keys(names) if names is not None else None)
         metric.reset()
         self.log(f"{stage}/map", summary.pop("map"), prog_bar=stage == "val")
         self.log_dict({f"{stage}/{k}": v for k, v in summary.items()})

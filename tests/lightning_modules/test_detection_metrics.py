@@ -89,3 +89,21 @@ def test_cells_map_at_both_limits_matches_reference_torchmetrics(cells):
 def test_a_detector_keeping_at_most_100_detections_scores_as_coco_does(cells):
     model = Detector(**dict(CELLS, roi_heads_kwargs={"detections_per_img": 100}))
     assert model.test_map.max_detection_thresholds == [1, 10, 100] and not model.test_map.extended_summary
+
+
+def test_cli_logs_per_class_ap_under_the_category_name_on_coco128(shared_data, tmp_path, one_thread):
+    from train import cli_main
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "fasterrcnn_mobilenet_coco128.yaml"
+    cli = cli_main(["fit", "--config", str(config), "--data.root", str(shared_data / "coco128"),
+                    "--data.steps_per_epoch", "1", "--data.batch_size", "1", "--trainer.max_epochs", "1",
+                    "--trainer.limit_val_batches", "0", "--trainer.limit_test_batches", "2",
+                    "--model.min_size", "160", "--model.max_size", "256", "--model.log_images", "0",
+                    "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+                    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    dm, logged = cli.datamodule, set(cli.trainer.callback_metrics)
+    tested = [dm.target(dm.image_ids[i]) for i in dm.split["test"][:4].tolist()]  # 2 batches of 2
+    names = {dm.category_names[label] for t in tested for label in t["labels"].tolist()}
+    assert "person" in names and "test/ap_person" in logged
+    expected = {"test/ap_" + name.replace(" ", "_") for name in names}  # coco128's names: letters and spaces
+    assert expected <= logged and not [k for k in logged if "class" in k]
