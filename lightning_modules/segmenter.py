@@ -23,6 +23,7 @@ from torch import nn
 
 from datamodules.sliding_window import sliding_window_inference
 from lightning_modules.segmentation import build_segmentation_network
+from lightning_modules.segmentation.unet3plus import cgm_sliding_window_inference, uses_cgm
 from lightning_modules.segmentation_losses import SegmentationLoss, deep_supervision_loss
 from lightning_modules.segmentation_metrics import SegmentationMetrics
 from lightning_modules.segmentation_overlays import log_overlays
@@ -122,12 +123,14 @@ class Segmenter(SemiSupervisedModule):
 
     # --- evaluation ------------------------------------------------------------------------
     def segment(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (N, classes, H, W) of the evaluation (EMA) network, by windows if configured."""
+        """Logits (N, classes, H, W) of the evaluation (EMA) network, by windows if configured
+        (UNet 3+'s CGM then gates the stitched image, not each window)."""
         net = self.eval_net
         if self.hparams.sliding_window is None:
             return net(images)
-        return sliding_window_inference(net, images, window=self.hparams.sliding_window,
-                                        overlap=self.hparams.window_overlap, num_classes=self.hparams.num_classes)
+        tiled = cgm_sliding_window_inference if uses_cgm(net) else sliding_window_inference
+        return tiled(net, images, window=self.hparams.sliding_window, overlap=self.hparams.window_overlap,
+                     num_classes=self.hparams.num_classes)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: SegmentationMetrics) -> None:
         logits = self.segment(batch["image"])
