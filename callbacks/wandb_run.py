@@ -9,9 +9,10 @@ rank 0:
   into the run's files as ``config.yaml`` and ``split.json``. They are copies, not links: the log
   directory of a ``WandbLogger`` is its ``save_dir``, which later runs share and overwrite;
 - at the end of ``test``, the table ``test/metrics`` (metric, value) and, when the module logs
-  per-class values named ``test/<metric>_class<k>`` (segmentation ``iou_class<k>``, detection
-  ``ap_class<k>`` and ``segm_ap_class<k>``), the table ``test/per_class`` with one row per class
-  (named from the DataModule's ``category_names`` when it has them).
+  per-class values named ``test/<metric>_class<k>`` (segmentation ``iou_class<k>``) or, with the
+  DataModule's ``category_names``, detection's ``test/ap_<name>`` and ``test/segm_ap_<name>``
+  (``datamodules.class_keys``), the table ``test/per_class`` with one row per class (named from
+  ``category_names`` when the DataModule has them).
 
 ``train.py`` adds it to every run; with a plain ``Trainer``, pass ``callbacks=[WandbRun()]``.
 """
@@ -28,9 +29,12 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from datamodules.class_keys import class_keys
 from datamodules.split import write_text_atomically
 
 PER_CLASS = re.compile(r"^(?P<metric>.+?)_?class(?P<label>\d+)$")
+# Detection's per-class AP under the category's key; overall detection metrics start with map/mar instead.
+NAMED_PER_CLASS = re.compile(r"^(?P<metric>(?:segm_)?ap)_(?P<key>\w+)$")
 
 
 def wandb_logger(trainer: Trainer) -> WandbLogger | None:
@@ -48,10 +52,13 @@ def metric_tables(metrics: Mapping[str, Any], class_names: Sequence[str] | None 
     """
     overall: list[list[Any]] = []
     per_class: dict[int, dict[str, float]] = {}
+    label_of_key = {k: label for label, k in enumerate(class_keys(class_names))} if class_names is not None else {}
     for key in sorted(k for k in metrics if k.startswith(prefix)):
         name, value = key[len(prefix):], float(metrics[key])
-        match = PER_CLASS.match(name)
-        if match:
+        match, named = PER_CLASS.match(name), NAMED_PER_CLASS.match(name)
+        if named and named["key"] in label_of_key:
+            per_class.setdefault(label_of_key[named["key"]], {})[named["metric"]] = value
+        elif match:
             per_class.setdefault(int(match["label"]), {})[match["metric"]] = value
         else:
             overall.append([name, value])

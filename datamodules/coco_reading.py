@@ -38,7 +38,7 @@ class CocoImage:
     boxes: Tensor  # float32 (n, 4) xyxy, clipped, positive width and height
     labels: Tensor  # int64 (n,), 1..K
     iscrowd: Tensor  # bool (n,)
-    area: Tensor  # float32 (n,), the json's "area" (segmentation area in COCO)
+    area: Tensor  # float32 (n,), the json's "area" (segmentation area in COCO); NaN where it gives none
     segmentations: list  # the json's "segmentation" per annotation (None where absent)
     annotation_ids: list
 
@@ -150,12 +150,16 @@ def read_coco(annotation_file: str | os.PathLike, image_dir: str | os.PathLike) 
         degenerate += int((~keep).sum())
         clipped += int((keep & (boxes != raw).any(dim=1)).sum())
         kept = [a for a, k in zip(anns, keep.tolist()) if k]
+        for a in kept:
+            if "area" in a and not (_is_number(a["area"]) and a["area"] >= 0):
+                raise ValueError(f"{path}: annotation {a.get('id')} has area {a['area']!r}: it must be a number >= 0 "
+                                 f"(pixels); fix it, or remove the key to have it computed from the box or mask")
         iscrowd = torch.tensor([bool(a.get("iscrowd", 0)) for a in kept], dtype=torch.bool)
         crowd += int(iscrowd.sum())
         images.append(CocoImage(
             image_id, file, h, w, boxes[keep].float(),
             torch.tensor([label_of[a["category_id"]] for a in kept], dtype=torch.int64), iscrowd,
-            torch.tensor([float(a.get("area", 0.0)) for a in kept], dtype=torch.float32),
+            torch.tensor([float(a.get("area", "nan")) for a in kept], dtype=torch.float32),
             [a.get("segmentation") for a in kept], [a.get("id") for a in kept]))
     if degenerate or crowd:
         warnings.warn(f"{path}: {degenerate} of {len(record['annotations'])} annotations dropped for degenerate boxes "
@@ -169,13 +173,18 @@ def target_of(image: CocoImage, masks: bool = False, crowd: bool = False) -> dic
     """torchvision's target dict for ``image``: ``boxes``, ``labels``, ``image_id`` (+ ``masks``).
 
     ``crowd=False`` (training) leaves crowd regions out; ``crowd=True`` (evaluation) keeps them and
-    adds ``iscrowd`` (int64) and ``area`` for torchmetrics' ``MeanAveragePrecision``.
+    adds ``iscrowd`` (int64) and ``area`` for torchmetrics' ``MeanAveragePrecision`` (object sizes).
+    An annotation without ``area`` gets its mask's pixel count with ``masks`` (COCO's area is the
+    segmentation's), else its clipped box's width x height, as torchmetrics computes it.
     """
     keep = torch.ones_like(image.iscrowd) if crowd else ~image.iscrowd
     target = {"boxes": image.boxes[keep], "labels": image.labels[keep], "image_id": torch.tensor(image.id)}
+    missing_area = image.area[keep].isnan()
     if crowd:
         target["iscrowd"] = image.iscrowd[keep].long()
-        target["area"] = image.area[keep]
+        boxes = target["boxes"]
+        box_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        target["area"] = torch.where(missing_area, box_area, image.area[keep])
     if masks:
         kept = [(s, ann_id) for s, ann_id, k in zip(image.segmentations, image.annotation_ids, keep.tolist()) if k]
         for segmentation, ann_id in kept:
@@ -183,4 +192,6 @@ def target_of(image: CocoImage, masks: bool = False, crowd: bool = False) -> dic
                 raise ValueError(f"annotation {ann_id} of image {image.id} has no segmentation: masks=True "
                                  f"needs one per object; use masks=False for boxes only")
         target["masks"] = torch.from_numpy(decode_masks([s for s, _ in kept], image.height, image.width))
+        if crowd and missing_area.any():  # COCO's area of a masked object is its mask's
+            target["area"] = torch.where(missing_area, target["masks"].flatten(1).sum(1).float(), target["area"])
     return target

@@ -11,28 +11,42 @@ Batches are those of :class:`datamodules.COCODetection`: training
 ``{"images": [...], "targets": [...]}``.
 
 Metrics: torchmetrics' ``MeanAveragePrecision`` (COCO mAP@[.5:.95], box and, for Mask R-CNN,
-mask) with the ``faster_coco_eval`` backend (pip package ``faster-coco-eval``).
+mask) with the ``faster_coco_eval`` backend (pip package ``faster-coco-eval``), scored on as many
+detections per image as the network keeps (``detections_per_img``; COCO's 100 is reported beside
+when it keeps more), per class under the category's name when the DataModule names them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
+from datamodules.class_keys import class_keys
 from lightning_modules.detection_networks import build_detection_network, load_network_weights
 from lightning_modules.detection_overlays import log_detections
 from lightning_modules.semi_supervised import SemiSupervisedModule
 
-MAP_SUMMARY = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
+MAP_SUMMARY = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
+COCO_MAX_DETECTIONS = 100  # COCO's limit per image; crowded images (the membrane cells) hold more objects
 
 
-def detection_metric(with_masks: bool, backend: str = "faster_coco_eval") -> MeanAveragePrecision:
-    """COCO-style mAP with per-class AP, for boxes and (Mask R-CNN) masks."""
+def detection_metric(with_masks: bool, backend: str = "faster_coco_eval",
+                     max_detections: int = COCO_MAX_DETECTIONS) -> MeanAveragePrecision:
+    """COCO-style mAP with per-class AP, for boxes and (Mask R-CNN) masks, on up to ``max_detections``
+    per image (give the network's ``detections_per_img``: a lower limit would score a detector that
+    finds every object of a crowded image below 1). Above COCO's 100 the limits are (10, 100,
+    ``max_detections``), and the extended summary keeps the precision table that AP at 100 is read from.
+    """
+    if max_detections < 1:
+        raise ValueError(f"max_detections must be at least 1, got {max_detections}")
+    beyond = max_detections > COCO_MAX_DETECTIONS
+    thresholds = [10, COCO_MAX_DETECTIONS, max_detections] if beyond else [1, 10, COCO_MAX_DETECTIONS]
     return MeanAveragePrecision(iou_type=("bbox", "segm") if with_masks else "bbox", class_metrics=True,
-                                backend=backend)
+                                backend=backend, max_detection_thresholds=thresholds, extended_summary=beyond)
 
 
 def metric_inputs(detections: list[dict[str, torch.Tensor]], with_masks: bool) -> list[dict[str, torch.Tensor]]:
@@ -51,20 +65,43 @@ def metric_inputs(detections: list[dict[str, torch.Tensor]], with_masks: bool) -
     return inputs
 
 
-def map_summary(values: dict[str, torch.Tensor], with_masks: bool) -> dict[str, torch.Tensor | float]:
-    """``map``, ``map_50``, ..., ``ap_class{label}`` (masks: ``segm_`` prefix); -1 (no such objects) is
-    dropped, except for ``map`` itself."""
+def map_summary(values: dict[str, torch.Tensor], with_masks: bool,
+                max_detection_thresholds: Sequence[int] = (1, 10, COCO_MAX_DETECTIONS),
+                label_keys: Sequence[str] | None = None) -> dict[str, torch.Tensor | float]:
+    """``map``, ``map_50``, ..., ``mar_100``, ``ap_<class>`` (masks: ``segm_`` prefix).
+
+    All are scored on the metric's last detection limit. Above COCO's 100, ``mar_<limit>`` and
+    ``map_maxdets100`` (AP at 100 detections per image) come too, and ``map``, ``map_maxdets100``
+    and per-class AP are read from the precision table as COCO's summary reads it: pycocotools'
+    summary takes its overall AP at a fixed 100 whatever the limits. Per-class AP is
+    ``ap_<label_keys[label]>`` (:func:`datamodules.class_keys.class_keys`), ``ap_class<label>``
+    without names. -1 (no such objects) is dropped, except for ``map`` itself.
+    """
+    thresholds = list(max_detection_thresholds)
+    recalls = tuple(f"mar_{t}" for t in thresholds if t >= COCO_MAX_DETECTIONS)
     summary: dict[str, torch.Tensor | float] = {}
     for iou_type, prefix in (("bbox", ""), ("segm", "segm_"))[: 2 if with_masks else 1]:
         source = f"{iou_type}_" if with_masks else ""
-        for name in MAP_SUMMARY:
+        for name in MAP_SUMMARY + recalls:
             if name == "map" or values[source + name] >= 0:
                 summary[prefix + name] = values[source + name]
         per_class = values[source + "map_per_class"].reshape(-1).tolist()
+        table = values.get(source + "precision")  # (IoU, recall, class, area, limit); area 0 is "all"
+        if thresholds[-1] > COCO_MAX_DETECTIONS and table is not None:
+            summary[prefix + "map"] = _coco_mean(table[:, :, :, 0, -1])
+            summary[prefix + "map_maxdets100"] = _coco_mean(table[:, :, :, 0, thresholds.index(COCO_MAX_DETECTIONS)])
+            per_class = [float(_coco_mean(table[:, :, k, 0, -1])) for k in range(table.shape[2])]
         for label, ap in zip(values["classes"].reshape(-1).tolist(), per_class):
             if ap >= 0:
-                summary[f"{prefix}ap_class{label}"] = ap
+                name = label_keys[label] if label_keys is not None and 0 <= label < len(label_keys) else f"class{label}"
+                summary[f"{prefix}ap_{name}"] = ap
     return summary
+
+
+def _coco_mean(precision: torch.Tensor) -> torch.Tensor:
+    """COCO's summary of a precision table: the mean of its defined entries (-1 marks none), else -1."""
+    defined = precision[precision > -1]
+    return (defined.mean() if defined.numel() else torch.tensor(-1.0)).float()
 
 
 class Detector(SemiSupervisedModule):
@@ -118,8 +155,9 @@ class Detector(SemiSupervisedModule):
         for name, value in (("lr", 0.01), ("weight_decay", 1e-4), ("nesterov", False)):
             kwargs.setdefault(name, value)
         super().__init__(num_classes=num_classes, network=network, network_kwargs=network_kwargs, **kwargs)
-        self.val_map = detection_metric(self.with_masks, map_backend)
-        self.test_map = detection_metric(self.with_masks, map_backend)
+        limit = self.net.roi_heads.detections_per_img  # score every detection the network keeps
+        self.val_map = detection_metric(self.with_masks, map_backend, limit)
+        self.test_map = detection_metric(self.with_masks, map_backend, limit)
 
     def build_net(self) -> nn.Module:
         hp = self.hparams
@@ -183,7 +221,9 @@ class Detector(SemiSupervisedModule):
         self._images_logged = False
 
     def _log_map(self, stage: str, metric: MeanAveragePrecision) -> None:
-        summary = map_summary(metric.compute(), self.with_masks)  # synchronized: the same on every rank
+        names = getattr(self.trainer.datamodule, "category_names", None)  # per-class AP named by category
+        summary = map_summary(metric.compute(), self.with_masks, metric.max_detection_thresholds,  # synchronized
+                              class_keys(names) if names is not None else None)
         metric.reset()
         self.log(f"{stage}/map", summary.pop("map"), prog_bar=stage == "val")
         self.log_dict({f"{stage}/{k}": v for k, v in summary.items()})

@@ -23,6 +23,7 @@ from torch import nn
 
 from datamodules.sliding_window import sliding_window_inference
 from lightning_modules.segmentation import build_segmentation_network
+from lightning_modules.segmentation.unet3plus import cgm_sliding_window_inference, uses_cgm
 from lightning_modules.segmentation_losses import SegmentationLoss, deep_supervision_loss
 from lightning_modules.segmentation_metrics import SegmentationMetrics
 from lightning_modules.segmentation_overlays import log_overlays
@@ -80,13 +81,23 @@ class Segmenter(SemiSupervisedModule):
 
     # --- training --------------------------------------------------------------------------
     def forward_views(self, images: list[torch.Tensor]) -> list[torch.Tensor | list[torch.Tensor]]:
-        """Per view: every output (deep supervision) for the first view, the main output for the others."""
+        """Per view: every output (deep supervision) for the first view, the main output for the others.
+
+        The CGM's presence logits of every view, in view order (the labeled images first), are kept
+        for the presence loss: one forward leaves them all in ``last_presence``; with
+        ``concat_forward=False`` each forward replaces the last, so they are gathered per view.
+        """
         if self.hparams.concat_forward:
             outputs = _as_list(self.net(torch.cat(images)))
             pieces = [output.split([len(x) for x in images]) for output in outputs]
             per_view = [[piece[i] for piece in pieces] for i in range(len(images))]
+            self._views_presence = getattr(self.net, "last_presence", None)
         else:
-            per_view = [_as_list(self.net(x)) for x in images]
+            per_view, presences = [], []
+            for x in images:
+                per_view.append(_as_list(self.net(x)))
+                presences.append(getattr(self.net, "last_presence", None))
+            self._views_presence = torch.cat(presences) if presences[0] is not None else None
         return [view if i == 0 and len(view) > 1 else view[0] for i, view in enumerate(per_view)]
 
     def labeled_loss(self, logits: torch.Tensor | list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -95,9 +106,10 @@ class Segmenter(SemiSupervisedModule):
         return self.seg_loss(logits, targets)
 
     def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        self._views_presence = None  # set by this step's forward_views
         losses = super().compute_losses(batch)
-        presence = getattr(self.net, "last_presence", None)
-        if presence is not None:  # the labeled images lead the concatenated batch
+        presence = self._views_presence
+        if presence is not None:  # the labeled images lead the views
             targets = batch["labeled"]["target"]
             has_foreground = (targets > 0).flatten(1).any(dim=1).long()
             losses["presence_loss"] = F.cross_entropy(presence[: len(targets)].float(), has_foreground)
@@ -111,12 +123,14 @@ class Segmenter(SemiSupervisedModule):
 
     # --- evaluation ------------------------------------------------------------------------
     def segment(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (N, classes, H, W) of the evaluation (EMA) network, by windows if configured."""
+        """Logits (N, classes, H, W) of the evaluation (EMA) network, by windows if configured
+        (UNet 3+'s CGM then gates the stitched image, not each window)."""
         net = self.eval_net
         if self.hparams.sliding_window is None:
             return net(images)
-        return sliding_window_inference(net, images, window=self.hparams.sliding_window,
-                                        overlap=self.hparams.window_overlap, num_classes=self.hparams.num_classes)
+        tiled = cgm_sliding_window_inference if uses_cgm(net) else sliding_window_inference
+        return tiled(net, images, window=self.hparams.sliding_window, overlap=self.hparams.window_overlap,
+                     num_classes=self.hparams.num_classes)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: SegmentationMetrics) -> None:
         logits = self.segment(batch["image"])
@@ -157,6 +171,7 @@ class Segmenter(SemiSupervisedModule):
         return {"index": batch["index"], "probs": probs, "prediction": probs.argmax(dim=1)}
 
     _images_logged_this_epoch = False
+    _views_presence: torch.Tensor | None = None
 
 
 def _as_list(output: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from callbacks.wandb_run import metric_tables
+from datamodules.class_keys import class_keys
 from lightning_modules.detector import detection_metric, map_summary
 from lightning_modules.segmentation_metrics import SegmentationMetrics
 from tests.wandb_records import config, history, offline_run_dir, run_records, saved_files
@@ -43,6 +44,22 @@ def test_detection_metrics_give_a_per_class_ap_table_with_category_names():
     tables = metric_tables(logged, class_names=["background", "person", "bicycle"])
     assert tables["test/per_class"] == (["class", "name", "ap"], [[1, "person", 1.0], [2, "bicycle", 1.0]])
     assert dict(tables["test/metrics"][1])["map"] == 1.0
+
+
+def test_detection_ap_named_by_category_fills_the_per_class_table():
+    """Keys as the Detector logs them with a COCODetection (``ap_<name>``); a category named like an
+    overall metric's suffix ("medium") stays apart from ``map_medium``."""
+    names = ["background", "traffic light", "medium"]
+    metric = detection_metric(with_masks=False)
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 60.0], [60.0, 20.0, 90.0, 80.0]])
+    target = {"boxes": boxes, "labels": torch.tensor([1, 2])}
+    metric.update([{**target, "scores": torch.tensor([0.9, 0.8])}], [target])
+    summary = map_summary(metric.compute(), with_masks=False, label_keys=class_keys(names))
+    logged = {f"test/{k}": v for k, v in summary.items()}
+    assert {"test/ap_traffic_light", "test/ap_medium", "test/map_medium"} <= set(logged)
+    tables = metric_tables(logged, class_names=names)
+    assert tables["test/per_class"] == (["class", "name", "ap"], [[1, "traffic light", 1.0], [2, "medium", 1.0]])
+    assert dict(tables["test/metrics"][1])["map_medium"] == 1.0
 
 
 @pytest.mark.parametrize("recipe", ["supervised_full_cifar10.yaml", "unet_membrane.yaml"])

@@ -76,6 +76,28 @@ def test_presence_loss_trains_the_classification_guided_module(membrane):
     assert all(p.grad is not None for p in model.net.classification_head.parameters())
 
 
+@pytest.mark.parametrize("concat_forward", [True, False])
+def test_presence_loss_scores_the_labeled_images_presence_however_views_are_forwarded(membrane, concat_forward):
+    """SegFixMatch forwards labeled, weak and strong views; the presence loss must use the labeled
+    images' logits, not those of the last forward (the strong view when views go one by one)."""
+    model = SegFixMatch(network="unet3plus", concat_forward=concat_forward, **{**SMALL, "network_kwargs": {
+        "encoder_name": "resnet18", "cgm": True}})
+    batch = one_batch(model, data(membrane))
+    batch["labeled"]["target"][0] = 0  # one labeled crop without foreground: flags (0, 1)
+    present = (batch["labeled"]["target"] > 0).flatten(1).any(1).long()
+    assert present.tolist() == [0, 1]
+    model.train()
+    views = [batch["labeled"]["image"], batch["unlabeled"]["weak"], batch["unlabeled"]["strong"]]
+    torch.manual_seed(0)  # the same dropout draws in the classification head for both passes
+    model.net(torch.cat(views) if concat_forward else views[0])  # the labeled images come first either way
+    expected = F.cross_entropy(model.net.last_presence[: len(present)], present)
+    torch.manual_seed(0)
+    losses = model.compute_losses(batch)
+    torch.testing.assert_close(losses["presence_loss"], expected)
+    last_view = F.cross_entropy(model.net.last_presence[-len(present):], present)
+    assert not torch.allclose(losses["presence_loss"], last_view)  # the strong view's would be another number
+
+
 def test_segfixmatch_masks_pixels_by_the_confidence_rule(membrane):
     torch.manual_seed(0)
     model = SegFixMatch(network="Unet", threshold=0.6, **SMALL)

@@ -56,7 +56,9 @@ class UNet3Plus(EncoderDecoderModel):
     where channel 0 is taken to be background and set to 0), so sigmoid/softmax probabilities
     are exactly those of an empty mask. In ``train()`` masks are not gated: the argmax passes no
     gradient, and gating by an untrained classifier would only drop the segmentation loss of
-    the images it wrongly calls absent.
+    the images it wrongly calls absent. ``gate_absent = False`` leaves eval outputs ungated too,
+    for a caller that gates later (sliding-window inference gates the stitched image:
+    :func:`cgm_sliding_window_inference`).
 
     Parameters, ``UNet3Plus("resnet34", classes=1)`` (deep supervision, no CGM): 27,830,853
     (resnet34 encoder 21,284,672). Convolutions followed by BatchNorm have no bias. Check of the
@@ -108,6 +110,7 @@ class UNet3Plus(EncoderDecoderModel):
         # Applied after the CGM gate, so a gated image reads as background whatever the activation.
         self.activation = Activation(activation)
         self.last_presence: torch.Tensor | None = None
+        self.gate_absent = True
         self.name = f"unet3plus-{encoder_name}"
         self.initialize()
 
@@ -127,7 +130,7 @@ class UNet3Plus(EncoderDecoderModel):
             masks += [head(d) for head, d in zip(self.deep_supervision_heads, decoded[1:])]
         if self.classification_head is not None:
             self.last_presence = self.classification_head(decoded[-1])
-            if not self.training:
+            if not self.training and self.gate_absent:
                 absent = self.last_presence.argmax(dim=1) == 0
                 masks = [suppress_absent(m, absent) for m in masks]
         masks = [self.activation(m) for m in masks]
