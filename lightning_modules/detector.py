@@ -126,8 +126,9 @@ class Detector(SemiSupervisedModule):
         network_kwargs: other builder arguments (e.g. ``trainable_backbone_layers``).
         map_backend: ``"faster_coco_eval"`` or ``"pycocotools"`` for the mAP metric.
         log_images: how many validation images to log with predicted (red) and true (green) boxes.
-        **kwargs: the base's optimizer and EMA arguments; defaults lr 0.01, weight decay 1e-4,
-            plain momentum (torchvision's detection reference recipe).
+        lr, weight_decay, nesterov: SGD as in torchvision's detection reference recipe (lr 0.01 here
+            for small batches, weight decay 1e-4, plain momentum).
+        **kwargs: the base's other optimizer and EMA arguments.
     """
 
     uses_criterion = False  # torchvision's models compute their own losses
@@ -150,11 +151,13 @@ class Detector(SemiSupervisedModule):
         network_kwargs: dict[str, Any] | None = None,
         map_backend: str = "faster_coco_eval",
         log_images: int = 4,
+        lr: float = 0.01,
+        weight_decay: float = 1e-4,
+        nesterov: bool = False,
         **kwargs: Any,
     ) -> None:
-        for name, value in (("lr", 0.01), ("weight_decay", 1e-4), ("nesterov", False)):
-            kwargs.setdefault(name, value)
-        super().__init__(num_classes=num_classes, network=network, network_kwargs=network_kwargs, **kwargs)
+        super().__init__(num_classes=num_classes, network=network, network_kwargs=network_kwargs, lr=lr,
+                         weight_decay=weight_decay, nesterov=nesterov, **kwargs)
         limit = self.net.roi_heads.detections_per_img  # score every detection the network keeps
         self.val_map = detection_metric(self.with_masks, map_backend, limit)
         self.test_map = detection_metric(self.with_masks, map_backend, limit)

@@ -27,21 +27,24 @@ class PiModel(SemiSupervisedModule):
     numbers the reference table holds; Laine & Aila backpropagate through both branches, which
     ``detach_target=False`` restores.
 
-    Recipe behind the reference numbers (TorchSSL, CIFAR-10, WRN-28-2, 4000 labels, 13.13 % error):
-    lambda_u = 10 ramped with the sigmoid-shaped ramp over the first 40 % of 2^20 steps, mu = 1,
-    B = 64, SGD lr 0.03 Nesterov momentum 0.9, weight decay 5e-4, cosine 7/16, EMA 0.999. (The
-    paper: w_max = 100 scaled by labeled/total, Gaussian ramp over 80 of 300 epochs, Adam.)
+    Recipe behind the reference numbers (TorchSSL, CIFAR-10, WRN-28-2, 4000 labels, 13.13 % error),
+    the defaults here: lambda_u = 10 (TorchSSL ``pimodel.py`` line 297) ramped up over the first
+    40 % of 2^20 steps (419,430; pass ``rampup_steps`` for shorter runs), mu = 1, B = 64, SGD lr 0.03
+    Nesterov momentum 0.9, weight decay 5e-4, cosine 7/16, EMA 0.999. The ramp is the paper's
+    ``exp(-5 (1 - t)^2)``; TorchSSL and USB ramp linearly (``rampup="linear"``). (The paper:
+    w_max = 100 scaled by labeled/total, Gaussian ramp over 80 of 300 epochs, Adam.)
 
     Args:
         detach_target: no gradient through the ``weak2`` branch.
+        unlabeled_loss_weight, rampup, rampup_steps: lambda_u and its ramp-up (defaults above).
         **kwargs: :class:`SemiSupervisedModule` arguments.
     """
 
     unlabeled_views = ("weak", "weak2")
 
-    def __init__(self, detach_target: bool = True, **kwargs: Any) -> None:
-        kwargs.setdefault("rampup", "sigmoid")
-        super().__init__(**kwargs)
+    def __init__(self, detach_target: bool = True, unlabeled_loss_weight: float = 10.0, rampup: str | None = "sigmoid",
+                 rampup_steps: int = 419_430, **kwargs: Any) -> None:
+        super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps, **kwargs)
         self.detach_target = detach_target
 
     def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

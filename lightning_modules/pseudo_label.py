@@ -24,21 +24,23 @@ class PseudoLabel(SemiSupervisedModule):
     The threshold ``tau`` is not in Lee's paper (``threshold=0`` keeps every pseudo-label, as he
     does); 0.95 is the modern benchmarks' (TorchSSL / USB) choice.
 
-    Recipe behind the reference numbers (TorchSSL, CIFAR-10, WRN-28-2, 4000 labels, 15.08 % error):
-    tau = 0.95, lambda_u = 1, linear ramp over the first 40 % of 2^20 steps, mu = 1, B = 64, SGD
-    lr 0.03 Nesterov momentum 0.9, weight decay 5e-4, cosine 7/16, EMA 0.999; weak = flip + crop.
+    Recipe behind the reference numbers (TorchSSL, CIFAR-10, WRN-28-2, 4000 labels, 15.08 % error),
+    the defaults here: tau = 0.95, lambda_u = 1 (TorchSSL ``pseudolabel.py`` lines 297-298), linear
+    ramp over the first 40 % of 2^20 steps (419,430; pass ``rampup_steps`` for shorter runs),
+    mu = 1, B = 64, SGD lr 0.03 Nesterov momentum 0.9, weight decay 5e-4, cosine 7/16, EMA 0.999;
+    weak = flip + crop.
 
     Args:
         threshold: confidence threshold tau.
-        **kwargs: :class:`SemiSupervisedModule` arguments (``unlabeled_loss_weight``, ``rampup``,
-            ``rampup_steps`` give alpha(t)).
+        unlabeled_loss_weight, rampup, rampup_steps: alpha_f and its ramp, i.e. alpha(t) (defaults above).
+        **kwargs: :class:`SemiSupervisedModule` arguments.
     """
 
     unlabeled_views = ("weak",)
 
-    def __init__(self, threshold: float = 0.95, **kwargs: Any) -> None:
-        kwargs.setdefault("rampup", "linear")
-        super().__init__(**kwargs)
+    def __init__(self, threshold: float = 0.95, unlabeled_loss_weight: float = 1.0, rampup: str | None = "linear",
+                 rampup_steps: int = 419_430, **kwargs: Any) -> None:
+        super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps, **kwargs)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
         self.threshold = threshold

@@ -114,9 +114,11 @@ class ReMixMatch(SemiSupervisedModule):
         dist_align_target: str = "labeled",
         dist_align_window: int = 128,
         unlabeled_loss_weight: float = 1.5,
+        rampup: str | None = "linear",
+        rampup_steps: int = 16_384,  # 1/64 of 2^20 steps (USB remixmatch_cifar10 unsup_warm_up 0.015625)
         **kwargs: Any,
     ) -> None:
-        super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, **kwargs)
+        super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps, **kwargs)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if dist_align_target not in ("labeled", "uniform"):

@@ -49,6 +49,8 @@ class Segmenter(SemiSupervisedModule):
         window_overlap: fraction of overlap between windows.
         log_images: how many validation images to log as input / truth / prediction overlays
             (W&B and TensorBoard loggers); 0 turns it off.
+        num_classes, in_channels: default a binary mask of grayscale images (linked from the data by
+            ``train.py``).
         **kwargs: the base's optimizer, EMA and ramp-up arguments.
     """
 
@@ -65,11 +67,12 @@ class Segmenter(SemiSupervisedModule):
         sliding_window: int | None = None,
         window_overlap: float = 0.25,
         log_images: int = 4,
+        num_classes: int = 2,
+        in_channels: int = 1,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("num_classes", 2)
-        kwargs.setdefault("in_channels", 1)
-        super().__init__(network=network, network_kwargs=network_kwargs, **kwargs)
+        super().__init__(network=network, network_kwargs=network_kwargs, num_classes=num_classes,
+                         in_channels=in_channels, **kwargs)
         self.seg_loss = SegmentationLoss(loss_terms)
         self.val_metrics = SegmentationMetrics(self.hparams.num_classes)
         self.test_metrics = SegmentationMetrics(self.hparams.num_classes)

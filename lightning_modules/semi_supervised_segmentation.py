@@ -16,6 +16,8 @@ image has a mask, target >= 0).
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning_modules.fixmatch import FixMatch
 from lightning_modules.mean_teacher import MeanTeacher
 from lightning_modules.segmenter import Segmenter
@@ -26,4 +28,13 @@ class SegFixMatch(Segmenter, FixMatch):
 
 
 class SegMeanTeacher(Segmenter, MeanTeacher):
-    """Mean Teacher for segmentation (per-pixel consistency). Arguments: :class:`Segmenter`'s and the ramp-up's."""
+    """Mean Teacher for segmentation (per-pixel consistency). Arguments: :class:`Segmenter`'s and the ramp-up's.
+
+    Defaults: the membrane recipe (``configs/segmeanteacher_membrane.yaml``, docs/results/seg_membrane.md):
+    weight 1 per pixel, ramped with ``exp(-5 (1 - t)^2)`` over 1,600 steps; the image recipe's weight
+    50 over 2^20 steps is not meant for pixels.
+    """
+
+    def __init__(self, unlabeled_loss_weight: float = 1.0, rampup: str | None = "sigmoid", rampup_steps: int = 1600,
+                 **kwargs: Any) -> None:
+        super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps, **kwargs)

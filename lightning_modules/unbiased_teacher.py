@@ -29,8 +29,10 @@ class UnbiasedTeacher(Detector):
     are. During ``burn_in_steps`` the student trains on labeled data only; when burn-in ends the
     teacher is reset to the student's weights (the paper copies the burned-in detector).
 
-    Paper recipe (COCO-standard, Faster R-CNN ResNet-50 FPN from ImageNet weights): delta = 0.7,
-    lambda_u = 4, EMA decay 0.9996, burn-in 2000 steps, 32 labeled + 32 unlabeled images,
+    Paper recipe (COCO-standard, Faster R-CNN ResNet-50 FPN from ImageNet weights), the defaults
+    here: delta = 0.7, lambda_u = 4, EMA decay 0.9996, burn-in 2000 steps (the authors'
+    ``configs/coco_supervision/faster_rcnn_R_50_FPN_sup1_run1.yaml`` lines 32-36: BBOX_THRESHOLD,
+    BURN_UP_STEP, EMA_KEEP_RATE, UNSUP_LOSS_WEIGHT), 32 labeled + 32 unlabeled images,
     lr 0.01, 180k steps; weak = flip, strong = colour jitter, grayscale, blur and cutout. The
     paper's focal loss in the RoI classifier (its class-balance answer to pseudo-label bias) is
     not included: torchvision's cross-entropy is used.
@@ -38,21 +40,21 @@ class UnbiasedTeacher(Detector):
     Args:
         score_threshold: delta, the teacher score a detection needs to become a pseudo-label.
         burn_in_steps: optimizer steps of supervised training before the unlabeled loss starts
-            (default 0: the unlabeled loss is used from the first step).
-        **kwargs: :class:`Detector` arguments; ``unlabeled_loss_weight`` defaults to the paper's
-            4.0 and ``ema_decay`` (the teacher's) to 0.9996; it must not be ``None``.
+            (0 uses it from the first step, when the teacher is still the random initialization).
+        unlabeled_loss_weight: lambda_u.
+        ema_decay: the teacher's EMA decay; it must not be ``None``.
+        **kwargs: :class:`Detector` arguments.
     """
 
     unlabeled_views = ("weak", "strong")
 
-    def __init__(self, score_threshold: float = 0.7, burn_in_steps: int = 0, **kwargs: Any) -> None:
-        kwargs.setdefault("unlabeled_loss_weight", 4.0)
-        kwargs.setdefault("ema_decay", 0.9996)
-        if kwargs["ema_decay"] is None:
+    def __init__(self, score_threshold: float = 0.7, burn_in_steps: int = 2000, unlabeled_loss_weight: float = 4.0,
+                 ema_decay: float | None = 0.9996, **kwargs: Any) -> None:
+        if ema_decay is None:
             raise ValueError("UnbiasedTeacher needs ema_decay: its teacher is the EMA of the student")
         if burn_in_steps < 0:
             raise ValueError(f"burn_in_steps must be >= 0, got {burn_in_steps}")
-        super().__init__(**kwargs)
+        super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, ema_decay=ema_decay, **kwargs)
 
     @property
     def teacher(self) -> nn.Module:

@@ -68,16 +68,24 @@ class VAT(SemiSupervisedModule):
     Defaults follow the WRN-28-2 re-implementations the reference errors come from (USB / TorchSSL
     classic CV, CIFAR-10): eps = 6 and xi = 1e-6 (the paper's CIFAR-10 values, chosen there for
     ZCA-whitened inputs; here inputs are mean/std normalized, as in USB), one power iteration,
-    lambda_u = 0.3 (our default, not confirmed against USB's config files) ramped up linearly over
-    the first 40 % of training (USB's ``unsup_warm_up 0.4``, 0.4 * 2^20 steps; pass
-    ``rampup_steps`` for shorter runs), entropy weight 0.06 (USB's
-    ``ent_loss_ratio``), unlabeled ratio 1 and the shared SGD/cosine/EMA recipe. The paper itself
-    trained a ConvLarge with Adam for 48k steps; ``entropy_weight=0`` gives plain VAT.
+    lambda_u = 0.3 (TorchSSL ``vat.py`` line 297 ``--vat_weight 0.3``, mixmatch ``vat.py`` line 111;
+    USB's classic config leaves it at its global default 1.0) ramped up linearly over the first
+    40 % of training (``unsup_warm_up 0.4``, 0.4 * 2^20 steps; pass ``rampup_steps`` for shorter
+    runs), entropy weight 0.06 (USB's ``ent_loss_ratio``), unlabeled ratio 1 and the shared
+    SGD/cosine/EMA recipe. The paper itself trained a ConvLarge with Adam for 48k steps;
+    ``entropy_weight=0`` gives plain VAT. In float32 the ``xi = 1e-6`` finite difference is noisy (the
+    references' too): on a digits batch the resulting loss was 5 % off a float64 computation.
 
-    BatchNorm: the power-iteration and adversarial forwards run in training mode (batch statistics)
-    inside :func:`frozen_buffers`, so they leave the running statistics as they were; only the clean
-    forward of the labeled and weak images (the base's ``compute_losses``) updates them. (USB freezes
-    BatchNorm for the clean unlabeled forward as well.) The power-iteration gradient is taken with
+    BatchNorm and forwards: as in the references (USB ``semilearn/algorithms/vat/vat.py`` lines
+    49-63, TorchSSL ``models/vat/vat.py`` lines 114-121, google-research/mixmatch ``vat.py`` lines
+    44-48), the labeled batch has its own forward, the only one that updates the running
+    statistics; the clean unlabeled forward, the power iteration and the adversarial forward run on
+    the unlabeled batch alone, in training mode (batch statistics) inside :func:`frozen_buffers`.
+    So the clean and the perturbed predictions are normalized over the same images and
+    ``KL(p(y | u) || p(y | u + r))`` is 0 at ``r = 0``: with ``xi = 1e-6`` any other difference
+    between the two passes (e.g. clean logits from a forward that also held the labeled images)
+    would dominate the finite difference and fix the "adversarial" direction whatever the random
+    start. ``concat_forward`` is therefore refused. The power-iteration gradient is taken with
     ``torch.autograd.grad`` with respect to ``d`` only, so it never reaches the weights' ``.grad``.
 
     After each step ``last_perturbation_norm`` holds the per-sample L2 norms of ``r_adv`` (detached).
@@ -87,6 +95,8 @@ class VAT(SemiSupervisedModule):
         xi: finite-difference step of the power iteration.
         power_iterations: power iterations to estimate the adversarial direction (>= 1).
         entropy_weight: weight of the entropy-minimization term on the unlabeled predictions.
+        unlabeled_loss_weight, rampup, rampup_steps: lambda_u and its ramp (defaults above).
+        concat_forward: must stay ``False`` (see BatchNorm and forwards above).
         **kwargs: :class:`SemiSupervisedModule` arguments.
     """
 
@@ -101,9 +111,15 @@ class VAT(SemiSupervisedModule):
         unlabeled_loss_weight: float = 0.3,
         rampup: str | None = "linear",
         rampup_steps: int = 419_430,
+        concat_forward: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps, **kwargs)
+        if concat_forward:
+            raise ValueError("VAT cannot use concat_forward=True: its clean and perturbed unlabeled forwards must see "
+                             "the same batch (a concatenated labeled + unlabeled forward normalizes the clean pass "
+                             "with other BatchNorm statistics); leave concat_forward at False")
+        super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps,
+                         concat_forward=concat_forward, **kwargs)
         if eps <= 0 or xi <= 0:
             raise ValueError(f"eps and xi must be positive, got eps={eps}, xi={xi}")
         if power_iterations < 1:
@@ -124,6 +140,15 @@ class VAT(SemiSupervisedModule):
                 (grad,) = torch.autograd.grad(kl, d)
                 d = _unit_per_sample(grad.detach())
         return (self.eps * d).to(images.dtype)
+
+    def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        labeled, unlabeled = batch["labeled"], batch.get("unlabeled")
+        losses = super().compute_losses({"labeled": labeled})  # labeled forward(s): BatchNorm statistics move here only
+        if unlabeled is not None:
+            with frozen_buffers(self.net):
+                clean_logits = self.net(unlabeled["weak"])
+            losses.update(self.unlabeled_loss({"weak": clean_logits}, unlabeled))
+        return losses
 
     def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         clean_logits, images = logits["weak"], batch["weak"]

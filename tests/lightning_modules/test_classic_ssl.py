@@ -12,6 +12,7 @@ from tests.ssl_helpers import digits_batch as _digits_batch, make_trainer as _tr
 from lightning_modules.mean_teacher import MeanTeacher
 from lightning_modules.pi_model import PiModel
 from lightning_modules.pseudo_label import PseudoLabel
+from lightning_modules.remixmatch import ReMixMatch
 from lightning_modules.temporal_ensembling import TemporalEnsembling
 
 SMALL = dict(num_classes=10, in_channels=1, network="wrn10_1", network_kwargs={"bn_momentum": 0.1})
@@ -105,6 +106,19 @@ def test_pi_model_loss_is_the_softmax_mse_and_detaches_by_choice():
     both = PiModel(num_classes=3, in_channels=1, network="wrn10_1", detach_target=False)
     both.unlabeled_loss({"weak": a, "weak2": b}, {})["unlabeled_loss"].backward()
     assert b.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls, weight, ramp, steps", [
+    (PseudoLabel, 1.0, "linear", 419_430),         # TorchSSL pseudolabel.py lines 286, 297
+    (PiModel, 10.0, "sigmoid", 419_430),           # TorchSSL pimodel.py lines 286, 297; the paper's ramp shape
+    (TemporalEnsembling, 2.4, "sigmoid", 279_620),  # Laine & Aila: 30 * 4000 / 50000 over 80 of 300 epochs
+    (MeanTeacher, 50.0, "sigmoid", 419_430),       # TorchSSL meanteacher.py lines 292-293; the paper's ramp shape
+    (ReMixMatch, 1.5, "linear", 16_384),           # USB remixmatch_cifar10_4000_0.yaml: 1/64 of 2^20 steps
+], ids=lambda v: getattr(v, "__name__", None))
+def test_default_weights_and_ramps_are_the_published_recipes(cls, weight, ramp, steps):
+    # Explicit in each signature, so the command line gets them too (tests/test_cli.py compares both).
+    hp = cls(**SMALL).hparams
+    assert (hp.unlabeled_loss_weight, hp.rampup, hp.rampup_steps) == (weight, ramp, steps)
 
 
 @pytest.mark.parametrize("cls,ramp", [(PseudoLabel, "linear"), (PiModel, "sigmoid"),

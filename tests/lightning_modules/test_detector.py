@@ -165,6 +165,14 @@ def test_crowd_regions_in_the_targets_are_not_counted_as_missed(coco):
     assert float(metric.compute()["map"]) == pytest.approx(1.0)  # the unmatched crowd box is ignored, as in COCO
 
 
+def test_unbiased_teacher_defaults_are_the_papers():
+    # The authors' configs/coco_supervision/faster_rcnn_R_50_FPN_sup1_run1.yaml lines 32-36: a 2000-step
+    # burn-in (a random EMA teacher at threshold 0.7 would label everything background), lambda_u 4, EMA 0.9996.
+    hp = UnbiasedTeacher(num_classes=3, **{k: v for k, v in SMALL.items() if k != "ema_decay"}).hparams
+    assert (hp.burn_in_steps, hp.score_threshold, hp.unlabeled_loss_weight, hp.ema_decay) == (2000, 0.7, 4.0, 0.9996)
+    assert (hp.lr, hp.weight_decay, hp.nesterov) == (0.01, 1e-4, False)  # Detector's: torchvision's reference recipe
+
+
 def test_pseudo_labels_respect_the_score_threshold(coco, one_thread):
     torch.manual_seed(0)
     model = UnbiasedTeacher(num_classes=coco[2], roi_heads_kwargs={"score_thresh": 0.0}, **SMALL)
@@ -180,7 +188,7 @@ def test_pseudo_labels_respect_the_score_threshold(coco, one_thread):
 def test_unbiased_teacher_trains_only_the_student_classifiers_on_pseudo_labels(coco, one_thread):
     torch.manual_seed(0)
     model = UnbiasedTeacher(num_classes=coco[2], score_threshold=0.05, roi_heads_kwargs={"score_thresh": 0.0},
-                            **SMALL).train()
+                            burn_in_steps=0, **SMALL).train()
     losses = model.compute_losses(train_batch(coco, unlabeled=True))
     unlabeled_keys = {k for k in losses if k.startswith("unlabeled_")}
     assert unlabeled_keys == {"unlabeled_loss", "unlabeled_loss_classifier", "unlabeled_loss_objectness"}
@@ -199,7 +207,7 @@ def test_unbiased_teacher_trains_only_the_student_classifiers_on_pseudo_labels(c
 
 def test_images_without_pseudo_boxes_count_as_background_and_burn_in_skips_them(coco, one_thread):
     torch.manual_seed(0)
-    model = UnbiasedTeacher(num_classes=coco[2], score_threshold=1.01, **SMALL).train()
+    model = UnbiasedTeacher(num_classes=coco[2], score_threshold=1.01, burn_in_steps=0, **SMALL).train()
     losses = model.compute_losses(train_batch(coco, unlabeled=True))
     assert losses["pseudo_boxes_per_image"] == 0 and "pseudo_label_precision" not in losses
     assert torch.isfinite(losses["unlabeled_loss"]) and losses["unlabeled_loss"] > 0
