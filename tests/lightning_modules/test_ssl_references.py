@@ -167,7 +167,8 @@ def test_remixmatch_matches_reference_train_step(concat_forward):
     48-49 (first step: ``p_model`` is this batch's mean); google-research/remixmatch
     ``remixmatch_no_cta.py`` lines 52-59, 93-126. Forwards as in the MixMatch test."""
     torch.manual_seed(0)
-    model = ReMixMatch(concat_forward=concat_forward, **SMALL_NET)  # T 0.5, alpha 0.75, 1.5 / 0.5 / 0.5
+    # T 0.5, alpha 0.75, 1.5 / 0.5 / 0.5; no ramp, so step 0 carries the full weights
+    model = ReMixMatch(concat_forward=concat_forward, rampup=None, **SMALL_NET)
     batch, dm = digits_batch(model, batch_size=8, uratio=1, return_datamodule=True)
     counts = torch.bincount(dm._train[1][dm.split.labeled], minlength=10).float()
     lb_class_dist = counts / counts.sum()
