@@ -1,6 +1,9 @@
-"""Helpers the semi-supervised method tests share: a quiet Trainer and one real digits batch."""
+"""Helpers the method and callback tests share: a quiet Trainer, one real digits batch, and a
+callback that records the weights after every optimizer step."""
 
 from __future__ import annotations
+
+import copy
 
 import lightning as L
 
@@ -24,3 +27,19 @@ def digits_batch(model, num_labeled=50, batch_size=8, uratio=2, return_datamodul
     raw, _, _ = next(iter(dm.train_dataloader()))
     batch = dm.on_after_batch_transfer(raw, 0)
     return (batch, dm) if return_datamodule else batch
+
+
+class WeightTrajectory(L.Callback):
+    """Records the module's state at fit start and after every optimizer step (list it before a
+    callback that changes the weights at the end of a step, e.g. EMA, to see the raw weights)."""
+
+    def __init__(self) -> None:
+        self.states, self.seen = [], 0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.states.append(copy.deepcopy(pl_module.state_dict()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > self.seen:
+            self.seen = trainer.global_step
+            self.states.append(copy.deepcopy(pl_module.state_dict()))

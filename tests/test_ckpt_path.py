@@ -5,7 +5,6 @@ model given to ``test`` are refused with our messages; the README's checkpoint p
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 

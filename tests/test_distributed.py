@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
-import time
 from pathlib import Path
 
 import lightning as L
@@ -23,14 +21,10 @@ from PIL import Image
 
 from tests.conftest import SHARED_DATA
 from tests.ddp_recipes import METHODS, RANK_BATCH, SEED, fit, run_rank
+from tests.rank_processes import free_port, run_to_the_end
 
 EXACT = [m for m in METHODS if m != "FixMatchBN"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,24 +52,10 @@ def ranks(inputs, tmp_path_factory) -> dict[str, list[dict]]:
     """Every recipe's final state on rank 0 and rank 1 of one two-process run."""
     teacher, membrane = inputs
     out = tmp_path_factory.mktemp("ddp_out")
-    port = str(_free_port())
+    port = str(free_port())
     # fork: the ranks reuse this process's imports (torch and Lightning take seconds to import)
     context = multiprocessing.get_context("fork")
-    procs = [context.Process(target=_rank, args=(r, port, out, teacher, membrane)) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 400
-    # a rank that fails leaves the other waiting in a collective: stop both at the first failure
-    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-        if any(p.exitcode not in (None, 0) for p in procs):
-            break
-        time.sleep(0.2)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    codes = [p.exitcode for p in procs]
-    assert codes == [0, 0], f"rank processes ended with {codes} (negative: killed after a failure or 400 s); see stderr"
+    run_to_the_end([context.Process(target=_rank, args=(r, port, out, teacher, membrane)) for r in range(2)], 400)
     return {m: [torch.load(out / f"{m}_rank{r}.pt", weights_only=False) for r in range(2)] for m in METHODS}
 
 

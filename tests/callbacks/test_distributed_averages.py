@@ -5,39 +5,19 @@ NCCL, which takes CUDA tensors only, needs two GPUs."""
 from __future__ import annotations
 
 import multiprocessing
-import socket
-import time
 
 import pytest
 import torch
 
 from tests.callbacks.distributed_workers import run_rank
+from tests.rank_processes import free_port, run_to_the_end
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_two_ranks(backend: str, out) -> list[dict]:
     context = multiprocessing.get_context("spawn")  # spawn: CUDA cannot be used in a forked child
-    port = _free_port()
-    procs = [context.Process(target=run_rank, args=(r, 2, backend, port, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 300
-    # a rank that fails leaves the other waiting in a collective: stop both at the first failure
-    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-        if any(p.exitcode not in (None, 0) for p in procs):
-            break
-        time.sleep(0.2)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-        p.join()
-    codes = [p.exitcode for p in procs]
-    assert codes == [0, 0], f"rank processes ended with {codes} (negative: killed after a failure or 300 s); see stderr"
+    port = free_port()
+    run_to_the_end([context.Process(target=run_rank, args=(r, 2, backend, port, str(out))) for r in range(2)], 300)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

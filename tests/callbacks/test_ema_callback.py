@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import lightning as L
 import pytest
 import torch
@@ -14,6 +12,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from callbacks import EMA, EMAModel, ema_weights_from_checkpoint
 from datamodules import DigitsSSL
 from lightning_modules import Supervised
+from tests.ssl_helpers import WeightTrajectory
 
 
 def _model(**kwargs) -> Supervised:
@@ -43,24 +42,9 @@ def _assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         assert torch.equal(x, y)
 
 
-class _Trajectory(L.Callback):
-    """Records the weights at fit start and after every optimizer step."""
-
-    def __init__(self) -> None:
-        self.states, self.seen = [], 0
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.states.append(copy.deepcopy(pl_module.state_dict()))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step > self.seen:
-            self.seen = trainer.global_step
-            self.states.append(copy.deepcopy(pl_module.state_dict()))
-
-
 @pytest.mark.parametrize("buffers", ["copy", "average"])
 def test_ema_equals_an_emamodel_updated_by_hand_along_the_same_trajectory(buffers):
-    model, record = _model(), _Trajectory()
+    model, record = _model(), WeightTrajectory()
     ema = EMA(decay=0.9, warmup_power=0.75, buffers=buffers)
     _trainer([record, ema], max_steps=5).fit(model, datamodule=_data())
     assert ema.ema.num_updates == 5 and len(record.states) == 6

@@ -4,8 +4,6 @@ without it. The two-process broadcast of such a copy is in test_distributed_aver
 
 from __future__ import annotations
 
-import copy
-
 import lightning as L
 import pytest
 import torch
@@ -15,6 +13,7 @@ from torch import nn
 from callbacks import EMA, EMAModel
 from datamodules import DigitsSSL
 from lightning_modules import Supervised
+from tests.ssl_helpers import WeightTrajectory
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -43,21 +42,6 @@ def test_a_cpu_copy_of_a_cuda_model_averages_the_weights_each_step_left():
         torch.testing.assert_close(ema.module[1].running_mean, torch.full((1024,), float(step)))
 
 
-class _Trajectory(L.Callback):
-    """Records the weights at fit start and after every optimizer step (listed before EMA)."""
-
-    def __init__(self) -> None:
-        self.states, self.seen = [], 0
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.states.append(copy.deepcopy(pl_module.state_dict()))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step > self.seen:
-            self.seen = trainer.global_step
-            self.states.append(copy.deepcopy(pl_module.state_dict()))
-
-
 def _model() -> Supervised:
     L.seed_everything(0, verbose=False)
     return Supervised(num_classes=10, in_channels=1, network="wrn10_1", network_kwargs={"bn_momentum": 0.1},
@@ -74,7 +58,7 @@ def _gpu_trainer(callbacks, **kwargs) -> L.Trainer:
 
 
 def test_cpu_copy_of_a_model_trained_on_cuda_equals_an_emamodel_updated_by_hand():
-    model, record = _model(), _Trajectory()
+    model, record = _model(), WeightTrajectory()
     data = DigitsSSL(num_labeled=50, batch_size=16, steps_per_epoch=4)
     ema = EMA(decay=0.9, warmup_power=0.75, device="cpu")
     _gpu_trainer([record, ema], max_steps=5, limit_val_batches=0).fit(model, datamodule=data)

@@ -1,6 +1,5 @@
 """Greedy soup over real digits runs written by train.py's CLI, selected on held-out validation digits."""
 
-import subprocess
 import sys
 from pathlib import Path
 
