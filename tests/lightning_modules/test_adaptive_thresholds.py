@@ -2,7 +2,6 @@
 
 import math
 
-import lightning as L
 import pytest
 import torch
 

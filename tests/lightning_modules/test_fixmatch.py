@@ -2,10 +2,8 @@
 
 import math
 
-import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
 from datamodules import DigitsSSL
 from tests.ssl_helpers import digits_batch as _digits_batch, make_trainer as _trainer

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torchdistill.losses.mid_level import ATLoss, KDLoss, RKDLoss, SimpleLossWrapper, SPKDLoss
 from torchdistill.losses.registry import get_low_level_loss
 from torchdistill.models.adaptation import ConvReg

@@ -3,7 +3,6 @@
 import copy
 import math
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
