@@ -18,8 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lightning_modules.fixmatch import FixMatch
 from lightning_modules.mean_teacher import MeanTeacher
+from lightning_modules.segmentation.unet3plus import main_output_only
 from lightning_modules.segmenter import Segmenter
 
 
@@ -33,8 +36,16 @@ class SegMeanTeacher(Segmenter, MeanTeacher):
     Defaults: the membrane recipe (``configs/segmeanteacher_membrane.yaml``, docs/results/seg_membrane.md):
     weight 1 per pixel, ramped with ``exp(-5 (1 - t)^2)`` over 1,600 steps; the image recipe's weight
     50 over 2^20 steps is not meant for pixels.
+
+    The teacher gives its main prediction only: in training mode (``teacher_train_mode``) UNet 3+
+    would otherwise return its deep-supervision side outputs too, which no loss of the teacher uses.
     """
 
     def __init__(self, unlabeled_loss_weight: float = 1.0, rampup: str | None = "sigmoid", rampup_steps: int = 1600,
                  **kwargs: Any) -> None:
         super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps, **kwargs)
+
+    @torch.no_grad()
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        with main_output_only(self.teacher):
+            return super().teacher_logits(images)

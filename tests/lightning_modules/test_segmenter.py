@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 from datamodules import SegmentationFolders
 from lightning_modules import SegFixMatch, SegMeanTeacher, Segmenter
 from lightning_modules.segmentation_losses import SegmentationLoss
+from lightning_modules.pi_model import softmax_mse
 from lightning_modules.segmentation_overlays import overlays
 from lightning_modules.ssl_losses import confident_pseudo_labels
 from tests.ssl_helpers import make_trainer
@@ -122,6 +124,29 @@ def test_segmeanteacher_sends_unlabeled_gradient_to_the_student_only(membrane):
     losses["unlabeled_loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.net.parameters())
     assert all(p.grad is None for p in model.ema.module.parameters())
+
+
+def test_segmeanteacher_with_unet3plus_targets_the_teachers_main_output(membrane):
+    """UNet 3+ returns its deep-supervision list in training mode, where the teacher runs by default:
+    the target must be the teacher's main output (``AttributeError: 'list' ... detach`` before), and
+    its side heads, which nothing uses, must not run."""
+    torch.manual_seed(0)
+    model = SegMeanTeacher(network="unet3plus", rampup_steps=0, **SMALL)
+    assert model.teacher_train_mode
+    batch = one_batch(model, data(membrane))
+    model.train()
+    teacher = copy.deepcopy(model.teacher).train()  # batch statistics, as the teacher's forward uses them
+    with torch.no_grad():
+        teacher_main = teacher(batch["unlabeled"]["weak"])[0]
+    side_head_calls = []
+    for head in model.teacher.deep_supervision_heads:
+        head.register_forward_hook(lambda *args: side_head_calls.append(1))
+    losses = model.compute_losses(batch)
+    assert side_head_calls == []
+    student_main = model.net(torch.cat([batch["labeled"]["image"], batch["unlabeled"]["weak2"]]))[0]
+    expected = softmax_mse(student_main[len(batch["labeled"]["image"]):], torch.softmax(teacher_main, dim=1))
+    torch.testing.assert_close(losses["unlabeled_loss"], expected)
+    assert isinstance(model.teacher.train()(batch["unlabeled"]["weak"]), list)  # side outputs are back afterwards
 
 
 def test_segmentation_loss_is_zero_for_a_perfect_prediction_and_the_module_uses_it(membrane):

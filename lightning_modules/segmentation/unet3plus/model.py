@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
@@ -13,7 +15,7 @@ from torch import nn
 from .._base import EncoderDecoderModel
 from .decoder import UNet3PlusDecoder
 
-__all__ = ["UNet3Plus", "ABSENT_LOGIT"]
+__all__ = ["UNet3Plus", "ABSENT_LOGIT", "main_output_only"]
 
 #: Logit given to foreground channels of images the CGM calls absent: sigmoid/softmax make it 0,
 #: and it stays finite in float16 and bfloat16.
@@ -46,6 +48,8 @@ class UNet3Plus(EncoderDecoderModel):
     ``deep_supervision=True``: a list of ``num_scales`` such tensors (5 for a depth-5 ResNet),
     one per decoder stage then the deepest encoder map, shallow to deep, each from its own
     conv3x3 and bilinearly upsampled to the input size; element 0 is the main prediction.
+    ``side_outputs = False`` (:func:`main_output_only`) returns the main prediction alone in
+    ``train()`` too, without running the side heads.
 
     Classification-guided module (``cgm=True``): dropout(0.5) + conv1x1 to 2 channels + global
     max pool on the deepest encoder map give ``last_presence``, the ``(N, 2)`` (absent, present)
@@ -111,6 +115,7 @@ class UNet3Plus(EncoderDecoderModel):
         self.activation = Activation(activation)
         self.last_presence: torch.Tensor | None = None
         self.gate_absent = True
+        self.side_outputs = True
         self.name = f"unet3plus-{encoder_name}"
         self.initialize()
 
@@ -124,7 +129,7 @@ class UNet3Plus(EncoderDecoderModel):
             self.check_input_shape(x)
         features = self.encoder(x)
         decoded = self.decoder([features[k] for k in self.levels])
-        all_outputs = self.training and self.deep_supervision_heads is not None
+        all_outputs = self.training and self.side_outputs and self.deep_supervision_heads is not None
         masks = [self.segmentation_head(decoded[0])]
         if all_outputs:
             masks += [head(d) for head, d in zip(self.deep_supervision_heads, decoded[1:])]
@@ -135,6 +140,20 @@ class UNet3Plus(EncoderDecoderModel):
                 masks = [suppress_absent(m, absent) for m in masks]
         masks = [self.activation(m) for m in masks]
         return masks if all_outputs else masks[0]
+
+
+@contextmanager
+def main_output_only(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` returning its main prediction alone, in training mode too (a UNet 3+'s side heads
+    do not run); any other network is left as it is."""
+    if not isinstance(net, UNet3Plus):
+        yield net
+        return
+    previous, net.side_outputs = net.side_outputs, False
+    try:
+        yield net
+    finally:
+        net.side_outputs = previous
 
 
 def suppress_absent(logits: torch.Tensor, absent: torch.Tensor) -> torch.Tensor:
