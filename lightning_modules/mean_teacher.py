@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
+from lightning_modules.batch_norm import frozen_buffers
 from lightning_modules.pi_model import softmax_mse
 from lightning_modules.semi_supervised import SemiSupervisedModule
-from lightning_modules.vat import frozen_buffers
 
 
 class MeanTeacher(SemiSupervisedModule):

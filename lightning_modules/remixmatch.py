@@ -10,9 +10,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules.batch_norm import frozen_buffers
 from lightning_modules.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl_losses import RAMPUPS, distribution_alignment, masked_accuracy, mixup, sharpen
-from lightning_modules.vat import frozen_buffers
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
