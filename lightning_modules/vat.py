@@ -105,10 +105,11 @@ class VAT(SemiSupervisedModule):
         self.last_perturbation_norm: torch.Tensor | None = None
 
     def adversarial_perturbation(self, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """``r_adv`` for ``images`` whose clean logits are ``logits``, by power iteration; detached."""
+        """``r_adv`` for ``images`` whose clean logits are ``logits``, by power iteration; detached.
+        Its forwards run in training mode: call it inside :func:`frozen_buffers`."""
         images = images.detach()
         d = _unit_per_sample(torch.randn_like(images, dtype=torch.float32))
-        with frozen_buffers(self.net), torch.enable_grad():
+        with torch.enable_grad():
             for _ in range(self.power_iterations):
                 d = (self.xi * d).requires_grad_(True)
                 kl = _kl_from_logits(logits, self.net(images + d.to(images.dtype)))
@@ -120,17 +121,22 @@ class VAT(SemiSupervisedModule):
         labeled, unlabeled = batch["labeled"], batch.get("unlabeled")
         losses = super().compute_losses({"labeled": labeled})  # labeled forward(s): BatchNorm statistics move here only
         if unlabeled is not None:
-            with frozen_buffers(self.net):
+            with frozen_buffers(self.net):  # one scratch copy for the clean, power-iteration and adversarial passes
                 clean_logits = self.net(unlabeled["weak"])
-            losses.update(self.unlabeled_loss({"weak": clean_logits}, unlabeled))
+                losses.update(self.unlabeled_terms(clean_logits, unlabeled))
         return losses
 
     def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        clean_logits, images = logits["weak"], batch["weak"]
+        """The unlabeled terms from the clean logits ``logits["weak"]``, leaving the network's buffers alone."""
+        with frozen_buffers(self.net):
+            return self.unlabeled_terms(logits["weak"], batch)
+
+    def unlabeled_terms(self, clean_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The KL to the adversarial prediction, the entropy and diagnostics; call it inside :func:`frozen_buffers`."""
+        images = batch["weak"]
         r_adv = self.adversarial_perturbation(images, clean_logits)
         self.last_perturbation_norm = r_adv.detach().float().flatten(1).norm(dim=1)
-        with frozen_buffers(self.net):
-            adversarial_logits = self.net(images.detach() + r_adv)
+        adversarial_logits = self.net(images.detach() + r_adv)
         probs = torch.softmax(clean_logits.float(), dim=1)
         entropy = -(probs * F.log_softmax(clean_logits.float(), dim=1)).sum(dim=1).mean()
         targets = batch["target"]
