@@ -49,7 +49,8 @@ class SemiSupervisedModule(LightningModule):
         rampup: ramp lambda_u up from 0: ``"sigmoid"`` (exp(-5(1-t)^2)), ``"linear"`` or ``None``.
         rampup_steps: length of the ramp-up in optimizer steps.
         concat_forward: one forward over labeled and unlabeled images together (BatchNorm sees
-            the whole step's batch, as in FixMatch) instead of one forward per view.
+            the whole step's batch, as in FixMatch) instead of one forward per view; methods with
+            ``supports_concat_forward = False`` (VAT) refuse it.
         criterion: the labeled loss by name (``ce``, ``label_smoothing``,
             ``online_label_smoothing``, ``disturb_label``, ``tfkd_reg``, ``knowledge_refinery``,
             ``focal``, ``ohem``, ``weighted_ce``; multi-label: ``bce``, ``sigmoid_f1``, which also
@@ -64,6 +65,8 @@ class SemiSupervisedModule(LightningModule):
     uses_criterion: bool = True
     #: whether the method trains through the base's ``compute_losses`` (needed by R-Drop)
     supports_rdrop: bool = True
+    #: whether the method may forward its views together (``concat_forward=True``)
+    supports_concat_forward: bool = True
 
     #: unlabeled views the DataModule must produce for this method
     unlabeled_views: tuple[str, ...] = ()
@@ -98,6 +101,9 @@ class SemiSupervisedModule(LightningModule):
         if rdrop_weight < 0 or (rdrop_weight > 0 and not self.supports_rdrop):
             raise ValueError(f"rdrop_weight={rdrop_weight} is not possible for {type(self).__name__}: it must be "
                              ">= 0, and R-Drop needs a method that trains through the base's forward")
+        if concat_forward and not self.supports_concat_forward:
+            raise ValueError(f"{type(self).__name__} cannot use concat_forward=True (one forward over labeled and "
+                             "unlabeled views; its docstring says why): pass concat_forward=False")
         self.save_hyperparameters()
         self.net = self.build_net()
         self.criterion = build_criterion(criterion, num_classes, **(criterion_kwargs or {}))

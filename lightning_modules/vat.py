@@ -60,8 +60,9 @@ class VAT(SemiSupervisedModule):
     ``KL(p(y | u) || p(y | u + r))`` is 0 at ``r = 0``: with ``xi = 1e-6`` any other difference
     between the two passes (e.g. clean logits from a forward that also held the labeled images)
     would dominate the finite difference and fix the "adversarial" direction whatever the random
-    start. ``concat_forward`` is therefore refused. The power-iteration gradient is taken with
-    ``torch.autograd.grad`` with respect to ``d`` only, so it never reaches the weights' ``.grad``.
+    start. ``concat_forward=True`` is therefore refused (``supports_concat_forward = False``). The
+    power-iteration gradient is taken with ``torch.autograd.grad`` with respect to ``d`` only, so it
+    never reaches the weights' ``.grad``.
 
     After each step ``last_perturbation_norm`` holds the per-sample L2 norms of ``r_adv`` (detached).
 
@@ -71,11 +72,12 @@ class VAT(SemiSupervisedModule):
         power_iterations: power iterations to estimate the adversarial direction (>= 1).
         entropy_weight: weight of the entropy-minimization term on the unlabeled predictions.
         unlabeled_loss_weight, rampup, rampup_steps: lambda_u and its ramp (defaults above).
-        concat_forward: must stay ``False`` (see BatchNorm and forwards above).
+        concat_forward: ``False``, the only value the base accepts for VAT (see BatchNorm and forwards above).
         **kwargs: :class:`SemiSupervisedModule` arguments.
     """
 
     unlabeled_views = ("weak",)
+    supports_concat_forward = False  # the clean and perturbed unlabeled passes must see the same batch
 
     def __init__(
         self,
@@ -89,10 +91,6 @@ class VAT(SemiSupervisedModule):
         concat_forward: bool = False,
         **kwargs: Any,
     ) -> None:
-        if concat_forward:
-            raise ValueError("VAT cannot use concat_forward=True: its clean and perturbed unlabeled forwards must see "
-                             "the same batch (a concatenated labeled + unlabeled forward normalizes the clean pass "
-                             "with other BatchNorm statistics); leave concat_forward at False")
         super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps,
                          concat_forward=concat_forward, **kwargs)
         if eps <= 0 or xi <= 0:

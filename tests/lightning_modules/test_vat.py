@@ -53,6 +53,12 @@ def test_vat_refuses_concat_forward():
         VAT(**SMALL_NET, concat_forward=True)
 
 
+def test_concat_forward_refusal_is_the_bases_and_names_the_method_and_the_fix():
+    assert VAT.supports_concat_forward is False and VAT(**SMALL_NET).hparams.concat_forward is False
+    with pytest.raises(ValueError, match="VAT cannot use concat_forward=True .* pass concat_forward=False"):
+        VAT(**SMALL_NET, concat_forward=True)
+
+
 def _reference_vat_step(net, batch, seed, xi, eps, vat_weight, entropy_weight, r_adv=None):
     """One VAT step in plain float64 tensor arithmetic, as the authors' and USB's code compute it.
 
