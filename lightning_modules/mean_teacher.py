@@ -10,6 +10,7 @@ import torch
 from lightning_modules.batch_norm import frozen_buffers
 from lightning_modules.pi_model import softmax_mse
 from lightning_modules.semi_supervised import SemiSupervisedModule
+from lightning_modules.ssl_losses import RAMPUP_STEPS_40_PERCENT
 
 
 class MeanTeacher(SemiSupervisedModule):
@@ -57,8 +58,8 @@ class MeanTeacher(SemiSupervisedModule):
     supports_rdrop = False  # its own forward: student and teacher on two views
 
     def __init__(self, teacher_train_mode: bool = True, unlabeled_loss_weight: float = 50.0,
-                 rampup: str | None = "sigmoid", rampup_steps: int = 419_430, ema_decay: float | None = 0.999,
-                 **kwargs: Any) -> None:
+                 rampup: str | None = "sigmoid", rampup_steps: int = RAMPUP_STEPS_40_PERCENT,
+                 ema_decay: float | None = 0.999, **kwargs: Any) -> None:
         if ema_decay is None:
             raise ValueError("MeanTeacher needs ema_decay: its teacher is the EMA of the student")
         super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps,

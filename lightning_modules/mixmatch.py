@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lightning_modules.batch_norm import frozen_buffers
 from lightning_modules.semi_supervised import SemiSupervisedModule
-from lightning_modules.ssl_losses import masked_accuracy, mixup, sharpen
+from lightning_modules.ssl_losses import RAMPUP_STEPS_1_OF_64, masked_accuracy, mixup, sharpen
 
 
 class MixMatch(SemiSupervisedModule):
@@ -63,7 +63,7 @@ class MixMatch(SemiSupervisedModule):
         mixup_alpha: float = 0.75,
         unlabeled_loss_weight: float = 75.0,
         rampup: str | None = "linear",
-        rampup_steps: int = 16_384,
+        rampup_steps: int = RAMPUP_STEPS_1_OF_64,
         **kwargs: Any,
     ) -> None:
         super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps, **kwargs)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.semi_supervised import SemiSupervisedModule
+from lightning_modules.ssl_losses import RAMPUP_STEPS_40_PERCENT
 
 
 def softmax_mse(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -43,7 +44,7 @@ class PiModel(SemiSupervisedModule):
     unlabeled_views = ("weak", "weak2")
 
     def __init__(self, detach_target: bool = True, unlabeled_loss_weight: float = 10.0, rampup: str | None = "sigmoid",
-                 rampup_steps: int = 419_430, **kwargs: Any) -> None:
+                 rampup_steps: int = RAMPUP_STEPS_40_PERCENT, **kwargs: Any) -> None:
         super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps, **kwargs)
         self.detach_target = detach_target
 

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from lightning_modules.semi_supervised import SemiSupervisedModule
-from lightning_modules.ssl_losses import confident_pseudo_labels, masked_accuracy, masked_cross_entropy
+from lightning_modules.ssl_losses import (RAMPUP_STEPS_40_PERCENT, confident_pseudo_labels, masked_accuracy,
+                                          masked_cross_entropy)
 
 
 class PseudoLabel(SemiSupervisedModule):
@@ -39,7 +40,7 @@ class PseudoLabel(SemiSupervisedModule):
     unlabeled_views = ("weak",)
 
     def __init__(self, threshold: float = 0.95, unlabeled_loss_weight: float = 1.0, rampup: str | None = "linear",
-                 rampup_steps: int = 419_430, **kwargs: Any) -> None:
+                 rampup_steps: int = RAMPUP_STEPS_40_PERCENT, **kwargs: Any) -> None:
         super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps, **kwargs)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {threshold}")

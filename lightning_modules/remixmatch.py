@@ -12,7 +12,8 @@ from torch import nn
 
 from lightning_modules.batch_norm import frozen_buffers
 from lightning_modules.semi_supervised import SemiSupervisedModule
-from lightning_modules.ssl_losses import RAMPUPS, distribution_alignment, masked_accuracy, mixup, sharpen
+from lightning_modules.ssl_losses import (RAMPUP_STEPS_1_OF_64, RAMPUPS, distribution_alignment, masked_accuracy, mixup,
+                                          sharpen)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -115,7 +116,7 @@ class ReMixMatch(SemiSupervisedModule):
         dist_align_window: int = 128,
         unlabeled_loss_weight: float = 1.5,
         rampup: str | None = "linear",
-        rampup_steps: int = 16_384,  # 1/64 of 2^20 steps (USB remixmatch_cifar10 unsup_warm_up 0.015625)
+        rampup_steps: int = RAMPUP_STEPS_1_OF_64,  # USB remixmatch_cifar10 unsup_warm_up 0.015625
         **kwargs: Any,
     ) -> None:
         super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps, **kwargs)

@@ -55,6 +55,12 @@ def linear_rampup(step: int, length: int) -> float:
 
 RAMPUPS = {"sigmoid": sigmoid_rampup, "linear": linear_rampup}
 
+# Ramp-up lengths of the CIFAR recipes, in optimizer steps of their 2^20-step runs (1024 epochs of 1024).
+RECIPE_STEPS = 2**20
+RAMPUP_STEPS_40_PERCENT = int(0.4 * RECIPE_STEPS)  # 419,430: TorchSSL's 40 % (Pi-model, Pseudo-Label, Mean Teacher, VAT)
+RAMPUP_STEPS_80_OF_300_EPOCHS = int(80 / 300 * RECIPE_STEPS)  # 279,620: Laine & Aila's 80 of 300 epochs
+RAMPUP_STEPS_1_OF_64 = RECIPE_STEPS // 64  # 16,384: MixMatch's 1024 kimg of 64 images, USB ReMixMatch's 1/64
+
 
 def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """``p^(1/T) / sum_c p_c^(1/T)`` over dimension 1 (MixMatch, ReMixMatch)."""

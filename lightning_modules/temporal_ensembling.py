@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from lightning_modules.semi_supervised import SemiSupervisedModule
+from lightning_modules.ssl_losses import RAMPUP_STEPS_80_OF_300_EPOCHS
 
 
 class TemporalEnsembling(SemiSupervisedModule):
@@ -49,8 +50,8 @@ class TemporalEnsembling(SemiSupervisedModule):
     unlabeled_views = ("weak",)
 
     def __init__(self, ensemble_momentum: float = 0.6, memory_size: int | None = None,
-                 unlabeled_loss_weight: float = 2.4, rampup: str | None = "sigmoid", rampup_steps: int = 279_620,
-                 **kwargs: Any) -> None:
+                 unlabeled_loss_weight: float = 2.4, rampup: str | None = "sigmoid",
+                 rampup_steps: int = RAMPUP_STEPS_80_OF_300_EPOCHS, **kwargs: Any) -> None:
         super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps, **kwargs)
         if not 0.0 <= ensemble_momentum < 1.0:
             raise ValueError(f"ensemble_momentum must lie in [0, 1), got {ensemble_momentum}")

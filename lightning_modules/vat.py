@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lightning_modules.batch_norm import frozen_buffers
 from lightning_modules.semi_supervised import SemiSupervisedModule
+from lightning_modules.ssl_losses import RAMPUP_STEPS_40_PERCENT
 
 
 def _unit_per_sample(d: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,7 @@ class VAT(SemiSupervisedModule):
         entropy_weight: float = 0.06,
         unlabeled_loss_weight: float = 0.3,
         rampup: str | None = "linear",
-        rampup_steps: int = 419_430,
+        rampup_steps: int = RAMPUP_STEPS_40_PERCENT,
         concat_forward: bool = False,
         **kwargs: Any,
     ) -> None:
