@@ -160,14 +160,15 @@ class TfKDRegularization(nn.Module):
     Defaults are the authors' CIFAR-100 ResNet-18 recipe (``correct_prob`` 0.99 fixed in their code;
     ``experiments/base_experiments/base_resnet18/params.json``: ``reg_alpha`` 0.1, ``reg_temperature``
     20, ``multiplier`` 100); on 100 classes its optimum gives the true class 0.901, like label
-    smoothing 0.1. ``w m / C`` sets the strength: keep it when the class count changes (on 10 classes
-    ``multiplier=10`` gives 0.91; the default 100 would give 0.53).
+    smoothing 0.1. ``w m / C`` sets the strength, so ``multiplier=None`` (the default) means
+    ``m = C``: ``w m / C = 0.1`` as in their recipe for any class count (m 100 on 100 classes; on 10
+    classes m 10, optimum 0.91, where a fixed m 100 would give 0.53). An explicit multiplier is used as given.
     """
 
     multilabel: bool = False
 
     def __init__(self, num_classes: int, correct_prob: float = 0.99, temperature: float = 20.0,
-                 weight: float = 0.1, multiplier: float = 100.0) -> None:
+                 weight: float = 0.1, multiplier: float | None = None) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes}: the virtual teacher needs at least 2 classes")
@@ -178,6 +179,8 @@ class TfKDRegularization(nn.Module):
             raise ValueError(f"temperature={temperature} must be > 0, e.g. temperature=20")
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"weight={weight} is outside [0, 1]; it mixes CE and the KL term, e.g. weight=0.1")
+        if multiplier is None:
+            multiplier = float(num_classes)  # the recipe's strength: weight * multiplier / C = weight
         if multiplier < 0:
             raise ValueError(f"multiplier={multiplier} must be >= 0; it scales the KL term, e.g. multiplier=100 "
                              "on 100 classes (keep weight * multiplier / num_classes when C changes)")

@@ -95,6 +95,20 @@ def test_tfkd_reg_optimum_matches_reference_true_class_probability():
     assert got == pytest.approx(0.901, abs=1e-3)
 
 
+@pytest.mark.parametrize("num_classes, expected", [(10, 0.91), (100, 0.901)])
+def test_tfkd_reg_default_strength_is_the_recipes_for_any_class_count(num_classes, expected):
+    # The default multiplier is num_classes, so w m / C = w = 0.1 as in the authors' CIFAR-100 recipe; a fixed
+    # multiplier 100 gave 0.53 on 10 classes (issue: the default suited 100 classes only).
+    criterion = TfKDRegularization(num_classes)
+    assert _optimum_true_class_probability(criterion, num_classes) == pytest.approx(expected, abs=0.005)
+    assert criterion.weight * criterion.multiplier / num_classes == pytest.approx(0.1)
+
+
+def test_tfkd_reg_explicit_multiplier_is_kept():
+    assert TfKDRegularization(10, multiplier=100.0).multiplier == 100.0
+    assert _optimum_true_class_probability(TfKDRegularization(10, multiplier=100.0), 10) == pytest.approx(0.53, abs=0.01)
+
+
 def test_tfkd_reg_cifar10_recipe_keeps_the_cifar100_optimum():
     # The recipe scales the multiplier by 10 / 100 so that a m / C stays 0.1 on 10 classes.
     config = yaml.safe_load((CONFIGS / "tfkd_reg_cifar10.yaml").read_text())["model"]["init_args"]
