@@ -7,8 +7,9 @@ preemption) stops the run. Resume with ``trainer.fit(..., ckpt_path="last")`` or
 
 * A step-interval save that falls on an epoch's last batch is written in ``on_train_batch_end``,
   before the epoch's end hooks; Lightning 2.6 resumes it in the next epoch without running them
-  (online label smoothing never swaps its soft labels). Here that save moves to the end of the
-  epoch, after the module's ``on_train_epoch_end``, where ``ModelCheckpoint`` writes epoch-end files.
+  (online label smoothing never swaps its soft labels). Here that save, best-k file included, moves
+  to the end of the epoch, after the module's ``on_train_epoch_end``, where ``ModelCheckpoint`` writes
+  epoch-end files.
 * ``save_last`` alone leaves ``last.ckpt`` behind the final step when fit ends between two
   intervals (Lightning writes it at ``on_train_end`` only when nothing was saved at all).
 * Lightning raises ``SIGTERMException`` for SIGTERM, after the running step or in the middle of
@@ -82,6 +83,8 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._stop_if_signalled(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0:
+            self._save_moved_step_save(trainer)
         super().on_train_epoch_end(trainer, pl_module)
         self._save_last(trainer)
         self._stop_if_signalled(trainer)
@@ -90,6 +93,16 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._save_last(trainer)
         self._restore_handlers()
         self._stop_if_signalled(trainer)  # a signal in the final validation: no test after fit
+
+    def _save_moved_step_save(self, trainer: Trainer) -> None:
+        # The step save of the epoch's last batch, best-k file included (ModelCheckpoint's epoch-end
+        # save does no top-k with every_n_train_steps); the epoch's validation has run by now.
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is None or self.monitor in candidates:  # else ModelCheckpoint defers it too
+            self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
 
     def _save_last(self, trainer: Trainer) -> None:
         # ModelCheckpoint's own skip rules (fast_dev_run, sanity check, not fitting, saved at this step)
