@@ -6,7 +6,8 @@
   ``<default_root_dir>/checkpoints`` without a logger. Lightning looks only in the new run's own
   folder, so it never found one, warned "No checkpoint will be loaded" and trained from step 0;
   here no ``last.ckpt`` is an error. A resumed ``fit`` logs into the version folder it resumes
-  (:func:`logger_in_version`; :func:`keep_csv_metrics` keeps the CSV rows written before).
+  (:func:`logger_in_version`, the first logger's of a list; :func:`keep_csv_metrics` keeps the CSV
+  rows written before).
 * A path must be a Lightning checkpoint of the class the config builds. LightningCLI builds the
   checkpoint's class from its hyper-parameters in place of the config's model, without a word, and
   a file that is not a checkpoint fails with torch's advice to load it with ``weights_only=False``.
@@ -80,20 +81,26 @@ def last_checkpoint_candidates(trainer: Any, cwd: Path) -> tuple[list[tuple[Path
     return runs, str(folder / "*" / "checkpoints" / "last.ckpt")
 
 
-def logger_in_version(trainer: Any, version: str, cwd: Path) -> dict | None:
+def logger_in_version(trainer: Any, version: str, cwd: Path) -> dict | list | None:
     """The ``trainer.logger`` config that logs into the run folder ``version`` (the default logger made
     explicit: TensorBoard when installed, else CSV, as Lightning chooses), or ``None`` for loggers
-    whose runs are not numbered folders (W&B: the resumed run is a new run of theirs)."""
-    logger = trainer.logger
-    if not _versioned_logger(logger) or isinstance(logger, list):
+    whose runs are not numbered folders (W&B: the resumed run is a new run of theirs). Of a list of
+    loggers only the first continues its run: it places the checkpoints and ``log_dir``; the others
+    start a new run of theirs, as their numbers need not match the first one's."""
+    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+    logger = loggers[0]
+    if not _versioned_logger(logger):
         return None
     if logger is None or logger is True:
         tensorboard = any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX"))
         class_path = "lightning.pytorch.loggers." + ("TensorBoardLogger" if tensorboard else "CSVLogger")
-        init_args = {"save_dir": str(trainer.default_root_dir or cwd)}
+        continued = {"class_path": class_path, "init_args": {"save_dir": str(trainer.default_root_dir or cwd)}}
     else:
-        class_path, init_args = logger.class_path, dict(vars(logger.init_args))
-    return {"class_path": class_path, "init_args": {**init_args, "version": version}}
+        continued = logger.as_dict()  # all of it, TensorBoard's extra keyword arguments too
+    continued["init_args"]["version"] = version
+    if not isinstance(trainer.logger, list):
+        return continued
+    return [continued, *(other.as_dict() for other in loggers[1:])]
 
 
 def keep_csv_metrics(logger: Any) -> None:

@@ -7,8 +7,9 @@ preemption) stops the run. Resume with ``trainer.fit(..., ckpt_path="last")`` or
 
 * A step-interval save that falls on an epoch's last batch is written in ``on_train_batch_end``,
   before the epoch's end hooks; Lightning 2.6 resumes it in the next epoch without running them
-  (online label smoothing never swaps its soft labels). Here that save moves to the end of the
-  epoch, after the module's ``on_train_epoch_end``, where ``ModelCheckpoint`` writes epoch-end files.
+  (online label smoothing never swaps its soft labels). Here that save, best-k file included, moves
+  to the end of the epoch, after the module's ``on_train_epoch_end``, where ``ModelCheckpoint`` writes
+  epoch-end files.
 * ``save_last`` alone leaves ``last.ckpt`` behind the final step when fit ends between two
   intervals (Lightning writes it at ``on_train_end`` only when nothing was saved at all).
 * Lightning raises ``SIGTERMException`` for SIGTERM, after the running step or in the middle of
@@ -19,8 +20,10 @@ preemption) stops the run. Resume with ``trainer.fit(..., ckpt_path="last")`` or
   signal is only recorded; the running step finishes, ``last.ckpt`` is written at the next batch end
   (or the epoch end), and :class:`StoppedBySignal` exits with status 128 + the signal's number
   (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process stopped by a signal. A second
-  Ctrl-C stops at once, leaving the previous ``last.ckpt``. Under DDP the ranks agree on the stop
-  with one all-reduce of the signal number per step.
+  Ctrl-C stops at once, leaving the previous ``last.ckpt``. Under DDP every rank stops at the same
+  step, whichever got the signal: the ranks' signal numbers are all-reduced on the CPU (a gloo group)
+  in the background during the next step, so a signal is acted on one step later mid-epoch, with no
+  blocking collective or GPU sync in the step; the epoch end waits for the flags of now.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -70,6 +74,8 @@ class ResumableCheckpoint(ModelCheckpoint):
                          mode=mode, every_n_train_steps=every_n_train_steps, train_time_interval=train_time_interval,
                          every_n_epochs=every_n_epochs, save_on_train_epoch_end=save_on_train_epoch_end, **kwargs)
         self._signal: int | None = None
+        self._group: Any = None  # the processes' CPU group for the stop flag
+        self._pending: tuple[Any, torch.Tensor] | None = None  # (all-reduce in flight, its flag)
         self._previous_handlers: dict[int, Any] = {}
 
     # --- when last.ckpt is written ---------------------------------------------------------
@@ -79,9 +85,11 @@ class ResumableCheckpoint(ModelCheckpoint):
             return  # the epoch's last batch: saved (and stopped) at the end of the epoch instead
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:  # only after an optimizer step
-            self._stop_if_signalled(trainer)
+            self._stop_if_signalled(trainer, wait=False)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0:
+            self._save_moved_step_save(trainer)
         super().on_train_epoch_end(trainer, pl_module)
         self._save_last(trainer)
         self._stop_if_signalled(trainer)
@@ -91,6 +99,16 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._restore_handlers()
         self._stop_if_signalled(trainer)  # a signal in the final validation: no test after fit
 
+    def _save_moved_step_save(self, trainer: Trainer) -> None:
+        # The step save of the epoch's last batch, best-k file included (ModelCheckpoint's epoch-end
+        # save does no top-k with every_n_train_steps); the epoch's validation has run by now.
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is None or self.monitor in candidates:  # else ModelCheckpoint defers it too
+            self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
     def _save_last(self, trainer: Trainer) -> None:
         # ModelCheckpoint's own skip rules (fast_dev_run, sanity check, not fitting, saved at this step)
         if not self._should_skip_saving_checkpoint(trainer):
@@ -99,7 +117,10 @@ class ResumableCheckpoint(ModelCheckpoint):
     # --- signals ---------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._signal = None
+        self._signal, self._pending = None, None
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            # gloo: the flag stays on the CPU (NCCL takes only GPU tensors, and reading one waits for the GPU)
+            self._group = dist.new_group(backend="gloo")
         # After Lightning registered its SIGTERM handler (it restores the original one at teardown).
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
@@ -113,14 +134,12 @@ class ResumableCheckpoint(ModelCheckpoint):
             return
         self._signal = signum
         # os.write, not print: a print interrupted by the signal would re-enter the stream's buffer
-        os.write(2, f"\n{signal.Signals(signum).name} received: finishing this step, then writing last.ckpt "
+        steps = "this step and at most one more" if self._group is not None else "this step"
+        os.write(2, f"\n{signal.Signals(signum).name} received: finishing {steps}, then writing last.ckpt "
                     "and stopping (Ctrl-C again stops at once, without it)\n".encode())
 
-    def _stop_if_signalled(self, trainer: Trainer) -> None:
-        signum = self._signal or 0
-        if trainer.world_size > 1:  # every rank stops at the same step, whichever got the signal
-            flag = torch.tensor(signum, device=trainer.strategy.root_device)
-            signum = int(trainer.strategy.reduce(flag, reduce_op="max"))
+    def _stop_if_signalled(self, trainer: Trainer, wait: bool = True) -> None:
+        signum = self._agreed_signal(trainer, wait)
         if not signum:
             return
         self._save_last(trainer)
@@ -129,6 +148,30 @@ class ResumableCheckpoint(ModelCheckpoint):
                        f"{trainer.current_epoch}); {self.last_model_path} holds it. Continue exactly from there "
                        "with ckpt_path='last' (train.py: the same command with --ckpt_path last).")
         raise StoppedBySignal(signum, self.last_model_path)
+
+    def _agreed_signal(self, trainer: Trainer, wait: bool) -> int:
+        """The signal to stop for, 0 for none; every process gets the same answer, whichever got the signal.
+        After a step (``wait=False``) it is the maximum of the processes' flags at the previous step,
+        all-reduced in the background since: no blocking collective and no GPU sync in the step, one step
+        later. The epoch end and the end of fit (``wait=True``) also take the flags of now, blocking."""
+        signum = self._signal or 0
+        if trainer.world_size == 1:
+            return signum
+        if self._group is None:  # processes without torch.distributed: the strategy's (blocking) reduce
+            flag = torch.tensor(signum, device=trainer.strategy.root_device)
+            return int(trainer.strategy.reduce(flag, reduce_op="max"))
+        if self._pending is not None:
+            work, flag = self._pending
+            self._pending = None
+            work.wait()  # a CPU all-reduce of the previous step: done by now unless a process lags a step
+            if flag.item():
+                return int(flag.item())
+        flag = torch.tensor(signum)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=not wait)
+        if wait:
+            return int(flag.item())
+        self._pending = (work, flag)
+        return 0
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():
@@ -142,4 +185,7 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restore_handlers()
+        if self._group is not None and self._pending is None:  # else a process failed mid-step: leave it
+            dist.destroy_process_group(self._group)
+        self._group = self._pending = None
         super().teardown(trainer, pl_module, stage)

@@ -70,6 +70,28 @@ def test_ckpt_path_last_with_wandb_is_the_newest_runs_checkpoint(wandb_offline):
     wandb.finish()
 
 
+TWO_CSV_LOGGERS = """
+trainer:
+  logger:
+    - {class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: runs/two, name: a}}
+    - {class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: runs/two, name: b}}
+"""
+
+
+def test_ckpt_path_last_with_a_list_of_loggers_continues_the_first_loggers_run():
+    # the first logger places the checkpoints; the others start a new run of theirs (as W&B does)
+    Path("two.yaml").write_text(TWO_CSV_LOGGERS)
+    first = _fit("--config", "two.yaml", "--trainer.max_epochs", "1")
+    checkpoint = Path("runs", "two", "a", "version_0", "checkpoints", "last.ckpt")
+    assert Path(first.trainer.checkpoint_callback.last_model_path) == checkpoint
+    resumed = _fit("--config", "two.yaml", "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert resumed.trainer.ckpt_path == str(checkpoint) and resumed.trainer.global_step == 4
+    assert [Path(logger.log_dir) for logger in resumed.trainer.loggers] == \
+        [Path("runs", "two", "a", "version_0"), Path("runs", "two", "b", "version_1")]
+    assert sorted(p.name for p in Path("runs", "two", "a").iterdir()) == ["version_0"]
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 4
+
+
 def test_a_run_shorter_than_an_epoch_leaves_last_ckpt_at_its_final_step():
     cli = _fit("--data.steps_per_epoch", "100", "--trainer.max_steps", "3")
     checkpoints = Path(cli.trainer.log_dir) / "checkpoints"

@@ -90,10 +90,12 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_the_previous_last_ckpt(tmp_pat
 
 def test_a_signal_to_rank_0_stops_both_ddp_ranks_at_one_step_and_the_resume_is_exact(tmp_path):
     # Ctrl-C reaches every process of a terminal; a scheduler's SIGTERM may reach one: rank 1 learns of it
+    # one step later (the ranks' flags are all-reduced during the next step), so a signal in step 4 stops
+    # both after step 5, in the middle of epoch 1
     for folder in ("uninterrupted", "stopped"):
         (tmp_path / folder).mkdir()
     uninterrupted = _final_checkpoint([*ARGS, *DDP], tmp_path / "uninterrupted")
-    returncode, output = stop_at_step([*ARGS, *DDP], tmp_path / "stopped", step=4, signum=signal.SIGTERM)
+    returncode, output = stop_at_step([*ARGS, *DDP], tmp_path / "stopped", step=3, signum=signal.SIGTERM)
     assert returncode == 143 and "Stopped by SIGTERM after step 5" in output, output[-3000:]
     returncode, output = run_train_py([*ARGS, *DDP, "--ckpt_path", "last"], tmp_path / "stopped")
     assert returncode == 0, output[-3000:]

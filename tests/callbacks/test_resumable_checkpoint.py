@@ -50,6 +50,15 @@ class SavedSteps(Callback):
         self.steps.append(trainer.global_step)
 
 
+class ValidationScores(Callback):
+    def __init__(self) -> None:
+        self.scores: list[float] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.scores.append(trainer.callback_metrics["val/acc"].item())
+
+
 def _saves(checkpoint: ModelCheckpoint, **trainer_kwargs) -> tuple[list[int], int]:
     L.seed_everything(0, verbose=False)
     saved = SavedSteps()
@@ -67,6 +76,21 @@ def test_last_ckpt_on_the_interval_at_every_epoch_end_and_at_the_end_of_fit(tmp_
     assert _saves(ResumableCheckpoint(tmp_path / "c", every_n_train_steps=4), max_steps=5) == ([3, 4, 5], 5)
     lightnings = ModelCheckpoint(tmp_path / "d", save_last=True, save_top_k=0, every_n_train_steps=4)
     assert _saves(lightnings, max_steps=5) == ([4], 4)
+
+
+def test_best_k_saves_on_an_epochs_last_batch_are_kept(tmp_path):
+    # as a CIFAR recipe with monitor and save_top_k (256 divides 1024): every step save is an epoch's last
+    folder = tmp_path / "checkpoints"
+    checkpoint = ResumableCheckpoint(folder, monitor="val/acc", mode="max", save_top_k=-1, every_n_train_steps=3)
+    scores = ValidationScores()
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(callbacks=[scores, checkpoint], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=1, max_epochs=2)
+    trainer.fit(Supervised(**NET), digits(steps_per_epoch=3)())
+    best = ["epoch=0-step=3.ckpt", "epoch=1-step=6.ckpt"]
+    assert sorted(p.name for p in folder.iterdir()) == [*best, "last.ckpt"]
+    # each scored with its own epoch's validation, which runs before the epoch end
+    assert [checkpoint.best_k_models[str(folder / name)].item() for name in best] == scores.scores
 
 
 @pytest.mark.parametrize("save_last", [False, "link"])
