@@ -30,6 +30,7 @@ import callbacks  # registers callbacks for --trainer.callbacks by name
 import datamodules  # noqa: F401  (registers DataModules for --data by name)
 import lightning_modules  # noqa: F401  (registers methods for --model by name)
 from callbacks.ckpt_path import keep_csv_metrics, resolve_ckpt_path
+from callbacks.console import quiet_lightning_noise, summary_line
 
 
 class LabelwiseCLI(LightningCLI):
@@ -100,6 +101,14 @@ class LabelwiseCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule)
+        self.print_summary()
+
+    def print_summary(self) -> None:
+        """End the run with one line: metric, which weights, run folder, checkpoint (callbacks.console)."""
+        if self.trainer.is_global_zero:
+            print(summary_line(self.trainer, self.model, self.subcommand), flush=True)
+
+    after_validate = after_test = print_summary
 
 
 def check_class_names(parser, args: list[str]) -> None:
@@ -116,6 +125,7 @@ def check_class_names(parser, args: list[str]) -> None:
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    quiet_lightning_noise()
     return LabelwiseCLI(
         LightningModule,
         LightningDataModule,

@@ -29,6 +29,7 @@ from lightning_modules.distributed import average_batchnorm_statistics, check_fu
 from lightning_modules.training_checks import FiniteLossCheck, check_model_fits_data
 from lightning_modules.label_regularization import symmetric_kl
 from lightning_modules.networks import build_network
+from lightning_modules.progress_values import HostValues
 from lightning_modules.ssl_losses import RAMPUPS
 
 
@@ -67,6 +68,8 @@ class SemiSupervisedModule(LightningModule):
 
     #: unlabeled views the DataModule must produce for this method
     unlabeled_views: tuple[str, ...] = ()
+    #: the step's terms shown in the progress bar beside the total loss, when the method logs them
+    progress_bar_terms: tuple[str, ...] = ("mask_ratio",)
 
     def __init__(
         self,
@@ -104,6 +107,7 @@ class SemiSupervisedModule(LightningModule):
         # A plain attribute, not a submodule: DDP never wraps it and it gets no gradient.
         self.ema = EMAModel(self.net, decay=ema_decay) if ema_decay is not None else None
         self.finite_loss_check = FiniteLossCheck()  # stops at a NaN/inf loss, naming the term and step
+        self.progress_values = HostValues()  # the progress bar's values, read without a GPU sync
         self.val_acc, self.test_acc = self._metric(), self._metric()
         if self.multilabel:
             self.val_micro_f1 = MultilabelF1Score(num_classes, average="micro")
@@ -133,6 +137,13 @@ class SemiSupervisedModule(LightningModule):
     def eval_net(self) -> nn.Module:
         """The weights used for validation, test and predict: the EMA copy when there is one."""
         return self.ema.module if self.ema is not None else self.net
+
+    @property
+    def evaluation_weights(self) -> str:
+        """Which weights validation, test and predict use, in words (``train.py`` prints it after a run)."""
+        if self.ema is None:
+            return "raw weights"
+        return f"EMA weights (decay {self.ema.decay}, {self.ema.num_updates} updates)"
 
     def forward_views(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Logits of each batch in ``images``: one concatenated forward, or one forward each."""
@@ -187,7 +198,11 @@ class SemiSupervisedModule(LightningModule):
         self.finite_loss_check(loss, losses, self.global_step, self.current_epoch)
         logged = {f"train/{k}": v.detach() for k, v in losses.items()}
         logged["train/loss"] = loss.detach()
-        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=self.labeled_batch_size(batch))
+        batch_size = self.labeled_batch_size(batch)
+        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
+        shown = {"loss": loss, **{name: losses[name] for name in self.progress_bar_terms if name in losses}}
+        self.log_dict(self.progress_values(shown), prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                      batch_size=batch_size)
         return loss
 
     def labeled_batch_size(self, batch: dict[str, dict[str, Any]]) -> int:
