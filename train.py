@@ -19,7 +19,10 @@ continues the newest run of the config in its own folder. See docs/robustness.md
 
 from __future__ import annotations
 
+import importlib
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from lightning import LightningDataModule, LightningModule
@@ -31,6 +34,7 @@ import datamodules  # noqa: F401  (registers DataModules for --data by name)
 import lightning_modules  # noqa: F401  (registers methods for --model by name)
 from callbacks.ckpt_path import keep_csv_metrics, resolve_ckpt_path
 from callbacks.console import quiet_lightning_noise, summary_line
+from callbacks.optimizer_options import OVERRIDE_WARNING, has_optimizer_recipe, use_optimizer_options
 
 
 class LabelwiseCLI(LightningCLI):
@@ -70,6 +74,20 @@ class LabelwiseCLI(LightningCLI):
         if resumed is not None:  # the resumed fit logs on in the run's own folder
             self._resumed_version, logger = resumed
             self.config = parser.parse_object({subcommand: {"trainer": {"logger": logger}}}, self.config)
+
+    def instantiate_classes(self) -> None:
+        """``--optimizer``/``--lr_scheduler`` keep the method's parameter groups and, unless replaced, its
+        schedule (callbacks.optimizer_options), where LightningCLI would drop both."""
+        config = self.config.get(str(self.subcommand), self.config)
+        options = config.get("optimizer"), config.get("lr_scheduler")
+        module, _, name = str(config.get("model", {}).get("class_path", "")).rpartition(".")
+        kept = any(options) and module and has_optimizer_recipe(getattr(importlib.import_module(module), name, None))
+        with warnings.catch_warnings():
+            if kept:  # LightningCLI's warning that it replaces configure_optimizers would be untrue
+                warnings.filterwarnings("ignore", message=f".*{re.escape(OVERRIDE_WARNING)}")
+            super().instantiate_classes()
+        init = self.config_init.get(str(self.subcommand), self.config_init)
+        use_optimizer_options(self.model, init.get("optimizer"), init.get("lr_scheduler"))
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = self.config_init.get(str(self.subcommand), self.config_init)["trainer"]

@@ -14,7 +14,6 @@ the base's forward.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from lightning_modules.distributed import average_batchnorm_statistics, check_fu
 from lightning_modules.training_checks import FiniteLossCheck, check_model_fits_data
 from lightning_modules.label_regularization import symmetric_kl
 from lightning_modules.networks import build_network
+from lightning_modules.optimization import cosine_schedule, cosine_with_warmup, decay_groups  # noqa: F401 (re-exported)
 from lightning_modules.progress_values import HostValues
 from lightning_modules.ssl_losses import RAMPUPS
 
@@ -281,19 +281,24 @@ class SemiSupervisedModule(LightningModule):
         """Modules whose parameters the optimizer trains: the network, plus a learnable criterion's."""
         return [self.net, self.criterion]
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Weights (the optimizer's weight decay) and biases and norm weights (none), of ``trainable_modules``;
+        ``train.py --optimizer`` builds the optimizer it is given on these too."""
+        return decay_groups(self.trainable_modules())
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        params = [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        optimizer = torch.optim.SGD(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
-        )
+        return torch.optim.SGD(self.parameter_groups(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                               weight_decay=hp.weight_decay)
+
+    def lr_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The method's schedule for ``optimizer``: warm-up, then the 7/16-cosine over the run's steps."""
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda k: cosine_with_warmup(k, total, hp.warmup_steps, hp.cosine_fraction))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return cosine_schedule(optimizer, total, self.hparams.warmup_steps, self.hparams.cosine_fraction)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.build_optimizer()
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule(optimizer)}
 
     # --- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -304,10 +309,3 @@ class SemiSupervisedModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
-
-
-def cosine_with_warmup(step: int, total: int, warmup: int = 0, fraction: float = 7 / 16) -> float:
-    """Learning-rate factor: linear warm-up, then ``cos(pi * fraction * step / total)``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return math.cos(math.pi * fraction * min(step, total) / total)
