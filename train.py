@@ -35,6 +35,10 @@ import lightning_modules  # noqa: F401  (registers methods for --model by name)
 from callbacks.ckpt_path import keep_csv_metrics, resolve_ckpt_path
 from callbacks.console import quiet_lightning_noise, summary_line
 from callbacks.optimizer_options import OVERRIDE_WARNING, has_optimizer_recipe, use_optimizer_options
+from callbacks.recipes import find_configs, register_data_roots
+
+#: the recipes: beside this file in the checkout and in an installed package (callbacks.recipes)
+RECIPES = Path(__file__).resolve().parent / "configs"
 
 
 class LabelwiseCLI(LightningCLI):
@@ -57,8 +61,18 @@ class LabelwiseCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         if isinstance(args, list) or args is None:
-            check_class_names(parser, sys.argv[1:] if args is None else args)
-        super().parse_arguments(parser, args)
+            given = sys.argv[1:] if args is None else args
+            check_class_names(parser, given)
+            try:
+                found = find_configs(given, RECIPES)  # --config quickstart: the shipped recipe
+            except ValueError as error:
+                parser.error(str(error))
+            if args is None:
+                self.config = parser.parse_args(found)  # as LightningCLI parses sys.argv
+            else:
+                super().parse_arguments(parser, found)
+        else:
+            super().parse_arguments(parser, args)
         self.check_ckpt_path(parser)
 
     def check_ckpt_path(self, parser) -> None:
@@ -144,6 +158,7 @@ def check_class_names(parser, args: list[str]) -> None:
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     quiet_lightning_noise()
+    register_data_roots(RECIPES)
     return LabelwiseCLI(
         LightningModule,
         LightningDataModule,
@@ -159,5 +174,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The ``labelwise`` command that ``pip install`` puts on the PATH: ``labelwise fit --config quickstart``."""
     cli_main()
+
+
+if __name__ == "__main__":
+    main()
