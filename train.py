@@ -7,6 +7,12 @@
         --ckpt_path runs/quickstart/lightning_logs/version_0/checkpoints/last.ckpt
     python train.py fit --model FixMatch --data DigitsSSL --print_config
     python train.py fit --config configs/unet_membrane.yaml --config configs/loggers/wandb.yaml
+    labelwise fit --config quickstart   # the installed command (train:main): a recipe by name, from any folder
+
+A relative data root in a config file is relative to the file; typed here, to the working folder
+(callbacks.recipes). ``--optimizer``/``--lr_scheduler`` keep the method's parameter groups and
+schedule (callbacks.optimizer_options). A run ends with one line: metric, EMA or raw weights, run
+folder, checkpoint (callbacks.console).
 
 Runs log to CSV (TensorBoard when installed) unless a logger is configured; with W&B
 (configs/loggers/wandb.yaml) every run also keeps its config, split and test-metric tables
@@ -46,7 +52,7 @@ class LabelwiseCLI(LightningCLI):
     ``last`` (:mod:`callbacks.ckpt_path`), keeps ``last.ckpt`` resumable
     (:class:`callbacks.ResumableCheckpoint` when no checkpoint callback is configured), writes
     checkpoints atomically (:class:`callbacks.AtomicCheckpointIO` unless another checkpoint IO is
-    chosen), refuses to evaluate untrained weights, and tests after ``fit``."""
+    chosen), refuses to evaluate untrained weights, tests after ``fit`` and prints the summary line."""
 
     _resumed_version: str | None = None
 
