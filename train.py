@@ -7,6 +7,12 @@
         --ckpt_path runs/quickstart/lightning_logs/version_0/checkpoints/last.ckpt
     python train.py fit --model FixMatch --data DigitsSSL --print_config
     python train.py fit --config configs/unet_membrane.yaml --config configs/loggers/wandb.yaml
+    labelwise fit --config quickstart   # the installed command (train:main): a recipe by name, from any folder
+
+A relative data root in a config file is relative to the file; typed here, to the working folder
+(callbacks.recipes). ``--optimizer``/``--lr_scheduler`` keep the method's parameter groups and
+schedule (callbacks.optimizer_options). A run ends with one line: metric, EMA or raw weights, run
+folder, checkpoint (callbacks.console).
 
 Runs log to CSV (TensorBoard when installed) unless a logger is configured; with W&B
 (configs/loggers/wandb.yaml) every run also keeps its config, split and test-metric tables
@@ -19,7 +25,10 @@ continues the newest run of the config in its own folder. See docs/robustness.md
 
 from __future__ import annotations
 
+import importlib
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from lightning import LightningDataModule, LightningModule
@@ -30,6 +39,12 @@ import callbacks  # registers callbacks for --trainer.callbacks by name
 import datamodules  # noqa: F401  (registers DataModules for --data by name)
 import lightning_modules  # noqa: F401  (registers methods for --model by name)
 from callbacks.ckpt_path import keep_csv_metrics, resolve_ckpt_path
+from callbacks.console import quiet_lightning_noise, summary_line
+from callbacks.optimizer_options import OVERRIDE_WARNING, has_optimizer_recipe, use_optimizer_options
+from callbacks.recipes import find_configs, register_data_roots
+
+#: the recipes: beside this file in the checkout and in an installed package (callbacks.recipes)
+RECIPES = Path(__file__).resolve().parent / "configs"
 
 
 class LabelwiseCLI(LightningCLI):
@@ -37,7 +52,7 @@ class LabelwiseCLI(LightningCLI):
     ``last`` (:mod:`callbacks.ckpt_path`), keeps ``last.ckpt`` resumable
     (:class:`callbacks.ResumableCheckpoint` when no checkpoint callback is configured), writes
     checkpoints atomically (:class:`callbacks.AtomicCheckpointIO` unless another checkpoint IO is
-    chosen), refuses to evaluate untrained weights, and tests after ``fit``."""
+    chosen), refuses to evaluate untrained weights, tests after ``fit`` and prints the summary line."""
 
     _resumed_version: str | None = None
 
@@ -52,8 +67,18 @@ class LabelwiseCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         if isinstance(args, list) or args is None:
-            check_class_names(parser, sys.argv[1:] if args is None else args)
-        super().parse_arguments(parser, args)
+            given = sys.argv[1:] if args is None else args
+            check_class_names(parser, given)
+            try:
+                found = find_configs(given, RECIPES)  # --config quickstart: the shipped recipe
+            except ValueError as error:
+                parser.error(str(error))
+            if args is None:
+                self.config = parser.parse_args(found)  # as LightningCLI parses sys.argv
+            else:
+                super().parse_arguments(parser, found)
+        else:
+            super().parse_arguments(parser, args)
         self.check_ckpt_path(parser)
 
     def check_ckpt_path(self, parser) -> None:
@@ -69,6 +94,20 @@ class LabelwiseCLI(LightningCLI):
         if resumed is not None:  # the resumed fit logs on in the run's own folder
             self._resumed_version, logger = resumed
             self.config = parser.parse_object({subcommand: {"trainer": {"logger": logger}}}, self.config)
+
+    def instantiate_classes(self) -> None:
+        """``--optimizer``/``--lr_scheduler`` keep the method's parameter groups and, unless replaced, its
+        schedule (callbacks.optimizer_options), where LightningCLI would drop both."""
+        config = self.config.get(str(self.subcommand), self.config)
+        options = config.get("optimizer"), config.get("lr_scheduler")
+        module, _, name = str(config.get("model", {}).get("class_path", "")).rpartition(".")
+        kept = any(options) and module and has_optimizer_recipe(getattr(importlib.import_module(module), name, None))
+        with warnings.catch_warnings():
+            if kept:  # LightningCLI's warning that it replaces configure_optimizers would be untrue
+                warnings.filterwarnings("ignore", message=f".*{re.escape(OVERRIDE_WARNING)}")
+            super().instantiate_classes()
+        init = self.config_init.get(str(self.subcommand), self.config_init)
+        use_optimizer_options(self.model, init.get("optimizer"), init.get("lr_scheduler"))
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = self.config_init.get(str(self.subcommand), self.config_init)["trainer"]
@@ -100,6 +139,14 @@ class LabelwiseCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit") and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule)
+        self.print_summary()
+
+    def print_summary(self) -> None:
+        """End the run with one line: metric, which weights, run folder, checkpoint (callbacks.console)."""
+        if self.trainer.is_global_zero:
+            print(summary_line(self.trainer, self.model, self.subcommand), flush=True)
+
+    after_validate = after_test = print_summary
 
 
 def check_class_names(parser, args: list[str]) -> None:
@@ -116,6 +163,8 @@ def check_class_names(parser, args: list[str]) -> None:
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    quiet_lightning_noise()
+    register_data_roots(RECIPES)
     return LabelwiseCLI(
         LightningModule,
         LightningDataModule,
@@ -131,5 +180,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The ``labelwise`` command that ``pip install`` puts on the PATH: ``labelwise fit --config quickstart``."""
     cli_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,7 @@ from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.data_root import DataRoot
 from datamodules.augment import normalize, strong_augment, weak_augment
 from datamodules.held_out import RecordsHeldOut, check_held_out_arguments, check_loaded_split, draw_split
 from datamodules.in_memory import IndexedImages, keep_batch
@@ -86,7 +87,7 @@ class SSLDataModule(RecordsHeldOut, ResumableStreams, LightningDataModule):
 
     def __init__(
         self,
-        root: str = "data",
+        root: DataRoot = "data",
         download: bool = False,
         num_labeled: int | None = 4000,
         batch_size: int = 64,
@@ -105,7 +106,7 @@ class SSLDataModule(RecordsHeldOut, ResumableStreams, LightningDataModule):
         num_folds: int | None = None,
         fold: int = 0,
         val_labeled_per_class: int | None = None,
-        predict_root: str | None = None,
+        predict_root: DataRoot | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("uratio", uratio), ("steps_per_epoch", steps_per_epoch)):

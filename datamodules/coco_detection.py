@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 
+from datamodules.data_root import DataRoot
 from datamodules.coco_reading import read_coco, target_of
 from datamodules.base import requested_views
 from datamodules.detection_transforms import DetectionItems, StrongPhotometric, collate_lists, detection_geometry
@@ -83,12 +84,12 @@ class COCODetection(RecordsHeldOut, ResumableStreams, LightningDataModule):
 
     num_channels = 3
 
-    def __init__(self, root: str = "data/coco128", annotation_file: str = "annotations/instances_train2017.json",
+    def __init__(self, root: DataRoot = "data/coco128", annotation_file: str = "annotations/instances_train2017.json",
                  image_dir: str = "train2017", masks: bool = False, num_labeled: int | None = None,
                  num_test: int = 16, seed: int = 0, split_file: str | None = None, batch_size: int = 2,
                  uratio: int = 1, steps_per_epoch: int = 100, eval_batch_size: int = 2, min_size: int | None = None,
                  hflip: bool = True, unlabeled_views: list[str] | None = None, num_workers: int = 0,
-                 num_val: int = 0, predict_root: str | None = None) -> None:
+                 num_val: int = 0, predict_root: DataRoot | None = None) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("uratio", uratio), ("steps_per_epoch", steps_per_epoch),
                             ("eval_batch_size", eval_batch_size)):

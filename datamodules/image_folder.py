@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from datamodules.data_root import DataRoot
 from datamodules.base import SSLDataModule
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -32,7 +33,7 @@ class ImageFolderSSL(SSLDataModule):
             not measured, so a test-only run normalizes exactly as training did).
     """
 
-    def __init__(self, root: str = "data", grayscale: bool = False, image_size: int | None = None,
+    def __init__(self, root: DataRoot = "data", grayscale: bool = False, image_size: int | None = None,
                  decode_threads: int = 4, mean: list[float] | None = None, std: list[float] | None = None,
                  **kwargs) -> None:
         super().__init__(root=root, **kwargs)

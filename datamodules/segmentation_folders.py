@@ -44,6 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.data_root import DataRoot
 from datamodules.augment import normalize
 from datamodules.base import requested_views
 from datamodules.held_out import RecordsHeldOut
@@ -108,7 +109,7 @@ class SegmentationFolders(RecordsHeldOut, ResumableStreams, LightningDataModule)
             ImageNet's for RGB, as ``ImageFolderSSL``).
     """
 
-    def __init__(self, root: str = "data/membrane", image_dir: str = "image", mask_dir: str = "label",
+    def __init__(self, root: DataRoot = "data/membrane", image_dir: str = "image", mask_dir: str = "label",
                  mask_mode: str = "binary", num_classes: int | None = None, threshold: int = 127,
                  grayscale: bool = True, unlabeled_without_mask: bool = False, num_labeled: int | None = None,
                  num_test: int = 5, seed: int = 0, split_file: str | None = None, crop_size: int | None = 256,
@@ -117,7 +118,7 @@ class SegmentationFolders(RecordsHeldOut, ResumableStreams, LightningDataModule)
                  eval_batch_size: int = 1, include_labeled_in_unlabeled: bool = False,
                  unlabeled_views: list[str] | None = None, mean: list[float] | None = None,
                  std: list[float] | None = None, num_workers: int = 0, decode_threads: int = 4, num_val: int = 0,
-                 predict_root: str | None = None) -> None:
+                 predict_root: DataRoot | None = None) -> None:
         super().__init__()
         if mask_mode not in ("binary", "index"):
             raise ValueError(f"mask_mode must be 'binary' or 'index', got {mask_mode!r}")

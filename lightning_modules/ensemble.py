@@ -81,6 +81,11 @@ class Ensemble(LightningModule):
     #: its weights are the members' trained ones (train.py evaluates it without --ckpt_path)
     has_trained_weights = True
 
+    @property
+    def evaluation_weights(self) -> str:
+        """Which weights it evaluates, in words (``train.py`` prints it after a run)."""
+        return f"{self.hparams.mode} of {len(self.members)} checkpoints' evaluation weights"
+
     def __init__(
         self,
         checkpoints: list[str],

@@ -63,6 +63,7 @@ class KDStudent(SemiSupervisedModule):
     """
 
     supports_rdrop = False  # its own compute_losses: no second dropout pass of the labeled batch
+    progress_bar_terms = ("kd_loss",)
 
     def __init__(
         self,

@@ -14,7 +14,6 @@ the base's forward.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -29,6 +28,8 @@ from lightning_modules.distributed import average_batchnorm_statistics, check_fu
 from lightning_modules.training_checks import FiniteLossCheck, check_model_fits_data
 from lightning_modules.label_regularization import symmetric_kl
 from lightning_modules.networks import build_network
+from lightning_modules.optimization import cosine_schedule, cosine_with_warmup, decay_groups  # noqa: F401 (re-exported)
+from lightning_modules.progress_values import HostValues
 from lightning_modules.ssl_losses import RAMPUPS
 
 
@@ -70,6 +71,8 @@ class SemiSupervisedModule(LightningModule):
 
     #: unlabeled views the DataModule must produce for this method
     unlabeled_views: tuple[str, ...] = ()
+    #: the step's terms shown in the progress bar beside the total loss, when the method logs them
+    progress_bar_terms: tuple[str, ...] = ("mask_ratio",)
 
     def __init__(
         self,
@@ -110,6 +113,7 @@ class SemiSupervisedModule(LightningModule):
         # A plain attribute, not a submodule: DDP never wraps it and it gets no gradient.
         self.ema = EMAModel(self.net, decay=ema_decay) if ema_decay is not None else None
         self.finite_loss_check = FiniteLossCheck()  # stops at a NaN/inf loss, naming the term and step
+        self.progress_values = HostValues()  # the progress bar's values, read without a GPU sync
         self.val_acc, self.test_acc = self._metric(), self._metric()
         if self.multilabel:
             self.val_micro_f1 = MultilabelF1Score(num_classes, average="micro")
@@ -139,6 +143,13 @@ class SemiSupervisedModule(LightningModule):
     def eval_net(self) -> nn.Module:
         """The weights used for validation, test and predict: the EMA copy when there is one."""
         return self.ema.module if self.ema is not None else self.net
+
+    @property
+    def evaluation_weights(self) -> str:
+        """Which weights validation, test and predict use, in words (``train.py`` prints it after a run)."""
+        if self.ema is None:
+            return "raw weights"
+        return f"EMA weights (decay {self.ema.decay}, {self.ema.num_updates} updates)"
 
     def forward_views(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Logits of each batch in ``images``: one concatenated forward, or one forward each."""
@@ -193,7 +204,11 @@ class SemiSupervisedModule(LightningModule):
         self.finite_loss_check(loss, losses, self.global_step, self.current_epoch)
         logged = {f"train/{k}": v.detach() for k, v in losses.items()}
         logged["train/loss"] = loss.detach()
-        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=self.labeled_batch_size(batch))
+        batch_size = self.labeled_batch_size(batch)
+        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=batch_size)
+        shown = {"loss": loss, **{name: losses[name] for name in self.progress_bar_terms if name in losses}}
+        self.log_dict(self.progress_values(shown), prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                      batch_size=batch_size)
         return loss
 
     def labeled_batch_size(self, batch: dict[str, dict[str, Any]]) -> int:
@@ -272,19 +287,24 @@ class SemiSupervisedModule(LightningModule):
         """Modules whose parameters the optimizer trains: the network, plus a learnable criterion's."""
         return [self.net, self.criterion]
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Weights (the optimizer's weight decay) and biases and norm weights (none), of ``trainable_modules``;
+        ``train.py --optimizer`` builds the optimizer it is given on these too."""
+        return decay_groups(self.trainable_modules())
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        params = [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        optimizer = torch.optim.SGD(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
-        )
+        return torch.optim.SGD(self.parameter_groups(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                               weight_decay=hp.weight_decay)
+
+    def lr_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The method's schedule for ``optimizer``: warm-up, then the 7/16-cosine over the run's steps."""
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda k: cosine_with_warmup(k, total, hp.warmup_steps, hp.cosine_fraction))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return cosine_schedule(optimizer, total, self.hparams.warmup_steps, self.hparams.cosine_fraction)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.build_optimizer()
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule(optimizer)}
 
     # --- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -295,10 +315,3 @@ class SemiSupervisedModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
-
-
-def cosine_with_warmup(step: int, total: int, warmup: int = 0, fraction: float = 7 / 16) -> float:
-    """Learning-rate factor: linear warm-up, then ``cos(pi * fraction * step / total)``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return math.cos(math.pi * fraction * min(step, total) / total)
