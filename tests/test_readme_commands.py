@@ -54,7 +54,8 @@ pytestmark = pytest.mark.readme
 
 def readme_commands() -> list[list[str]]:
     """The words of every command in README.md's code blocks, in order (continuation lines joined)."""
-    blocks = re.findall(r"^```(?:bash|sh|shell)?\n(.*?)^```", (REPO / "README.md").read_text(), re.S | re.M)
+    fences = re.findall(r"^```(\w*)\n(.*?)^```", (REPO / "README.md").read_text(), re.S | re.M)
+    blocks = [block for language, block in fences if language in ("", "bash", "sh", "shell")]  # not ```text
     lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     return [words for words in (shlex.split(line, comments=True) for line in lines) if words]
 
@@ -108,6 +109,7 @@ def checkout(tmp_path_factory) -> Path:
     if not (SHARED_DATA / "cifar10" / "train.tar.gz").is_file():
         pytest.skip(f"{SHARED_DATA} has no CIFAR-10: put the shared data beside the repository")
     tmp = tmp_path_factory.mktemp("readme")
+    (tmp / "repo").mkdir()
     for name in COPIED:
         if (REPO / name).is_dir():
             shutil.copytree(REPO / name, tmp / "repo" / name, ignore=shutil.ignore_patterns("__pycache__", ".cache"))
