@@ -36,9 +36,11 @@ def _fit(out, seed: int, lr: float, held_out: list[str], epochs: int = 2) -> str
 def ingredients(tmp_path_factory):
     """Three short Supervised runs with other seeds and learning rates, 5 digits per class held out."""
     root = tmp_path_factory.mktemp("runs")
+    threads = torch.get_num_threads()  # restored after the module, for the tests that run after it
     torch.set_num_threads(1)
-    return [_fit(root / f"run{seed}", seed, lr, ["--data.val_labeled_per_class", "5"])
-            for seed, lr in [(0, 0.05), (1, 0.03), (2, 0.1)]]
+    yield [_fit(root / f"run{seed}", seed, lr, ["--data.val_labeled_per_class", "5"])
+           for seed, lr in [(0, 0.05), (1, 0.03), (2, 0.1)]]
+    torch.set_num_threads(threads)
 
 
 def _data(**kwargs):
