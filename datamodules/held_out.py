@@ -4,15 +4,13 @@ out for validation: a stratified k-fold fold, or ``val_per_class`` labeled image
 Validation on held-out training images instead of the test set is what makes a choice made on
 ``val/*`` (a greedy soup's ingredients, a checkpoint kept by ``ModelCheckpoint(monitor=...)``)
 honest: the test set then plays no part in it. :class:`RecordsHeldOut` puts the held-out images
-in every checkpoint, so the soup can check that no ingredient trained on its validation images.
+in every checkpoint, so the soup can check that no ingredient trained on its validation images
+(``callbacks.soup.check_held_out``).
 """
 
 from __future__ import annotations
 
-import json
-import warnings
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -88,32 +86,3 @@ class RecordsHeldOut:
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "held_out": list(self.held_out_ids())}
 
-
-def recorded_held_out(checkpoint: dict, datamodule: Any) -> list | None:
-    """The held-out images a checkpoint of a ``datamodule``-like DataModule recorded, or None if it holds no record."""
-    state = checkpoint.get(type(datamodule).__qualname__)
-    return list(state["held_out"]) if isinstance(state, dict) and "held_out" in state else None
-
-
-def check_held_out(ingredients: Mapping[str, dict], datamodule: Any) -> None:
-    """Raise if a model (checkpoint path -> loaded checkpoint) trained on some of ``datamodule``'s
-    validation images (``held_out_ids()``, after ``setup``), so a choice among them on those images
-    would be biased. What each held out is read from its checkpoint, else from a ``split.json``
-    beside it or one folder up; a model with neither gets a warning."""
-    held_out = set(datamodule.held_out_ids()) if hasattr(datamodule, "held_out_ids") else set()
-    for path, checkpoint in ingredients.items() if held_out else ():
-        recorded, source = recorded_held_out(checkpoint, datamodule), "its checkpoint"
-        if recorded is None:
-            found = [p for p in (Path(path).parent / "split.json", Path(path).parent.parent / "split.json")
-                     if p.is_file()]
-            if not found:
-                warnings.warn(f"soup ingredient {path} records no held-out images and has no split.json beside "
-                              f"it: cannot check that it held out the {len(held_out)} validation images")
-                continue
-            recorded, source = json.loads(found[0].read_text()).get("val") or [], f"its split {found[0]}"
-        trained_on = held_out - set(recorded)
-        if trained_on:
-            raise ValueError(f"soup ingredient {path} trained on {len(trained_on)} of the {len(held_out)} validation "
-                             f"images ({source} does not hold them out): train every ingredient with the held-out "
-                             f"split the soup uses (the same seed and val_labeled_per_class / num_val, or "
-                             f"--data.split_file), or pass that run's split.json as the soup DataModule's split_file")
