@@ -108,6 +108,21 @@ def test_update_bn_soup_is_never_worse_than_its_best_ingredient(ingredients):
     assert scores["soup"] >= max(scores[p] for p in ingredients)
 
 
+def test_each_ingredient_file_is_read_once(ingredients, monkeypatch):
+    """The held-out check and the greedy pass share one read of each file (they used to read each
+    twice; a path listed three times was read three times). Lightning's rebuild of the module from
+    the first checkpoint (its class and hyper-parameters) is its own read, not counted here."""
+    import callbacks.soup as soup
+
+    reads, read = [], soup.load_checkpoint
+    monkeypatch.setattr(soup, "load_checkpoint", lambda path: reads.append(str(path)) or read(path))
+    _, chosen, scores = soup_from_checkpoints(ingredients, _data(), metric="val/acc")
+    assert sorted(reads) == sorted(ingredients) and set(scores) == {*ingredients, "soup"}
+    reads.clear()
+    _, chosen, _ = greedy_soup([ingredients[0]] * 3, lambda s: 0.5)
+    assert reads == [ingredients[0]] and chosen == [ingredients[0]] * 3
+
+
 def test_identical_checkpoints_soup_to_the_same_weights(ingredients):
     state = torch.load(ingredients[0], map_location="cpu", weights_only=False)["state_dict"]
     soup, chosen, scores = greedy_soup([ingredients[0]] * 3, lambda s: 0.5)
