@@ -32,15 +32,22 @@ def natural_key(stem: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", stem)]
 
 
+def image_paths(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, recursive: bool = False) -> list[Path]:
+    """The files in ``folder`` (or, ``recursive``, under it) with one of ``suffixes`` (any case), sorted
+    by relative path."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted((p for p in found if p.is_file() and p.suffix.lower() in suffixes),
+                  key=lambda p: p.relative_to(folder).as_posix())
+
+
 def files_by_stem(folder: Path, suffixes: Sequence[str], owner: str) -> dict[str, Path]:
     """The files of ``folder`` (not recursive) with one of ``suffixes``, by stem; two files sharing a stem raise."""
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in suffixes:
-            if path.stem in found:
-                raise ValueError(f"{owner}: {found[path.stem]} and {path} share the stem {path.stem!r}: "
-                                 f"keep one file per stem")
-            found[path.stem] = path
+    for path in image_paths(folder, suffixes):
+        if path.stem in found:
+            raise ValueError(f"{owner}: {found[path.stem]} and {path} share the stem {path.stem!r}: "
+                             f"keep one file per stem")
+        found[path.stem] = path
     return found
 
 
@@ -50,8 +57,7 @@ def find_images(root: str | os.PathLike, owner: str, suffixes: Sequence[str] = I
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise FileNotFoundError(f"{owner}: predict_root {root} {what}: pass the folder of images to predict")
-    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes),
-                   key=lambda p: p.relative_to(root).as_posix())
+    files = image_paths(root, suffixes, recursive=True)
     if not files:
         others = sorted(p.name for p in root.rglob("*") if p.is_file())
         found = f" (it holds {others[:3]}{' and more' if len(others) > 3 else ''})" if others else " (it is empty)"
