@@ -117,6 +117,26 @@ class FolderImages(Dataset):
         return item if self.first_id is None else dict(item, image_id=self.first_id + i)
 
 
+class PredictFolder:
+    """DataModule mixin for ``predict_root``: at ``setup("predict")`` the images under it are loaded
+    once, by the DataModule's ``load_predict_folder()``, into ``predict_images``, which predict then
+    serves instead of the test images (``predict_images`` stays None without a ``predict_root``)."""
+
+    predict_root: str | None
+    predict_images: Dataset | None
+
+    def load_predict_folder(self) -> Dataset:
+        raise NotImplementedError
+
+    def setup_predict_folder(self, stage: str) -> bool:
+        """Whether ``stage`` predicts on ``predict_root`` (its images then loaded): the rest of set-up is not needed."""
+        if stage != "predict" or self.predict_root is None:
+            return False
+        if self.predict_images is None:
+            self.predict_images = self.load_predict_folder()
+        return True
+
+
 def load_classification_folder(root: str | os.PathLike, channels: int, size: tuple[int, int], owner: str,
                                threads: int = 4) -> IndexedImages:
     """The images under ``root`` decoded like the training images (grey or RGB) and resized to the
