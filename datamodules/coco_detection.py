@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -98,7 +99,7 @@ class COCODetection(HeldOutParts, ResumableStreams, LightningDataModule):
         self.image_dir = self.root / image_dir
         self.coco = read_coco(self.annotation_path, self.image_dir)
         self.category_ids = [-1] + self.coco.category_ids  # label -> COCO id; -1: the background
-        self.category_names = ["background"] + self.coco.category_names
+        self.class_names = ["background"] + self.coco.category_names  # label -> name, as classification's
         self.num_classes = len(self.category_ids)
         self.image_ids = [record.id for record in self.coco.images]
         self._position = {image_id: i for i, image_id in enumerate(self.image_ids)}
@@ -111,6 +112,12 @@ class COCODetection(HeldOutParts, ResumableStreams, LightningDataModule):
         self.images: list[Tensor] = []
         self.split: dict[str, Tensor] | None = None  # positions in image_ids, sorted: labeled, unlabeled, test, val
         self.split_path: Path | None = None
+
+    @property
+    def category_names(self) -> list[str]:
+        """Deprecated: ``class_names``, the name every DataModule gives its labels (docs/detection.md used this one)."""
+        warnings.warn("COCODetection.category_names is deprecated: use class_names", DeprecationWarning, stacklevel=2)
+        return self.class_names
 
     def label_to_category_id(self, labels: Tensor | Sequence[int]) -> Tensor:
         """COCO category ids (int64) of labels ``1..K`` (e.g. a detector's predicted ``labels``)."""

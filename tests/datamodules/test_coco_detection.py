@@ -95,6 +95,15 @@ def _ann(i, image_id, bbox, category_id=1, **extra):
     return {"id": i, "image_id": image_id, "category_id": category_id, "bbox": bbox, "iscrowd": 0, "area": 1.0} | extra
 
 
+def test_labels_are_named_by_class_names_and_the_old_name_warns(loaded, raw):
+    """``class_names[label]`` is the json's name of the label's category, as every DataModule names its
+    labels; ``category_names``, the name detection used before, still reads, with a warning."""
+    names = {c["id"]: c["name"] for c in raw["categories"]}
+    assert loaded.class_names == ["background"] + [names[c] for c in loaded.category_ids[1:]]
+    with pytest.warns(DeprecationWarning, match="COCODetection.category_names is deprecated: use class_names"):
+        assert loaded.category_names == loaded.class_names
+
+
 def test_degenerate_boxes_dropped_outside_boxes_clipped_and_counted(tmp_path, raw, coco128):
     annotations = [_ann(1, 9, [10, 10, 0, 20]), _ann(2, 9, [600, 400, 100, 200]), _ann(3, 9, [700, 10, 20, 20]),
                    _ann(4, 25, [5.5, 6.5, 30, 40], category_id=90), _ann(5, 25, [-10, -5, 20, 500]),
@@ -335,7 +344,7 @@ def test_membrane_cells_to_coco_reads_back_as_instances(shared_data, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing to drop, clip or flag
         dm = COCODetection(str(out), annotation_file="annotations.json", image_dir="images", masks=True)
-    assert dm.num_classes == 2 and dm.category_names == ["background", "cell"]
+    assert dm.num_classes == 2 and dm.class_names == ["background", "cell"]
     target = dm.target(1)
     masks = target["masks"].numpy().astype(bool)
     assert [int(m.sum()) for m in masks] == [a["area"] for a in first] == target["area"].int().tolist()
