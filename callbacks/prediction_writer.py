@@ -41,7 +41,7 @@ class PredictionWriter(BasePredictionWriter):
 
     What it reads from the DataModule, when there: ``class_names`` (classification; else class
     ids), ``mask_pixel_values()`` (segmentation; else class ids), ``label_to_category_id``,
-    ``category_ids``/``category_names`` and ``predict_image_records()`` (detection). Predict
+    ``category_ids`` with ``class_names`` and ``predict_image_records()`` (detection). Predict
     batches name their images with ``"file"`` (folders) or ``index``/``image_id``.
     """
 
@@ -142,9 +142,9 @@ class PredictionWriter(BasePredictionWriter):
             write_json_atomically(self._staging / "results.json", results)
             images = {"images": data.predict_image_records() if hasattr(data, "predict_image_records") else
                       [{"id": i} for i in sorted(rows)]}
-            if hasattr(data, "category_names"):
+            if hasattr(data, "category_ids") and hasattr(data, "class_names"):
                 images["categories"] = [{"id": c, "name": n}
-                                        for c, n in zip(data.category_ids[1:], data.category_names[1:])]
+                                        for c, n in zip(data.category_ids[1:], data.class_names[1:])]
             write_json_atomically(self._staging / "images.json", images, indent=1)
             return (f"{len(results)} detections on {len(rows)} images: {self.path / 'results.json'} (COCO results; "
                     f"images.json lists the images and categories)")

@@ -21,20 +21,23 @@ test score optimistic, so :func:`soup_from_checkpoints` refuses it unless ``sele
 set, and refuses ingredients that trained on any of the validation images (as their checkpoint,
 or a ``split.json`` beside it, records what they held out).
 
+Each ingredient file is read once (:func:`load_ingredients`): only the weights it evaluated with are
+kept, on the CPU, the rest of the checkpoint (optimizer states) is dropped as soon as it is read.
 Checkpoints are read with ``torch.load(weights_only=False)``: soup only checkpoints you trust.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from callbacks.batch_norm import recompute_batch_norm, unwrap_batches
 from callbacks.ema_callback import ema_callback_states
-from datamodules.held_out import check_held_out
 from datamodules.split import atomic_path
 
 EMA_PREFIX = "net."
@@ -75,6 +78,55 @@ def eval_state_dict(checkpoint: dict[str, Any], name: str = "the checkpoint") ->
     return state
 
 
+def recorded_held_out(checkpoint: dict, datamodule: Any) -> list | None:
+    """The held-out images a checkpoint of a ``datamodule``-like DataModule recorded
+    (``datamodules.held_out.RecordsHeldOut``), or None if it holds no record."""
+    state = checkpoint.get(type(datamodule).__qualname__)
+    return list(state["held_out"]) if isinstance(state, dict) and "held_out" in state else None
+
+
+def check_held_out(path: str, checkpoint: dict, datamodule: Any) -> None:
+    """Raise if the model of ``checkpoint`` (read from ``path``) trained on some of ``datamodule``'s
+    validation images (``held_out_ids()``, after ``setup``), so a choice among models on those images
+    would be biased. What it held out is read from its checkpoint, else from a ``split.json`` beside
+    it or one folder up; a model with neither gets a warning."""
+    held_out = set(datamodule.held_out_ids()) if hasattr(datamodule, "held_out_ids") else set()
+    if not held_out:
+        return
+    recorded, source = recorded_held_out(checkpoint, datamodule), "its checkpoint"
+    if recorded is None:
+        found = [p for p in (Path(path).parent / "split.json", Path(path).parent.parent / "split.json") if p.is_file()]
+        if not found:
+            warnings.warn(f"soup ingredient {path} records no held-out images and has no split.json beside "
+                          f"it: cannot check that it held out the {len(held_out)} validation images")
+            return
+        recorded, source = json.loads(found[0].read_text()).get("val") or [], f"its split {found[0]}"
+    trained_on = held_out - set(recorded)
+    if trained_on:
+        raise ValueError(f"soup ingredient {path} trained on {len(trained_on)} of the {len(held_out)} validation "
+                         f"images ({source} does not hold them out): train every ingredient with the held-out "
+                         f"split the soup uses (the same seed and val_labeled_per_class / num_val, or "
+                         f"--data.split_file), or pass that run's split.json as the soup DataModule's split_file")
+
+
+def load_ingredients(checkpoints: Sequence[str | os.PathLike], datamodule: Any = None
+                     ) -> dict[str, dict[str, torch.Tensor]]:
+    """Each checkpoint's :func:`eval_state_dict` by path, every file read once (a path listed twice
+    too); with ``datamodule``, each is first checked to have held out its validation images
+    (:func:`check_held_out`)."""
+    paths = [str(p) for p in checkpoints]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"soup ingredients not found: {missing}")
+    states = {}
+    for path in dict.fromkeys(paths):
+        checkpoint = load_checkpoint(path)
+        if datamodule is not None:
+            check_held_out(path, checkpoint, datamodule)
+        states[path] = eval_state_dict(checkpoint, path)
+    return states
+
+
 def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Uniform mean of floating-point entries; other entries (counters) come from the first."""
     if not states:
@@ -97,19 +149,18 @@ def greedy_soup(
     checkpoints: Sequence[str | os.PathLike],
     evaluate: Callable[[dict[str, torch.Tensor]], float],
     higher_is_better: bool = True,
+    states: Mapping[str, dict[str, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, float]]:
     """Greedy soup of ``checkpoints`` under the validation score ``evaluate(state_dict)``.
 
+    ``states``: the ingredients as :func:`load_ingredients` gives them, if already read.
     Returns the soup's state dict, the chosen checkpoints (best first) and the scores: each
     ingredient's under its path and the soup's under ``"soup"``.
     """
     if not checkpoints:
         raise ValueError("greedy_soup needs at least one checkpoint")
     paths = [str(p) for p in checkpoints]
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"soup ingredients not found: {missing}")
-    states = {p: eval_state_dict(load_checkpoint(p), p) for p in paths}
+    states = load_ingredients(paths) if states is None else states
     scores = {p: float(evaluate(states[p])) for p in paths}
     sign = 1.0 if higher_is_better else -1.0
     ranked = sorted(paths, key=lambda p: -sign * scores[p])   # stable: ties keep the given order
@@ -180,7 +231,7 @@ def soup_from_checkpoints(
                          f"selected on test data: hold out validation images (val_labeled_per_class for "
                          f"classification, num_val for segmentation and detection, the ingredients' own split_file), "
                          f"or pass select_on_test=True (--select_on_test) to do it knowingly")
-    check_held_out({str(p): load_checkpoint(p) for p in checkpoints}, datamodule)
+    states = load_ingredients(checkpoints, datamodule)
     module = _load_module(str(checkpoints[0]), module_class)
     kwargs = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                   enable_model_summary=False, enable_checkpointing=False)
@@ -205,7 +256,7 @@ def soup_from_checkpoints(
             raise KeyError(f"metric {metric!r} not logged by validation; got {sorted(results[0])}")
         return float(results[0][metric])
 
-    soup, chosen, scores = greedy_soup(checkpoints, evaluate, higher_is_better=higher_is_better)
+    soup, chosen, scores = greedy_soup(checkpoints, evaluate, higher_is_better=higher_is_better, states=states)
     load_into(module, soup)
     return module, chosen, scores
 

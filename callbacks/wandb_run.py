@@ -10,9 +10,9 @@ rank 0:
   directory of a ``WandbLogger`` is its ``save_dir``, which later runs share and overwrite;
 - at the end of ``test``, the table ``test/metrics`` (metric, value) and, when the module logs
   per-class values named ``test/<metric>_class<k>`` (segmentation ``iou_class<k>``) or, with the
-  DataModule's ``category_names``, detection's ``test/ap_<name>`` and ``test/segm_ap_<name>``
+  DataModule's ``class_names``, detection's ``test/ap_<name>`` and ``test/segm_ap_<name>``
   (``datamodules.class_keys``), the table ``test/per_class`` with one row per class (named from
-  ``category_names`` when the DataModule has them).
+  ``class_names`` when the DataModule has them).
 
 ``train.py`` adds it to every run; with a plain ``Trainer``, pass ``callbacks=[WandbRun()]``.
 """
@@ -102,7 +102,7 @@ class WandbRun(Callback):
         logger = wandb_logger(trainer)
         if logger is None or not trainer.is_global_zero:
             return
-        class_names = getattr(trainer.datamodule, "category_names", None)
+        class_names = getattr(trainer.datamodule, "class_names", None)
         for key, (columns, rows) in metric_tables(trainer.callback_metrics, class_names).items():
             logger.log_table(key, columns=columns, data=rows, step=trainer.global_step)
 

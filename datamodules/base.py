@@ -25,7 +25,7 @@ from datamodules.data_root import DataRoot
 from datamodules.augment import normalize, strong_augment, weak_augment
 from datamodules.held_out import RecordsHeldOut, check_held_out_arguments, check_loaded_split, draw_split
 from datamodules.in_memory import IndexedImages, keep_batch
-from datamodules.image_files import load_classification_folder
+from datamodules.image_files import PredictFolder, load_classification_folder
 from datamodules.resumable import ResumableStreams
 from datamodules.split import LabeledSplit, load_split, run_split_path, save_split
 
@@ -41,7 +41,7 @@ def requested_views(datamodule: LightningDataModule, default: tuple[str, ...]) -
     return tuple(getattr(model, "unlabeled_views", default))
 
 
-class SSLDataModule(RecordsHeldOut, ResumableStreams, LightningDataModule):
+class SSLDataModule(PredictFolder, RecordsHeldOut, ResumableStreams, LightningDataModule):
     """Base for labeled/unlabeled classification data.
 
     Subclasses set ``num_classes``, ``num_channels``, ``mean``, ``std`` and implement
@@ -126,7 +126,7 @@ class SSLDataModule(RecordsHeldOut, ResumableStreams, LightningDataModule):
         check_held_out_arguments(num_folds, fold, val_labeled_per_class)
         self.num_folds, self.fold, self.val_labeled_per_class = num_folds, fold, val_labeled_per_class
         self.predict_root = predict_root
-        self._predict: Dataset | None = None
+        self.predict_images: IndexedImages | None = None
         self.split: LabeledSplit | None = None
         self.split_path: Path | None = None
         self._train: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -168,11 +168,12 @@ class SSLDataModule(RecordsHeldOut, ResumableStreams, LightningDataModule):
     def dataset_name(self) -> str:
         return type(self).__name__
 
+    def load_predict_folder(self) -> IndexedImages:
+        return load_classification_folder(self.predict_root, self.num_channels, self.training_image_size(),
+                                          self.dataset_name)
+
     def setup(self, stage: str) -> None:
-        if stage == "predict" and self.predict_root is not None:
-            if self._predict is None:
-                self._predict = load_classification_folder(self.predict_root, self.num_channels,
-                                                           self.training_image_size(), self.dataset_name)
+        if self.setup_predict_folder(stage):
             return
         # validate needs the split too when validation runs on held-out training images
         held_out = self.num_folds is not None or self.val_labeled_per_class is not None or self.split_file is not None
@@ -262,9 +263,9 @@ class SSLDataModule(RecordsHeldOut, ResumableStreams, LightningDataModule):
         return self._eval_loader()
 
     def predict_dataloader(self) -> DataLoader:
-        if self._predict is None:
+        if self.predict_images is None:
             return self._eval_loader()
-        return DataLoader(self._predict, batch_size=self.eval_batch_size, shuffle=False, collate_fn=keep_batch,
+        return DataLoader(self.predict_images, batch_size=self.eval_batch_size, shuffle=False, collate_fn=keep_batch,
                           num_workers=self.num_workers)
 
     # --- augmentation, on the batch's device ----------------------------------------------

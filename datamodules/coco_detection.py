@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,16 +48,15 @@ from datamodules.data_root import DataRoot
 from datamodules.coco_reading import read_coco, target_of
 from datamodules.base import requested_views
 from datamodules.detection_transforms import DetectionItems, StrongPhotometric, collate_lists, detection_geometry
-from datamodules.held_out import RecordsHeldOut
-from datamodules.image_files import load_whole_images
+from datamodules.held_out import HeldOutParts
+from datamodules.image_files import FolderImages, load_whole_images
 from datamodules.named_split import draw_parts, read_parts, split_record
 from datamodules.resumable import ResumableStreams
-from datamodules.split import run_split_path, write_json_atomically
 
 SPLIT_FORMAT = "labelwise-coco-split/1"
 
 
-class COCODetection(RecordsHeldOut, ResumableStreams, LightningDataModule):
+class COCODetection(HeldOutParts, ResumableStreams, LightningDataModule):
     """Detection data from a COCO json and its image folder, split into test, labeled and unlabeled.
 
     One seeded permutation of the image ids gives ``num_test`` test images, then ``num_val``
@@ -100,7 +100,7 @@ class COCODetection(RecordsHeldOut, ResumableStreams, LightningDataModule):
         self.image_dir = self.root / image_dir
         self.coco = read_coco(self.annotation_path, self.image_dir)
         self.category_ids = [-1] + self.coco.category_ids  # label -> COCO id; -1: the background
-        self.category_names = ["background"] + self.coco.category_names
+        self.class_names = ["background"] + self.coco.category_names  # label -> name, as classification's
         self.num_classes = len(self.category_ids)
         self.image_ids = [record.id for record in self.coco.images]
         self._position = {image_id: i for i, image_id in enumerate(self.image_ids)}
@@ -108,11 +108,17 @@ class COCODetection(RecordsHeldOut, ResumableStreams, LightningDataModule):
         self.split_file, self.batch_size, self.uratio = split_file, batch_size, uratio
         self.steps_per_epoch, self.eval_batch_size, self.num_workers = steps_per_epoch, eval_batch_size, num_workers
         self.unlabeled_views, self.num_val, self.predict_root = unlabeled_views, num_val, predict_root
-        self.predict_images = None  # datamodules.image_files.FolderImages of predict_root, at setup("predict")
+        self.predict_images: FolderImages | None = None  # predict_root's images, at setup("predict")
         self.geometry, self.photometric = detection_geometry(hflip, min_size), StrongPhotometric()
         self.images: list[Tensor] = []
         self.split: dict[str, Tensor] | None = None  # positions in image_ids, sorted: labeled, unlabeled, test, val
         self.split_path: Path | None = None
+
+    @property
+    def category_names(self) -> list[str]:
+        """Deprecated: ``class_names``, the name every DataModule gives its labels (docs/detection.md used this one)."""
+        warnings.warn("COCODetection.category_names is deprecated: use class_names", DeprecationWarning, stacklevel=2)
+        return self.class_names
 
     def label_to_category_id(self, labels: Tensor | Sequence[int]) -> Tensor:
         """COCO category ids (int64) of labels ``1..K`` (e.g. a detector's predicted ``labels``)."""
@@ -162,14 +168,9 @@ class COCODetection(RecordsHeldOut, ResumableStreams, LightningDataModule):
                           self.image_ids, f"{len(self.image_ids)} image ids of {self.annotation_path}: it was made for "
                           f"another json")[0]
 
-    @property
-    def validates_on_test_set(self) -> bool:
-        """Whether validation reports on the test images (no ``num_val``, no validation in ``split_file``)."""
-        return len(self.split["val"]) == 0 if self.split is not None else self.num_val == 0 and not self.split_file
-
-    def held_out_ids(self) -> list[int]:
-        """The validation images by image id, as ``split.json`` records them (``val``), after ``setup``."""
-        return [self.image_ids[i] for i in self.split["val"].tolist()] if self.split is not None else []
+    def split_ids(self) -> list[int]:
+        """The images by image id, as ``split.json`` names them."""
+        return self.image_ids
 
     def predict_image_records(self) -> list[dict]:
         """COCO ``images`` entries (id, file_name, height, width) of what predict serves, after ``setup``."""
@@ -180,21 +181,9 @@ class COCODetection(RecordsHeldOut, ResumableStreams, LightningDataModule):
                  "width": r.width}
                 for r in (self.coco.images[i] for i in self.split["test"].tolist())]
 
-    def setup(self, stage: str) -> None:
-        if stage == "predict" and self.predict_root is not None:
-            if self.predict_images is None:
-                self.predict_images = load_whole_images(
-                    self.predict_root, lambda p: self._decode(p, str(p), "or remove it from predict_root"),
-                    "COCODetection", None, image_key="images", first_id=1)
-            return
-        if not self.images:
-            self.load()
-        if self.split is None:
-            self.split = self.load_split(self.split_file) if self.split_file else self.draw_split()
-        if stage == "fit" and self.trainer is not None:
-            path = run_split_path(self.trainer)
-            if path is not None:
-                self.split_path = write_json_atomically(path, self.split_record(), indent=1)
+    def load_predict_folder(self) -> FolderImages:
+        return load_whole_images(self.predict_root, lambda p: self._decode(p, str(p), "or remove it from predict_root"),
+                                 "COCODetection", None, image_key="images", first_id=1)
 
     # --- loaders ------------------------------------------------------------------------------
     def requested_unlabeled_views(self) -> tuple[str, ...]:
@@ -217,24 +206,19 @@ class COCODetection(RecordsHeldOut, ResumableStreams, LightningDataModule):
             loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio, "unlabeled")
         return CombinedLoader(loaders, mode="max_size_cycle")
 
-    def _eval_loader(self, part: str = "test") -> DataLoader:
+    def eval_loader(self, part: str = "test") -> DataLoader:
         if len(self.split[part]) == 0:
             raise ValueError("num_test=0: there are no held-out images to evaluate on")
         return DataLoader(DetectionItems(self.images, self.coco.images, self.split[part], self.masks),
                           batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_lists,
                           num_workers=self.num_workers)
 
-    def val_dataloader(self) -> DataLoader | list:
-        if len(self.split["val"]):
-            return self._eval_loader("val")
-        return self._eval_loader() if len(self.split["test"]) else []  # num_test=0: no validation
-
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader()
+        return self.eval_loader()
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_images is None:
-            return self._eval_loader()
+            return self.eval_loader()
         return DataLoader(self.predict_images, batch_size=self.eval_batch_size, shuffle=False,
                           collate_fn=collate_lists, num_workers=self.num_workers)
 

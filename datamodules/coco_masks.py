@@ -77,24 +77,3 @@ def decode_masks(segmentations: list, height: int, width: int) -> np.ndarray:
                 raise _corrupt(rle["counts"], height, width, err) from None
         raise
     return np.ascontiguousarray(masks.transpose(2, 0, 1))
-
-
-def decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """A COCO ``segmentation`` (polygon list, or RLE dict) as a uint8 ``(height, width)`` mask."""
-    return decode_masks([segmentation], height, width)[0]
-
-
-def rle_to_mask(rle: dict[str, Any], height: int, width: int) -> np.ndarray:
-    """Decode ``{"counts": list or string, "size": [h, w]}`` (column-major runs, zeros first)."""
-    return decode_mask(rle, height, width)
-
-
-def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
-    """Uncompressed COCO RLE of a binary ``(H, W)`` mask: column-major runs, starting with zeros."""
-    flat = np.asarray(mask, dtype=bool).T.reshape(-1)
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts = [0] + counts
-    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}

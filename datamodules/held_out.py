@@ -1,22 +1,26 @@
 """Which labeled/unlabeled split a classification DataModule draws, and the training images it holds
-out for validation: a stratified k-fold fold, or ``val_per_class`` labeled images per class.
+out for validation: a stratified k-fold fold, or ``val_per_class`` labeled images per class; and
+:class:`HeldOutParts`, the same for the segmentation and detection DataModules, whose split holds
+test and validation images out by name (:mod:`datamodules.named_split`).
 
 Validation on held-out training images instead of the test set is what makes a choice made on
 ``val/*`` (a greedy soup's ingredients, a checkpoint kept by ``ModelCheckpoint(monitor=...)``)
 honest: the test set then plays no part in it. :class:`RecordsHeldOut` puts the held-out images
-in every checkpoint, so the soup can check that no ingredient trained on its validation images.
+in every checkpoint, so the soup can check that no ingredient trained on its validation images
+(``callbacks.soup.check_held_out``).
 """
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
 
-from datamodules.split import LabeledSplit, class_balanced_split, stratified_kfold
+from datamodules.image_files import PredictFolder
+from datamodules.split import LabeledSplit, class_balanced_split, run_split_path, stratified_kfold, write_json_atomically
 
 
 def check_held_out_arguments(num_folds: int | None, fold: int, val_per_class: int | None) -> None:
@@ -89,31 +93,49 @@ class RecordsHeldOut:
         return {**super().state_dict(), "held_out": list(self.held_out_ids())}
 
 
-def recorded_held_out(checkpoint: dict, datamodule: Any) -> list | None:
-    """The held-out images a checkpoint of a ``datamodule``-like DataModule recorded, or None if it holds no record."""
-    state = checkpoint.get(type(datamodule).__qualname__)
-    return list(state["held_out"]) if isinstance(state, dict) and "held_out" in state else None
+class HeldOutParts(PredictFolder, RecordsHeldOut):
+    """DataModule mixin for a split into the named parts of :mod:`datamodules.named_split`: positions of
+    its items (``images``) held out for ``test`` and ``val``, the rest ``labeled`` and ``unlabeled``.
 
+    At set-up the items are loaded once (``load()``), the split read from ``split_file``
+    (``load_split``) or drawn (``draw_split``) once, and at ``setup("fit")`` written to the run's
+    ``split.json`` (``split_record()``); predict on ``predict_root`` needs none of it. Validation runs
+    on the ``val`` images, else on the test images (``num_val`` 0), through the DataModule's
+    ``eval_loader(part)``. ``split_ids()`` names the items as ``split.json`` does; ``split_part(name)``
+    reads one part of ``split`` (a dict of sorted positions unless overridden).
+    """
 
-def check_held_out(ingredients: Mapping[str, dict], datamodule: Any) -> None:
-    """Raise if a model (checkpoint path -> loaded checkpoint) trained on some of ``datamodule``'s
-    validation images (``held_out_ids()``, after ``setup``), so a choice among them on those images
-    would be biased. What each held out is read from its checkpoint, else from a ``split.json``
-    beside it or one folder up; a model with neither gets a warning."""
-    held_out = set(datamodule.held_out_ids()) if hasattr(datamodule, "held_out_ids") else set()
-    for path, checkpoint in ingredients.items() if held_out else ():
-        recorded, source = recorded_held_out(checkpoint, datamodule), "its checkpoint"
-        if recorded is None:
-            found = [p for p in (Path(path).parent / "split.json", Path(path).parent.parent / "split.json")
-                     if p.is_file()]
-            if not found:
-                warnings.warn(f"soup ingredient {path} records no held-out images and has no split.json beside "
-                              f"it: cannot check that it held out the {len(held_out)} validation images")
-                continue
-            recorded, source = json.loads(found[0].read_text()).get("val") or [], f"its split {found[0]}"
-        trained_on = held_out - set(recorded)
-        if trained_on:
-            raise ValueError(f"soup ingredient {path} trained on {len(trained_on)} of the {len(held_out)} validation "
-                             f"images ({source} does not hold them out): train every ingredient with the held-out "
-                             f"split the soup uses (the same seed and val_labeled_per_class / num_val, or "
-                             f"--data.split_file), or pass that run's split.json as the soup DataModule's split_file")
+    images: list
+    split: Any
+    split_path: Path | None
+    num_val: int
+    split_file: str | None
+
+    def split_part(self, name: str) -> Tensor:
+        return self.split[name]
+
+    @property
+    def validates_on_test_set(self) -> bool:
+        """Whether validation reports on the test images (no ``num_val``, no validation in ``split_file``)."""
+        return len(self.split_part("val")) == 0 if self.split is not None else self.num_val == 0 and not self.split_file
+
+    def held_out_ids(self) -> list:
+        """The validation images as ``split.json`` records them (``val``, by ``split_ids()``), after ``setup``."""
+        return [self.split_ids()[i] for i in self.split_part("val").tolist()] if self.split is not None else []
+
+    def setup(self, stage: str) -> None:
+        if self.setup_predict_folder(stage):
+            return
+        if not self.images:
+            self.load()
+        if self.split is None:
+            self.split = self.load_split(self.split_file) if self.split_file else self.draw_split()
+        if stage == "fit" and self.trainer is not None:
+            path = run_split_path(self.trainer)
+            if path is not None:
+                self.split_path = write_json_atomically(path, self.split_record(), indent=1)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if len(self.split_part("val")):
+            return self.eval_loader("val")
+        return self.eval_loader("test") if len(self.split_part("test")) else []  # num_test=0: no validation

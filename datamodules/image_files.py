@@ -32,15 +32,22 @@ def natural_key(stem: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", stem)]
 
 
+def image_paths(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, recursive: bool = False) -> list[Path]:
+    """The files in ``folder`` (or, ``recursive``, under it) with one of ``suffixes`` (any case), sorted
+    by relative path."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted((p for p in found if p.is_file() and p.suffix.lower() in suffixes),
+                  key=lambda p: p.relative_to(folder).as_posix())
+
+
 def files_by_stem(folder: Path, suffixes: Sequence[str], owner: str) -> dict[str, Path]:
     """The files of ``folder`` (not recursive) with one of ``suffixes``, by stem; two files sharing a stem raise."""
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in suffixes:
-            if path.stem in found:
-                raise ValueError(f"{owner}: {found[path.stem]} and {path} share the stem {path.stem!r}: "
-                                 f"keep one file per stem")
-            found[path.stem] = path
+    for path in image_paths(folder, suffixes):
+        if path.stem in found:
+            raise ValueError(f"{owner}: {found[path.stem]} and {path} share the stem {path.stem!r}: "
+                             f"keep one file per stem")
+        found[path.stem] = path
     return found
 
 
@@ -50,8 +57,7 @@ def find_images(root: str | os.PathLike, owner: str, suffixes: Sequence[str] = I
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise FileNotFoundError(f"{owner}: predict_root {root} {what}: pass the folder of images to predict")
-    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes),
-                   key=lambda p: p.relative_to(root).as_posix())
+    files = image_paths(root, suffixes, recursive=True)
     if not files:
         others = sorted(p.name for p in root.rglob("*") if p.is_file())
         found = f" (it holds {others[:3]}{' and more' if len(others) > 3 else ''})" if others else " (it is empty)"
@@ -109,6 +115,26 @@ class FolderImages(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = {self.image_key: self.images[i], "index": torch.tensor(i), "file": self.names[i]}
         return item if self.first_id is None else dict(item, image_id=self.first_id + i)
+
+
+class PredictFolder:
+    """DataModule mixin for ``predict_root``: at ``setup("predict")`` the images under it are loaded
+    once, by the DataModule's ``load_predict_folder()``, into ``predict_images``, which predict then
+    serves instead of the test images (``predict_images`` stays None without a ``predict_root``)."""
+
+    predict_root: str | None
+    predict_images: Dataset | None
+
+    def load_predict_folder(self) -> Dataset:
+        raise NotImplementedError
+
+    def setup_predict_folder(self, stage: str) -> bool:
+        """Whether ``stage`` predicts on ``predict_root`` (its images then loaded): the rest of set-up is not needed."""
+        if stage != "predict" or self.predict_root is None:
+            return False
+        if self.predict_images is None:
+            self.predict_images = self.load_predict_folder()
+        return True
 
 
 def load_classification_folder(root: str | os.PathLike, channels: int, size: tuple[int, int], owner: str,

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from datamodules.data_root import DataRoot
 from datamodules.base import SSLDataModule
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from datamodules.image_files import IMAGE_SUFFIXES, decode_all, decode_rgb_or_grey, image_paths, resized
 
 
 class ImageFolderSSL(SSLDataModule):
@@ -84,8 +79,7 @@ class ImageFolderSSL(SSLDataModule):
             raise ValueError(f"ImageFolderSSL: {folder} has class folders {extra} that train/ lacks")
         files, targets = [], []
         for label, name in enumerate(self.classes):
-            members = sorted(p for p in (folder / name).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
-                if (folder / name).is_dir() else []
+            members = image_paths(folder / name) if (folder / name).is_dir() else []
             if not members:
                 raise ValueError(f"ImageFolderSSL: class folder {folder / name} holds no images "
                                  f"({', '.join(sorted(IMAGE_SUFFIXES))}): add images or remove the folder")
@@ -94,21 +88,12 @@ class ImageFolderSSL(SSLDataModule):
         return files, torch.tensor(targets, dtype=torch.long)
 
     def _decode(self, path: Path) -> torch.Tensor:
-        try:
-            with Image.open(path) as pil:
-                array = np.asarray(pil.convert("L" if self.grayscale else "RGB"))
-            image = torch.from_numpy(array.copy()).reshape(*array.shape[:2], -1).permute(2, 0, 1).contiguous()
-        except (OSError, UnidentifiedImageError) as err:
-            raise ValueError(f"ImageFolderSSL: cannot decode {path} ({err}): replace or remove the file") from err
-        if self.image_size is not None and tuple(image.shape[1:]) != (self.image_size, self.image_size):
-            image = F.interpolate(image[None].float(), size=self.image_size, mode="bilinear", antialias=True,
-                                  align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
-        return image
+        image = decode_rgb_or_grey(path, self.num_channels, "ImageFolderSSL")
+        return image if self.image_size is None else resized(image, (self.image_size, self.image_size))
 
     def _load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         files, targets = self._files(split)
-        with ThreadPoolExecutor(max(1, min(self.decode_threads, os.cpu_count() or 1))) as pool:
-            images = list(pool.map(self._decode, files))
+        images = decode_all(files, self._decode, self.decode_threads)
         sizes = {tuple(im.shape[1:]) for im in images}
         if len(sizes) > 1:
             raise ValueError(f"ImageFolderSSL: images under {self.root / split} have several sizes {sorted(sizes)[:4]}: "

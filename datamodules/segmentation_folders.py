@@ -47,12 +47,11 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.data_root import DataRoot
 from datamodules.augment import normalize
 from datamodules.base import requested_views
-from datamodules.held_out import RecordsHeldOut
+from datamodules.held_out import HeldOutParts
 from datamodules.image_files import (FolderImages, decode_all, decode_rgb_or_grey, files_by_stem,
                                      load_whole_images, natural_key)
 from datamodules.named_split import draw_parts, read_parts, split_record
 from datamodules.resumable import ResumableStreams
-from datamodules.split import run_split_path, write_json_atomically
 from datamodules.segmentation_transforms import (SegmentationCrops, WholeImages, geometric_transform,
                                                  photometric_transform)
 
@@ -74,7 +73,7 @@ class SegmentationSplit:
     val: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
 
-class SegmentationFolders(RecordsHeldOut, ResumableStreams, LightningDataModule):
+class SegmentationFolders(HeldOutParts, ResumableStreams, LightningDataModule):
     """Segmentation data from ``root/<image_dir>`` + ``root/<mask_dir>``, with a seeded split.
 
     The split draws one seeded permutation of the images that have masks: the first ``num_test``
@@ -231,33 +230,20 @@ class SegmentationFolders(RecordsHeldOut, ResumableStreams, LightningDataModule)
             raise ValueError(f"split_file {path} lists images without masks as labeled, test or validation images")
         return SegmentationSplit(**parts, seed=int(record["seed"]))
 
-    @property
-    def validates_on_test_set(self) -> bool:
-        """Whether validation reports on the test images (no ``num_val``, no validation in ``split_file``)."""
-        return len(self.split.val) == 0 if self.split is not None else self.num_val == 0 and not self.split_file
+    def split_part(self, name: str) -> Tensor:
+        return getattr(self.split, name)
 
-    def held_out_ids(self) -> list[str]:
-        """The validation images by stem, as ``split.json`` records them (``val``), after ``setup``."""
-        return [self.stems[i] for i in self.split.val.tolist()] if self.split is not None else []
+    def split_ids(self) -> list[str]:
+        """The images by stem, as ``split.json`` names them."""
+        return self.stems
 
     def mask_pixel_values(self) -> list[int]:
         """The pixel value of each class in a mask file, so a written prediction reads back as a mask."""
         return [0, 255] if self.mask_mode == "binary" else list(range(self.num_classes))
 
-    def setup(self, stage: str) -> None:
-        if stage == "predict" and self.predict_root is not None:
-            if self.predict_images is None:
-                self.predict_images = load_whole_images(self.predict_root, self._decode_image, "SegmentationFolders",
-                                                        self.eval_batch_size, IMAGE_SUFFIXES, self.decode_threads)
-            return
-        if not self.images:
-            self.load()
-        if self.split is None:
-            self.split = self.load_split(self.split_file) if self.split_file else self.draw_split()
-        if stage == "fit" and self.trainer is not None:
-            path = run_split_path(self.trainer)
-            if path is not None:
-                self.split_path = write_json_atomically(path, self.split_record(), indent=1)
+    def load_predict_folder(self) -> FolderImages:
+        return load_whole_images(self.predict_root, self._decode_image, "SegmentationFolders", self.eval_batch_size,
+                                 IMAGE_SUFFIXES, self.decode_threads)
 
     # --- loaders ------------------------------------------------------------------------------
     def requested_unlabeled_views(self) -> tuple[str, ...]:
@@ -282,20 +268,15 @@ class SegmentationFolders(RecordsHeldOut, ResumableStreams, LightningDataModule)
             loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio, "unlabeled")
         return CombinedLoader(loaders, mode="max_size_cycle")
 
-    def _eval_loader(self, part: str = "test") -> DataLoader:
+    def eval_loader(self, part: str = "test") -> DataLoader:
         indices = getattr(self.split, part)
         if len(indices) == 0:
             raise ValueError("num_test=0: there are no held-out images to evaluate on")
         return DataLoader(WholeImages(self.images, self.masks, indices), batch_size=self.eval_batch_size,
                           shuffle=False, num_workers=self.num_workers)
 
-    def val_dataloader(self) -> DataLoader | list:
-        if len(self.split.val):
-            return self._eval_loader("val")
-        return self._eval_loader() if len(self.split.test) else []  # num_test=0: no validation
-
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader()
+        return self.eval_loader()
 
     def predict_dataloader(self) -> DataLoader:
         """Whole images (``{"image", "index", "file"}``) under ``predict_root``, else the test images."""

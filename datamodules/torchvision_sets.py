@@ -18,10 +18,17 @@ class TorchvisionSSL(SSLDataModule):
     channels_last_storage = True  # CIFAR stores (N, H, W, C); SVHN and STL-10 (N, C, H, W)
     image_side = 32
     names: tuple[str, ...] | None = None  # None: the class names torchvision reads with the data
+    _read_names: list[str] | None = None  # those names, kept from the first read of the data
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.names) if self.names is not None else list(self._open("test").classes)
+        # read at most once: the prediction writer asks for them every batch, and reading them
+        # means opening a whole split (CIFAR-100's test set) through torchvision
+        if self.names is not None:
+            return list(self.names)
+        if self._read_names is None:
+            self._read_names = list(self._open("test").classes)
+        return list(self._read_names)
 
     def training_image_size(self) -> tuple[int, int]:
         return self.image_side, self.image_side
@@ -48,6 +55,8 @@ class TorchvisionSSL(SSLDataModule):
 
     def _tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         ds = self._open(split)
+        if self.names is None and self._read_names is None:
+            self._read_names = list(ds.classes)
         images = torch.from_numpy(np.ascontiguousarray(ds.data))
         if self.channels_last_storage:
             images = images.permute(0, 3, 1, 2).contiguous()

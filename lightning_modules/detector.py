@@ -224,7 +224,7 @@ class Detector(SemiSupervisedModule):
         self._images_logged = False
 
     def _log_map(self, stage: str, metric: MeanAveragePrecision) -> None:
-        names = getattr(self.trainer.datamodule, "category_names", None)  # per-class AP named by category
+        names = getattr(self.trainer.datamodule, "class_names", None)  # per-class AP named by category
         summary = map_summary(metric.compute(), self.with_masks, metric.max_detection_thresholds,  # synchronized
                               class_keys(names) if names is not None else None)
         metric.reset()

@@ -6,7 +6,6 @@ Usage::
     >>> net = build_network("wrn28_2", num_classes=10)                   # registered
     >>> net = build_network("wrn16_4", num_classes=10, dropout=0.3)      # any wrn{depth}_{k}
     >>> net = build_network("resnet18", num_classes=10, in_channels=1)   # torchvision, random init
-    >>> # timm is optional: pip install timm
     >>> net = build_network("timm:resnet18", num_classes=10)  # doctest: +SKIP
 
 Name forms, tried in this order: a registered name (see ``available_networks()``),
@@ -103,10 +102,8 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int, **kwargs) 
 
 
 def _build_timm(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
-    try:
-        import timm  # imported only when asked for: it is slow to import
-    except ImportError as err:
-        raise ImportError(f"'timm:{name}' needs timm, which is not installed: pip install timm") from err
+    import timm  # a declared dependency, imported only when asked for: it is slow to import
+
     if not timm.is_model(name):
         stem = name.rstrip("0123456789_")
         close = timm.list_models(f"{stem}*")[:8] if stem else []
@@ -135,7 +132,7 @@ def build_network(name: str, num_classes: int, in_channels: int = 3, **kwargs) -
     raise ValueError(
         f"unknown network {name!r}. Valid forms: a registered name ({', '.join(available_networks())}); "
         "'wrn{depth}_{k}' with depth = 6n+4 (e.g. 'wrn16_2'); 'torchvision:<name>' or a bare torchvision "
-        "classification model name (e.g. 'resnet18'); 'timm:<name>' (needs timm)."
+        "classification model name (e.g. 'resnet18'); 'timm:<name>'."
     )
 
 

@@ -129,8 +129,10 @@ def test_faster_rcnn_writes_coco_results_that_pycocotools_reads(shared_data, tmp
     results = truth.loadRes(str(out / "results.json"))  # checks every image id is one of the json's
     assert {a["image_id"] for a in results.dataset["annotations"]} == set(test_ids)
     assert {a["category_id"] for a in results.dataset["annotations"]} <= set(truth.getCatIds())
-    listed = json.loads((out / "images.json").read_text())["images"]
-    assert [(im["id"], im["file_name"]) for im in listed] == [(i, truth.imgs[i]["file_name"]) for i in sorted(test_ids)]
+    listed = json.loads((out / "images.json").read_text())
+    assert [(im["id"], im["file_name"]) for im in listed["images"]] == [(i, truth.imgs[i]["file_name"])
+                                                                        for i in sorted(test_ids)]
+    assert {c["id"]: c["name"] for c in listed["categories"]} == {i: c["name"] for i, c in truth.cats.items()}
     entries = json.loads((out / "results.json").read_text())
     for image_id, detected in detections.items():
         _boxes_match(entries, detected, image_id)

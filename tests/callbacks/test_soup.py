@@ -36,9 +36,11 @@ def _fit(out, seed: int, lr: float, held_out: list[str], epochs: int = 2) -> str
 def ingredients(tmp_path_factory):
     """Three short Supervised runs with other seeds and learning rates, 5 digits per class held out."""
     root = tmp_path_factory.mktemp("runs")
+    threads = torch.get_num_threads()  # restored after the module, for the tests that run after it
     torch.set_num_threads(1)
-    return [_fit(root / f"run{seed}", seed, lr, ["--data.val_labeled_per_class", "5"])
-            for seed, lr in [(0, 0.05), (1, 0.03), (2, 0.1)]]
+    yield [_fit(root / f"run{seed}", seed, lr, ["--data.val_labeled_per_class", "5"])
+           for seed, lr in [(0, 0.05), (1, 0.03), (2, 0.1)]]
+    torch.set_num_threads(threads)
 
 
 def _data(**kwargs):
@@ -104,6 +106,21 @@ def _held_out_digits() -> list[int]:
 def test_update_bn_soup_is_never_worse_than_its_best_ingredient(ingredients):
     _, chosen, scores = soup_from_checkpoints(ingredients, _data(), update_bn=True, bn_batches=2)
     assert scores["soup"] >= max(scores[p] for p in ingredients)
+
+
+def test_each_ingredient_file_is_read_once(ingredients, monkeypatch):
+    """The held-out check and the greedy pass share one read of each file (they used to read each
+    twice; a path listed three times was read three times). Lightning's rebuild of the module from
+    the first checkpoint (its class and hyper-parameters) is its own read, not counted here."""
+    import callbacks.soup as soup
+
+    reads, read = [], soup.load_checkpoint
+    monkeypatch.setattr(soup, "load_checkpoint", lambda path: reads.append(str(path)) or read(path))
+    _, chosen, scores = soup_from_checkpoints(ingredients, _data(), metric="val/acc")
+    assert sorted(reads) == sorted(ingredients) and set(scores) == {*ingredients, "soup"}
+    reads.clear()
+    _, chosen, _ = greedy_soup([ingredients[0]] * 3, lambda s: 0.5)
+    assert reads == [ingredients[0]] and chosen == [ingredients[0]] * 3
 
 
 def test_identical_checkpoints_soup_to_the_same_weights(ingredients):

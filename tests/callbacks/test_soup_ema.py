@@ -24,12 +24,13 @@ def _data() -> DigitsSSL:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, object]:
+def runs(tmp_path_factory):
     """A base run fit through train.py's CLI with the EMA callback, and three fine-tunes of it (other
     seeds and learning rates), each with an EMA callback of its own."""
     from train import cli_main
 
     root = tmp_path_factory.mktemp("ema_runs")
+    threads = torch.get_num_threads()  # restored after the module, for the tests that run after it
     torch.set_num_threads(1)
     cli_main(["fit", "--model", "Supervised", "--model.network", "wrn10_1",
               "--model.network_kwargs", '{"bn_momentum": 0.1}', "--model.ema_decay", "null", "--model.lr", "0.05",
@@ -50,7 +51,8 @@ def runs(tmp_path_factory) -> dict[str, object]:
         trainer.fit(module, DigitsSSL(num_labeled=50, batch_size=16, steps_per_epoch=10))
         trainer.save_checkpoint(root / f"fine{seed}.ckpt")
         fine_tunes.append(str(root / f"fine{seed}.ckpt"))
-    return {"base": base, "fine_tunes": fine_tunes}
+    yield {"base": base, "fine_tunes": fine_tunes}
+    torch.set_num_threads(threads)
 
 
 def _validate(module, **kwargs) -> dict[str, float]:

@@ -59,8 +59,8 @@ def test_truncated_png_in_an_image_folder(cifar_folder, tmp_path):
     with Image.open(victim) as pil:
         pil.save(root / "test" / "ship" / "cut.png")
     truncate(root / "test" / "ship" / "cut.png")
-    with pytest.raises(ValueError, match=r"cannot decode .*test/ship/cut\.png \(image file is truncated\): replace or "
-                                         r"remove the file"):
+    with pytest.raises(ValueError, match=r"ImageFolderSSL: cannot decode image .*test/ship/cut\.png \(image file is "
+                                         r"truncated\): replace or remove it"):
         ImageFolderSSL(root=str(root), num_labeled=50).setup("test")
 
 

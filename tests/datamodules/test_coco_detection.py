@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from datamodules.coco_detection import COCODetection, DetectionItems
-from datamodules.coco_masks import decode_mask, mask_to_rle, rle_to_mask
+from datamodules.coco_masks import decode_masks
 
 pytestmark = [pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:.*crowd regions:UserWarning"),  # coco128's 10, asserted once
@@ -93,6 +93,15 @@ def _small_json(tmp_path, raw, annotations, **changes):
 
 def _ann(i, image_id, bbox, category_id=1, **extra):
     return {"id": i, "image_id": image_id, "category_id": category_id, "bbox": bbox, "iscrowd": 0, "area": 1.0} | extra
+
+
+def test_labels_are_named_by_class_names_and_the_old_name_warns(loaded, raw):
+    """``class_names[label]`` is the json's name of the label's category, as every DataModule names its
+    labels; ``category_names``, the name detection used before, still reads, with a warning."""
+    names = {c["id"]: c["name"] for c in raw["categories"]}
+    assert loaded.class_names == ["background"] + [names[c] for c in loaded.category_ids[1:]]
+    with pytest.warns(DeprecationWarning, match="COCODetection.category_names is deprecated: use class_names"):
+        assert loaded.category_names == loaded.class_names
 
 
 def test_degenerate_boxes_dropped_outside_boxes_clipped_and_counted(tmp_path, raw, coco128):
@@ -255,15 +264,16 @@ def test_batches_train_a_mask_rcnn_and_eval_batches_keep_crowds(loaded):
 
 
 def test_mask_decoding_polygons_and_rle():
-    square = decode_mask([[1, 1, 4, 1, 4, 3, 1, 3]], 5, 6)  # 3 x 2 pixels: columns 1-3, rows 1-2
+    square = decode_masks([[[1, 1, 4, 1, 4, 3, 1, 3]]], 5, 6)[0]  # 3 x 2 pixels: columns 1-3, rows 1-2
     assert square.sum() == 6 and square[1:3, 1:4].all()
     for text, counts, size in (("151L3", [1, 5, 1, 1, 4], (4, 3)), ("0V22kM04", [0, 70, 2, 1, 2, 5], (8, 10))):
-        mask = rle_to_mask({"counts": text, "size": list(size)}, *size)
-        assert torch.equal(torch.from_numpy(mask.T.reshape(-1)), torch.from_numpy(
-            np.repeat(np.arange(len(counts)) % 2, counts).astype(np.uint8)))
-        assert mask_to_rle(mask)["counts"] == counts
+        # the same runs, compressed and uncompressed: column-major, zeros first
+        masks = decode_masks([{"counts": text, "size": list(size)}, {"counts": counts, "size": list(size)}], *size)
+        runs = torch.from_numpy(np.repeat(np.arange(len(counts)) % 2, counts).astype(np.uint8))
+        for mask in masks:
+            assert torch.equal(torch.from_numpy(mask.T.reshape(-1)), runs)
     with pytest.raises(ValueError, match="counts are corrupt"):
-        rle_to_mask({"counts": [3, 4], "size": [4, 3]}, 4, 3)
+        decode_masks([{"counts": [3, 4], "size": [4, 3]}], 4, 3)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pycocotools") is None, reason="pycocotools not installed")
@@ -275,20 +285,21 @@ def test_mask_decoding_agrees_with_pycocotools(raw, loaded):
     kinds = []
     for a in raw["annotations"]:
         h, w = size[a["image_id"]]
-        ours, segmentation = decode_mask(a["segmentation"], h, w), a["segmentation"]
+        ours, segmentation = decode_masks([a["segmentation"]], h, w)[0], a["segmentation"]
         compressed = coco_mask.frPyObjects(segmentation, h, w)
         reference = coco_mask.decode(coco_mask.merge(compressed) if isinstance(segmentation, list) else compressed)
         assert ours.dtype == np.uint8 and np.array_equal(ours, reference), a["id"]
         if not isinstance(segmentation, list):
-            assert np.array_equal(decode_mask(compressed, h, w), reference)
+            assert np.array_equal(decode_masks([compressed], h, w)[0], reference)
         kinds.append(type(segmentation).__name__)
     assert kinds.count("list") == 929 and kinds.count("dict") == 10
-    for image_id in (9, 315):  # the per-image stack target_of builds holds the same masks
+    for image_id in (9, 315):  # the per-image stack target_of builds holds pycocotools' masks
         anns = [a for a in raw["annotations"] if a["image_id"] == image_id]
         h, w = size[image_id]
         stacked = loaded.target(image_id, crowd=True)["masks"]
-        assert stacked.is_contiguous() and torch.equal(stacked, torch.from_numpy(
-            np.stack([decode_mask(a["segmentation"], h, w) for a in anns])))
+        reference = [coco_mask.frPyObjects(a["segmentation"], h, w) for a in anns]
+        reference = [coco_mask.decode(coco_mask.merge(r) if isinstance(r, list) else r) for r in reference]
+        assert stacked.is_contiguous() and torch.equal(stacked, torch.from_numpy(np.stack(reference)))
 
 
 @pytest.mark.parametrize("segmentation, match", [
@@ -306,12 +317,13 @@ def test_mask_decoding_agrees_with_pycocotools(raw, loaded):
 def test_malformed_masks_raise_naming_the_problem(segmentation, match):
     # the mask API checks none of the polygon cases itself (a NaN or a far coordinate exhausts memory)
     with pytest.raises(ValueError, match=match):
-        decode_mask(segmentation, 4, 3)
+        decode_masks([segmentation], 4, 3)
 
 
 def test_empty_segmentations_decode_to_empty_masks():
-    assert decode_mask([], 4, 3).shape == (4, 3) and not decode_mask([], 4, 3).any()
-    assert decode_mask([[1, 2, 3, 4]], 4, 3).sum() == 0  # two points enclose nothing
+    assert decode_masks([[]], 4, 3).shape == (1, 4, 3) and not decode_masks([[]], 4, 3).any()
+    assert decode_masks([[[1, 2, 3, 4]]], 4, 3).sum() == 0  # two points enclose nothing
+    assert decode_masks([], 4, 3).shape == (0, 4, 3)
 
 
 def test_membrane_cells_to_coco_reads_back_as_instances(shared_data, tmp_path):
@@ -332,7 +344,7 @@ def test_membrane_cells_to_coco_reads_back_as_instances(shared_data, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing to drop, clip or flag
         dm = COCODetection(str(out), annotation_file="annotations.json", image_dir="images", masks=True)
-    assert dm.num_classes == 2 and dm.category_names == ["background", "cell"]
+    assert dm.num_classes == 2 and dm.class_names == ["background", "cell"]
     target = dm.target(1)
     masks = target["masks"].numpy().astype(bool)
     assert [int(m.sum()) for m in masks] == [a["area"] for a in first] == target["area"].int().tolist()

@@ -3,6 +3,7 @@
 import shutil
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -161,3 +162,19 @@ def test_single_items_and_batches_agree():
     item = ds[7]
     assert item["image"].shape == (1, 8, 8) and torch.equal(batch["image"][1], item["image"])
     assert int(batch["index"][1]) == int(item["index"]) == int(dm.split.labeled[7])
+
+
+def test_image_folder_decodes_grey_and_resizes_as_pil_and_torchvision(cifar_folder):
+    """grayscale + image_size: Pillow's "L" conversion, then torchvision's antialiased bilinear resize."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    dm = ImageFolderSSL(root=str(cifar_folder), grayscale=True, image_size=16)
+    dm.setup("test")
+    assert dm._test[0].shape == (50, 1, 16, 16) and dm.num_channels == 1
+    files = [p for c in dm.classes for p in sorted((cifar_folder / "test" / c).iterdir())]
+    for i in (0, 17, 49):
+        with Image.open(files[i]) as pil:
+            grey = torch.from_numpy(np.asarray(pil.convert("L")).copy())[None]
+        want = TF.resize(grey, [16, 16], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        assert (dm._test[0][i].int() - want.int()).abs().max() <= 1, i

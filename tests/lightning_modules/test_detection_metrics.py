@@ -103,7 +103,7 @@ def test_cli_logs_per_class_ap_under_the_category_name_on_coco128(shared_data, t
                     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     dm, logged = cli.datamodule, set(cli.trainer.callback_metrics)
     tested = [dm.target(dm.image_ids[i]) for i in dm.split["test"][:4].tolist()]  # 2 batches of 2
-    names = {dm.category_names[label] for t in tested for label in t["labels"].tolist()}
+    names = {dm.class_names[label] for t in tested for label in t["labels"].tolist()}
     assert "person" in names and "test/ap_person" in logged
     expected = {"test/ap_" + name.replace(" ", "_") for name in names}  # coco128's names: letters and spaces
     assert expected <= logged and not [k for k in logged if "class" in k]
