@@ -74,6 +74,14 @@ def checkpoint_of(trainer: Any, stage: str) -> str:
     return "none written (checkpointing is off)" if not callbacks else "none written yet"
 
 
+def run_folder_of(trainer: Any) -> str:
+    """The first logger's run folder, as ``trainer.log_dir`` finds it but without its broadcast: the
+    summary is printed by rank 0 alone, and a collective there would wait for ranks that have left."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+    return str(folder or trainer.default_root_dir)
+
+
 def summary_line(trainer: Any, model: Any, stage: str) -> str:
     """One line: headline metric and the weights it was measured on, run folder, checkpoint."""
     metrics = trainer.callback_metrics
@@ -84,5 +92,5 @@ def summary_line(trainer: Any, model: Any, stage: str) -> str:
     else:
         result = f"{found[0]} {found[1]:.4f} on the {evaluation_weights(trainer, model)}"
     stopped = " (stopped early)" if stage == "fit" and trainer.interrupted else ""
-    run_folder = trainer.log_dir or trainer.default_root_dir
+    run_folder = run_folder_of(trainer)
     return f"{stage}{stopped}: {result} | run folder {run_folder} | checkpoint {checkpoint_of(trainer, stage)}"
