@@ -2,25 +2,25 @@
 
 from lightning_modules.detector import Detector
 from lightning_modules.ensemble import Ensemble
-from lightning_modules.fixmatch import FixMatch
-from lightning_modules.flexmatch import FlexMatch
-from lightning_modules.freematch import FreeMatch
+from lightning_modules.ssl.fixmatch import FixMatch
+from lightning_modules.ssl.flexmatch import FlexMatch
+from lightning_modules.ssl.freematch import FreeMatch
 from lightning_modules.kd_student import KDStudent
-from lightning_modules.mean_teacher import MeanTeacher
-from lightning_modules.mixmatch import MixMatch
+from lightning_modules.ssl.mean_teacher import MeanTeacher
+from lightning_modules.ssl.mixmatch import MixMatch
 from lightning_modules.mutual_learning import MutualLearning
-from lightning_modules.pi_model import PiModel
-from lightning_modules.pseudo_label import PseudoLabel
-from lightning_modules.remixmatch import ReMixMatch
+from lightning_modules.ssl.pi_model import PiModel
+from lightning_modules.ssl.pseudo_label import PseudoLabel
+from lightning_modules.ssl.remixmatch import ReMixMatch
 from lightning_modules.segmenter import Segmenter
 from lightning_modules.semi_supervised_segmentation import SegFixMatch, SegMeanTeacher
 from lightning_modules.semi_supervised import SemiSupervisedModule
-from lightning_modules.softmatch import SoftMatch
+from lightning_modules.ssl.softmatch import SoftMatch
 from lightning_modules.supervised import Supervised
-from lightning_modules.temporal_ensembling import TemporalEnsembling
+from lightning_modules.ssl.temporal_ensembling import TemporalEnsembling
 from lightning_modules.unbiased_teacher import UnbiasedTeacher
-from lightning_modules.uda import UDA
-from lightning_modules.vat import VAT
+from lightning_modules.ssl.uda import UDA
+from lightning_modules.ssl.vat import VAT
 
 # The semi-supervised family and its supervised baseline, in the order of the results tables.
 SSL_METHODS = [

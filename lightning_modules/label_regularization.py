@@ -78,7 +78,7 @@ class OnlineLabelSmoothing(nn.Module):
 
     Call ``epoch_end()`` once per training epoch. Under DDP each step's increments are summed across
     ranks before they are added, so every rank holds the same accumulators and DDP's broadcast of
-    buffers from rank 0 changes nothing (the rule of :mod:`lightning_modules.threshold_state`).
+    buffers from rank 0 changes nothing (the rule of :mod:`lightning_modules.ssl.threshold_state`).
     """
 
     multilabel: bool = False

@@ -1,5 +1,6 @@
 """The shared optimizer recipe's pieces: parameter groups that keep weight decay off biases and norm
-weights, and FixMatch's cosine learning-rate schedule, ``lr = lr0 * cos(7 pi k / 16 K)``."""
+weights, FixMatch's cosine learning-rate schedule, ``lr = lr0 * cos(7 pi k / 16 K)``, and the ramp-ups
+of a loss weight (lambda_u from 0 to its value)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,21 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int = 
     """Lightning's scheduler entry for :func:`cosine_with_warmup` over ``total`` steps, stepped every step."""
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: cosine_with_warmup(k, total, warmup, fraction))
     return {"scheduler": scheduler, "interval": "step"}
+
+
+def sigmoid_rampup(step: int, length: int) -> float:
+    """``exp(-5 (1 - t)^2)`` with ``t = step / length`` clipped to [0, 1] (Laine & Aila; Tarvainen & Valpola)."""
+    if length <= 0:
+        return 1.0
+    t = min(max(step / length, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def linear_rampup(step: int, length: int) -> float:
+    """``t = step / length`` clipped to [0, 1] (MixMatch, Pseudo-Label's alpha(t))."""
+    if length <= 0:
+        return 1.0
+    return min(max(step / length, 0.0), 1.0)
+
+
+RAMPUPS = {"sigmoid": sigmoid_rampup, "linear": linear_rampup}

@@ -30,7 +30,7 @@ from lightning_modules.label_regularization import symmetric_kl
 from lightning_modules.networks import build_network
 from lightning_modules.optimization import cosine_schedule, cosine_with_warmup, decay_groups  # noqa: F401 (re-exported)
 from lightning_modules.progress_values import HostValues
-from lightning_modules.ssl_losses import RAMPUPS
+from lightning_modules.optimization import RAMPUPS
 
 
 class SemiSupervisedModule(LightningModule):

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from lightning_modules.fixmatch import FixMatch
-from lightning_modules.mean_teacher import MeanTeacher
+from lightning_modules.ssl.fixmatch import FixMatch
+from lightning_modules.ssl.mean_teacher import MeanTeacher
 from lightning_modules.segmentation.unet3plus import main_output_only
 from lightning_modules.segmenter import Segmenter
 

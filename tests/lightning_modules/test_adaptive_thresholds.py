@@ -7,10 +7,10 @@ import torch
 
 from datamodules import DigitsSSL
 from tests.ssl_helpers import digits_batch, make_trainer as _trainer
-from lightning_modules.flexmatch import FlexMatch
-from lightning_modules.freematch import FreeMatch
-from lightning_modules.softmatch import SoftMatch
-from lightning_modules.threshold_state import write_last_
+from lightning_modules.ssl.flexmatch import FlexMatch
+from lightning_modules.ssl.freematch import FreeMatch
+from lightning_modules.ssl.softmatch import SoftMatch
+from lightning_modules.ssl.threshold_state import write_last_
 
 NET = dict(network="wrn10_1", network_kwargs={"bn_momentum": 0.1})
 STATE = {FlexMatch: ("memory",), FreeMatch: ("global_threshold", "class_model", "label_hist"),

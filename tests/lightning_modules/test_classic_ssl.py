@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 from datamodules import DigitsSSL
 from tests.ssl_helpers import digits_batch as _digits_batch, make_trainer as _trainer
-from lightning_modules.mean_teacher import MeanTeacher
-from lightning_modules.pi_model import PiModel
-from lightning_modules.pseudo_label import PseudoLabel
-from lightning_modules.remixmatch import ReMixMatch
-from lightning_modules.temporal_ensembling import TemporalEnsembling
+from lightning_modules.ssl.mean_teacher import MeanTeacher
+from lightning_modules.ssl.pi_model import PiModel
+from lightning_modules.ssl.pseudo_label import PseudoLabel
+from lightning_modules.ssl.remixmatch import ReMixMatch
+from lightning_modules.ssl.temporal_ensembling import TemporalEnsembling
 
 SMALL = dict(num_classes=10, in_channels=1, network="wrn10_1", network_kwargs={"bn_momentum": 0.1})
 METHODS = [PseudoLabel, PiModel, TemporalEnsembling, MeanTeacher]

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.pi_model import PiModel
-from lightning_modules.pseudo_label import PseudoLabel
+from lightning_modules.ssl.pi_model import PiModel
+from lightning_modules.ssl.pseudo_label import PseudoLabel
 from tests.ssl_helpers import SMALL_NET, digits_batch
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules import DigitsSSL
-from lightning_modules.mean_teacher import MeanTeacher
+from lightning_modules.ssl.mean_teacher import MeanTeacher
 from tests.ssl_helpers import SMALL_NET, digits_batch, make_trainer
 
 

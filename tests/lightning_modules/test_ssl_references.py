@@ -3,7 +3,7 @@
 Each test runs the method's real ``compute_losses`` on a real digits batch through a real network,
 then recomputes the step in plain tensor arithmetic, line by line after the authors' released code
 (cited per line), from a copy of the network taken before the step. Nothing from
-``lightning_modules.ssl_losses`` or the methods' helpers computes an expected value.
+``lightning_modules.ssl.losses`` or the methods' helpers computes an expected value.
 
 Where a method draws random numbers (mixup's ``lam`` and permutation, the rotations), the test seeds
 the generator before the step and draws again, in the same order, for the reference.

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from datamodules import DigitsSSL
 from tests.ssl_helpers import digits_batch as _digits_batch, make_trainer as _trainer
-from lightning_modules.remixmatch import ReMixMatch, rotate_batch
-from lightning_modules.uda import UDA, tsa_threshold
+from lightning_modules.ssl.remixmatch import ReMixMatch, rotate_batch
+from lightning_modules.ssl.uda import UDA, tsa_threshold
 
 NET = dict(num_classes=10, in_channels=1, network="wrn10_1", network_kwargs={"bn_momentum": 0.1})
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.vat import VAT
+from lightning_modules.ssl.vat import VAT
 from tests.ssl_helpers import SMALL_NET, digits_batch
 
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from datamodules import DigitsSSL
 from tests.ssl_helpers import digits_batch as _digits_batch, make_trainer as _trainer
 from lightning_modules.batch_norm import frozen_buffers
-from lightning_modules.mixmatch import MixMatch
-from lightning_modules.vat import VAT
+from lightning_modules.ssl.mixmatch import MixMatch
+from lightning_modules.ssl.vat import VAT
 
 SMALL = dict(num_classes=10, in_channels=1, network="wrn10_1", network_kwargs={"bn_momentum": 0.1})
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lightning_modules.batch_norm import frozen_buffers
 from lightning_modules.semi_supervised import SemiSupervisedModule
-from lightning_modules.ssl_losses import RAMPUP_STEPS_40_PERCENT
+from lightning_modules.ssl.losses import RAMPUP_STEPS_40_PERCENT
 
 
 def _unit_per_sample(d: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lightning_modules.batch_norm import frozen_buffers
 from lightning_modules.semi_supervised import SemiSupervisedModule
-from lightning_modules.ssl_losses import RAMPUP_STEPS_1_OF_64, masked_accuracy, mixup, sharpen
+from lightning_modules.ssl.losses import RAMPUP_STEPS_1_OF_64, masked_accuracy, mixup, sharpen
 
 
 class MixMatch(SemiSupervisedModule):
@@ -23,7 +23,7 @@ class MixMatch(SemiSupervisedModule):
     Loss: ``L = 1/B sum_{X'} H(p', p(y | x')) + lambda_u * 1/(C K uB) sum_{U'} ||q' - p(y | u')||^2``.
 
     Implementation of the mix: one ``lam`` and one random permutation of the whole concatenation
-    (:func:`lightning_modules.ssl_losses.mixup`), then the first ``B`` rows form ``X'`` and the rest
+    (:func:`lightning_modules.ssl.losses.mixup`), then the first ``B`` rows form ``X'`` and the rest
     ``U'``: the same operation as the paper's shuffle-then-pair, written once. One ``lam`` per step
     is USB's choice (``algorithms/utils/ops.py`` lines 48-63); the official code draws one per sample
     (google-research/mixmatch ``libml/layers.py`` line 168). The step is pinned to USB's

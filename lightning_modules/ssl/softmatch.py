@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from lightning_modules.fixmatch import FixMatch
+from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.semi_supervised import SemiSupervisedModule
-from lightning_modules.ssl_losses import distribution_alignment, masked_accuracy, masked_cross_entropy
-from lightning_modules.threshold_state import ema_update_, gather_rows
+from lightning_modules.ssl.losses import distribution_alignment, masked_accuracy, masked_cross_entropy
+from lightning_modules.ssl.threshold_state import ema_update_, gather_rows
 
 
 class SoftMatch(SemiSupervisedModule):

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from lightning_modules.fixmatch import FixMatch
+from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.semi_supervised import SemiSupervisedModule
-from lightning_modules.ssl_losses import masked_accuracy, masked_cross_entropy
-from lightning_modules.threshold_state import class_histogram, ema_update_, gather_rows
+from lightning_modules.ssl.losses import masked_accuracy, masked_cross_entropy
+from lightning_modules.ssl.threshold_state import class_histogram, ema_update_, gather_rows
 
 
 class FreeMatch(SemiSupervisedModule):

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from lightning_modules.fixmatch import FixMatch
-from lightning_modules.ssl_losses import masked_accuracy, masked_cross_entropy
-from lightning_modules.threshold_state import gather_rows, write_last_
+from lightning_modules.ssl.fixmatch import FixMatch
+from lightning_modules.ssl.losses import masked_accuracy, masked_cross_entropy
+from lightning_modules.ssl.threshold_state import gather_rows, write_last_
 
 #: memory value of an unlabeled sample with no confident prediction yet
 UNUSED = -1

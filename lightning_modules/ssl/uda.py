@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.semi_supervised import SemiSupervisedModule
-from lightning_modules.ssl_losses import masked_accuracy
+from lightning_modules.ssl.losses import masked_accuracy
 
 #: alpha(t) of Training Signal Annealing for training progress ``t`` in [0, 1]
 TSA_SCHEDULES = {

@@ -6,8 +6,6 @@ All of them take logits with classes on dimension 1, so ``(N, C)`` image logits 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -37,23 +35,6 @@ def masked_accuracy(predictions: torch.Tensor, targets: torch.Tensor, mask: torc
     weight = mask * (targets >= 0)
     return ((predictions == targets) * weight).sum() / weight.sum().clamp(min=1)
 
-
-def sigmoid_rampup(step: int, length: int) -> float:
-    """``exp(-5 (1 - t)^2)`` with ``t = step / length`` clipped to [0, 1] (Laine & Aila; Tarvainen & Valpola)."""
-    if length <= 0:
-        return 1.0
-    t = min(max(step / length, 0.0), 1.0)
-    return math.exp(-5.0 * (1.0 - t) ** 2)
-
-
-def linear_rampup(step: int, length: int) -> float:
-    """``t = step / length`` clipped to [0, 1] (MixMatch, Pseudo-Label's alpha(t))."""
-    if length <= 0:
-        return 1.0
-    return min(max(step / length, 0.0), 1.0)
-
-
-RAMPUPS = {"sigmoid": sigmoid_rampup, "linear": linear_rampup}
 
 # Ramp-up lengths of the CIFAR recipes, in optimizer steps of their 2^20-step runs (1024 epochs of 1024).
 RECIPE_STEPS = 2**20

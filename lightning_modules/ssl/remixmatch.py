@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.batch_norm import frozen_buffers
+from lightning_modules.optimization import RAMPUPS
 from lightning_modules.semi_supervised import SemiSupervisedModule
-from lightning_modules.ssl_losses import (RAMPUP_STEPS_1_OF_64, RAMPUPS, distribution_alignment, masked_accuracy, mixup,
-                                          sharpen)
+from lightning_modules.ssl.losses import RAMPUP_STEPS_1_OF_64, distribution_alignment, masked_accuracy, mixup, sharpen
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.semi_supervised import SemiSupervisedModule
-from lightning_modules.ssl_losses import RAMPUP_STEPS_40_PERCENT
+from lightning_modules.ssl.losses import RAMPUP_STEPS_40_PERCENT
 
 
 def softmax_mse(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
