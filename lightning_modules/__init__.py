@@ -5,10 +5,10 @@ from lightning_modules.ensemble import Ensemble
 from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.ssl.flexmatch import FlexMatch
 from lightning_modules.ssl.freematch import FreeMatch
-from lightning_modules.kd_student import KDStudent
+from lightning_modules.distillation.kd_student import KDStudent
 from lightning_modules.ssl.mean_teacher import MeanTeacher
 from lightning_modules.ssl.mixmatch import MixMatch
-from lightning_modules.mutual_learning import MutualLearning
+from lightning_modules.distillation.mutual_learning import MutualLearning
 from lightning_modules.ssl.pi_model import PiModel
 from lightning_modules.ssl.pseudo_label import PseudoLabel
 from lightning_modules.ssl.remixmatch import ReMixMatch

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.feature_hooks import FeatureHooks
+from lightning_modules.distillation.feature_hooks import FeatureHooks
 from lightning_modules.networks import build_network
 
 PATHS = ["groups.0", "groups.2", "fc:input"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.kd_losses import (
+from lightning_modules.distillation.losses import (
     ConvConnector,
     LinearConnector,
     attention_map,

@@ -25,7 +25,7 @@ from torchdistill.models.adaptation import ConvReg
 
 from lightning_modules import KDStudent
 from lightning_modules.criteria import LabelSmoothing
-from lightning_modules.kd_losses import (
+from lightning_modules.distillation.losses import (
     ConvConnector,
     attention_transfer_loss,
     hint_loss,

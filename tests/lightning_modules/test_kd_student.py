@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from datamodules import DigitsSSL
 from lightning_modules import KDStudent, Supervised
-from lightning_modules.kd_losses import kd_loss
+from lightning_modules.distillation.losses import kd_loss
 from tests.ssl_helpers import SMALL_NET, digits_batch, make_trainer
 from train import cli_main
 

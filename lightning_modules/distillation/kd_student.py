@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_modules import kd_losses
-from lightning_modules.feature_hooks import FeatureHooks
+from lightning_modules.distillation import losses as kd_losses
+from lightning_modules.distillation.feature_hooks import FeatureHooks
+from lightning_modules.distillation.teacher_loading import load_teacher
 from lightning_modules.semi_supervised import SemiSupervisedModule
-from lightning_modules.teacher import load_teacher
 
 RELATION_TERMS = ("rkd_distance", "rkd_angle", "sp", "cskd")
 
