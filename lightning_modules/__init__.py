@@ -1,6 +1,6 @@
 """LightningModules: methods, their networks and their losses."""
 
-from lightning_modules.detector import Detector
+from lightning_modules.detection.detector import Detector
 from lightning_modules.ensemble import Ensemble
 from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.ssl.flexmatch import FlexMatch
@@ -18,7 +18,7 @@ from lightning_modules.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.softmatch import SoftMatch
 from lightning_modules.supervised import Supervised
 from lightning_modules.ssl.temporal_ensembling import TemporalEnsembling
-from lightning_modules.unbiased_teacher import UnbiasedTeacher
+from lightning_modules.detection.unbiased_teacher import UnbiasedTeacher
 from lightning_modules.ssl.uda import UDA
 from lightning_modules.ssl.vat import VAT
 

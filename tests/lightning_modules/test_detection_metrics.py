@@ -12,7 +12,7 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from benchmarks.membrane_cells_to_coco import write_membrane_cells_coco
 from datamodules import COCODetection
-from lightning_modules.detector import Detector, detection_metric, map_summary, metric_inputs
+from lightning_modules.detection.detector import Detector, detection_metric, map_summary, metric_inputs
 
 pytestmark = [pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:.*crowd regions:UserWarning")]

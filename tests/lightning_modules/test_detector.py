@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.ops import roi_pool
 
-from lightning_modules.detection_overlays import draw_detections, log_detections
-from lightning_modules.detection_networks import MultiScaleRoIMaxPool
-from lightning_modules.detector import Detector, detection_metric, map_summary, metric_inputs
-from lightning_modules.unbiased_teacher import UnbiasedTeacher, pseudo_labels
+from lightning_modules.detection.overlays import draw_detections, log_detections
+from lightning_modules.detection.networks import MultiScaleRoIMaxPool
+from lightning_modules.detection.detector import Detector, detection_metric, map_summary, metric_inputs
+from lightning_modules.detection.unbiased_teacher import UnbiasedTeacher, pseudo_labels
 from tests.ssl_helpers import make_trainer
 from tests.wandb_records import history, offline_run_dir, run_records
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 
-from lightning_modules.detector import Detector
+from lightning_modules.detection.detector import Detector
 
 #: the student's loss terms kept on pseudo-labels: classification only (RPN objectness and RoI classes)
 CLASSIFICATION_TERMS = ("loss_classifier", "loss_objectness")

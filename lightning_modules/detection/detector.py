@@ -3,7 +3,7 @@
 ``Detector`` trains a torchvision Faster R-CNN or Mask R-CNN built by name, offline by default
 (``weights=None``, ``weights_backbone=None``). Everything that is not detection-specific (SGD
 and the cosine schedule, the EMA copy used for evaluation, logging) is the classification
-base's; semi-supervised detectors (:mod:`lightning_modules.unbiased_teacher`) subclass it.
+base's; semi-supervised detectors (:mod:`lightning_modules.detection.unbiased_teacher`) subclass it.
 
 Batches are those of :class:`datamodules.COCODetection`: training
 ``{"labeled": {"images": [(3, H, W) floats in [0, 1]], "targets": [{"boxes" xyxy, "labels"
@@ -26,8 +26,8 @@ from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
 from datamodules.class_keys import class_keys
-from lightning_modules.detection_networks import build_detection_network, load_network_weights
-from lightning_modules.detection_overlays import log_detections
+from lightning_modules.detection.networks import build_detection_network, load_network_weights
+from lightning_modules.detection.overlays import log_detections
 from lightning_modules.semi_supervised import SemiSupervisedModule
 
 MAP_SUMMARY = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
@@ -111,7 +111,7 @@ class Detector(SemiSupervisedModule):
     cross-entropy and smooth-L1, RPN binary cross-entropy and smooth-L1, per-pixel mask BCE).
 
     Args:
-        network: one of :data:`lightning_modules.detection_networks.NETWORKS`.
+        network: one of :data:`lightning_modules.detection.networks.NETWORKS`.
         num_classes: classes including background (linked from the data by ``train.py``).
         weights, weights_backbone: torchvision weight names (``"DEFAULT"``, ``"COCO_V1"``, ...);
             ``None`` (default) trains from scratch offline.
