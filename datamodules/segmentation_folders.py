@@ -24,8 +24,8 @@ of image and mask. Validation and test batches are whole images of the validatio
 batches are whole images without targets, ``{"image", "index", "file": [str]}``.
 
 Augmentation runs per sample in the loader (``datamodules.segmentation_transforms``); only
-normalization runs after the transfer to the device. ``datamodules.sliding_window`` turns a model
-trained on crops into whole-image logits.
+normalization runs after the transfer to the device. The model turns what it learned on crops into
+whole-image logits (``lightning_modules.segmentation.sliding_window``).
 """
 
 from __future__ import annotations

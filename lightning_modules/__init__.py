@@ -12,8 +12,8 @@ from lightning_modules.distillation.mutual_learning import MutualLearning
 from lightning_modules.ssl.pi_model import PiModel
 from lightning_modules.ssl.pseudo_label import PseudoLabel
 from lightning_modules.ssl.remixmatch import ReMixMatch
-from lightning_modules.segmenter import Segmenter
-from lightning_modules.semi_supervised_segmentation import SegFixMatch, SegMeanTeacher
+from lightning_modules.segmentation.segmenter import Segmenter
+from lightning_modules.segmentation.semi_supervised import SegFixMatch, SegMeanTeacher
 from lightning_modules.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.softmatch import SoftMatch
 from lightning_modules.supervised import Supervised

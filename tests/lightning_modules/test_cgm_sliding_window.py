@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import sliding_window_inference
+from lightning_modules.segmentation.sliding_window import sliding_window_inference
 from lightning_modules import Segmenter
-from lightning_modules.segmentation.unet3plus import ABSENT_LOGIT
+from lightning_modules.segmentation.networks.unet3plus import ABSENT_LOGIT
 
 WINDOW = 64  # windows start at x = 0, 32 and 64 on a 128-wide image (overlap 0.5)
 

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import sigmoid_focal_loss
 
-from lightning_modules.segmentation_losses import (
+from lightning_modules.segmentation.losses import (
     LOSSES, SegmentationLoss, deep_supervision_loss, dice_loss, focal_loss, iou_loss, ms_ssim, ms_ssim_loss,
 )  # fmt: skip
-from lightning_modules.segmentation_metrics import SegmentationMetrics
+from lightning_modules.segmentation.metrics import SegmentationMetrics
 
 
 def _masks() -> torch.Tensor:

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.segmentation import (
+from lightning_modules.segmentation.networks import (
     LightWeightRefineNet,
     RefineNet,
     UNet3Plus,
     build_segmentation_network,
 )
-from lightning_modules.segmentation.unet3plus import ABSENT_LOGIT, UNet3PlusDecoder
-from lightning_modules.segmentation.unet3plus.model import suppress_absent
+from lightning_modules.segmentation.networks.unet3plus import ABSENT_LOGIT, UNet3PlusDecoder
+from lightning_modules.segmentation.networks.unet3plus.model import suppress_absent
 
 NETWORKS = ["unet3plus", "refinenet", "lw_refinenet"]
 SMALL = {"encoder_name": "resnet18"}  # keeps every forward in this file cheap
@@ -214,7 +214,7 @@ def test_refinenet_logits_start_at_a_trainable_scale(name, use_norm):
 
 def test_refinenet_blocks_start_as_the_identity_with_batchnorm_too():
     # With a norm layer the zero goes into its scale (zero gamma); the conv keeps its He weights.
-    from lightning_modules.segmentation.refinenet.blocks import ChainedResidualPooling, ResidualConvUnit
+    from lightning_modules.segmentation.networks.refinenet.blocks import ChainedResidualPooling, ResidualConvUnit
 
     net = RefineNet("resnet18", classes=2)  # default decoder_use_norm="batchnorm"
     rcus = [m for m in net.decoder.modules() if isinstance(m, ResidualConvUnit)]

@@ -14,9 +14,9 @@ from PIL import Image
 
 from datamodules import SegmentationFolders
 from lightning_modules import SegFixMatch, SegMeanTeacher, Segmenter
-from lightning_modules.segmentation_losses import SegmentationLoss
+from lightning_modules.segmentation.losses import SegmentationLoss
 from lightning_modules.ssl.pi_model import softmax_mse
-from lightning_modules.segmentation_overlays import overlays
+from lightning_modules.segmentation.overlays import overlays
 from lightning_modules.ssl.losses import confident_pseudo_labels
 from tests.ssl_helpers import make_trainer
 from tests.wandb_records import config, history, offline_run_dir, run_records, saved_files

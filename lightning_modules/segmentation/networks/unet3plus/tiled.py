@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from datamodules.sliding_window import sliding_window_inference
+from lightning_modules.segmentation.sliding_window import sliding_window_inference
 
 from .model import UNet3Plus, suppress_absent
 

@@ -1,12 +1,12 @@
 """Semantic segmentation on the shared semi-supervised base.
 
-``Segmenter`` trains any network of :func:`lightning_modules.segmentation.build_segmentation_network`
+``Segmenter`` trains any network of :func:`lightning_modules.segmentation.networks.build_segmentation_network`
 (UNet 3+, RefineNet, Light-Weight RefineNet, or any segmentation-models-pytorch architecture by
 name) with a weighted sum of segmentation losses, deep supervision when the network returns side
 outputs, the UNet 3+ classification-guided module's presence loss, and dataset-level metrics.
 Everything else (SGD and the cosine schedule, the EMA copy used for evaluation, ramp-ups,
 unlabeled views, logging) is the classification base's, so the semi-supervised methods apply to
-pixels unchanged (:mod:`lightning_modules.semi_supervised_segmentation`).
+pixels unchanged (:mod:`lightning_modules.segmentation.semi_supervised`).
 
 Batches are those of :class:`datamodules.SegmentationFolders`: ``"image"`` (N, C, H, W) and a
 per-pixel ``"target"`` (N, H, W) of class indices. Binary masks are 2 classes (background,
@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.sliding_window import sliding_window_inference
-from lightning_modules.segmentation import build_segmentation_network
-from lightning_modules.segmentation.unet3plus import cgm_sliding_window_inference, uses_cgm
-from lightning_modules.segmentation_losses import SegmentationLoss, deep_supervision_loss
-from lightning_modules.segmentation_metrics import SegmentationMetrics
-from lightning_modules.segmentation_overlays import log_overlays
+from lightning_modules.segmentation.sliding_window import sliding_window_inference
+from lightning_modules.segmentation.networks import build_segmentation_network
+from lightning_modules.segmentation.networks.unet3plus import cgm_sliding_window_inference, uses_cgm
+from lightning_modules.segmentation.losses import SegmentationLoss, deep_supervision_loss
+from lightning_modules.segmentation.metrics import SegmentationMetrics
+from lightning_modules.segmentation.overlays import log_overlays
 from lightning_modules.semi_supervised import SemiSupervisedModule
 
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
+from lightning_modules.segmentation.networks.unet3plus import main_output_only
+from lightning_modules.segmentation.segmenter import Segmenter
 from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.ssl.mean_teacher import MeanTeacher
-from lightning_modules.segmentation.unet3plus import main_output_only
-from lightning_modules.segmenter import Segmenter
 
 
 class SegFixMatch(Segmenter, FixMatch):
