@@ -32,7 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from callbacks.ema import EMAModel  # noqa: E402
-from lightning_modules.networks import build_network  # noqa: E402
+from lightning_modules.classification.networks import build_network  # noqa: E402
 
 DECAY = 0.999
 

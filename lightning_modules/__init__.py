@@ -16,7 +16,7 @@ from lightning_modules.segmentation.segmenter import Segmenter
 from lightning_modules.segmentation.semi_supervised import SegFixMatch, SegMeanTeacher
 from lightning_modules.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.softmatch import SoftMatch
-from lightning_modules.supervised import Supervised
+from lightning_modules.classification.supervised import Supervised
 from lightning_modules.ssl.temporal_ensembling import TemporalEnsembling
 from lightning_modules.detection.unbiased_teacher import UnbiasedTeacher
 from lightning_modules.ssl.uda import UDA

@@ -6,7 +6,7 @@ and logging. A method subclass says only what makes it different: which unlabele
 needs (``unlabeled_views``) and its ``unlabeled_loss``; methods whose forward is not a plain
 pass over the views (MixMatch's mixup) override ``compute_losses``.
 
-The labeled loss is a configurable criterion (:mod:`lightning_modules.criteria`: label smoothing
+The labeled loss is a configurable criterion (:mod:`lightning_modules.classification.criteria`: label smoothing
 and its relatives, focal, OHEM, class weights, multi-label BCE or sigmoid-F1), and R-Drop adds a
 second dropout pass of the labeled batch with a symmetric-KL penalty, for any method that uses
 the base's forward.
@@ -23,11 +23,11 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
 from callbacks.ema import EMAModel
-from lightning_modules.criteria import build_criterion
+from lightning_modules.classification.criteria import build_criterion
 from lightning_modules.distributed import average_batchnorm_statistics, check_full_parameters
 from lightning_modules.training_checks import FiniteLossCheck, check_model_fits_data
-from lightning_modules.label_regularization import symmetric_kl
-from lightning_modules.networks import build_network
+from lightning_modules.classification.label_regularization import symmetric_kl
+from lightning_modules.classification.networks import build_network
 from lightning_modules.optimization import cosine_schedule, cosine_with_warmup, decay_groups  # noqa: F401 (re-exported)
 from lightning_modules.progress_values import HostValues
 from lightning_modules.optimization import RAMPUPS
@@ -39,7 +39,7 @@ class SemiSupervisedModule(LightningModule):
     Args:
         num_classes: classes of the data (linked from the DataModule by ``train.py``).
         in_channels: image channels (linked from the DataModule by ``train.py``).
-        network: a name for :func:`lightning_modules.networks.build_network` (``wrn28_2``,
+        network: a name for :func:`lightning_modules.classification.networks.build_network` (``wrn28_2``,
             ``wrn28_8``, ``resnet18``, ``timm:<name>``, ...).
         network_kwargs: extra arguments for the network constructor.
         lr, momentum, nesterov, weight_decay: SGD; weight decay skips biases and norm weights.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_modules import Detector, KDStudent, Supervised
-from lightning_modules.networks import build_network
+from lightning_modules.classification.networks import build_network
 from tests.ssl_helpers import SMALL_NET
 from train import cli_main
 

@@ -85,7 +85,7 @@ def _required_arguments(model: str, tmp_path: Path) -> dict:
     import lightning as L
     import torch
 
-    from lightning_modules.networks import build_network
+    from lightning_modules.classification.networks import build_network
 
     if model == "KDStudent":  # a plain state_dict of a small network, for the default 10 classes and 3 channels
         torch.save(build_network("wrn10_1", num_classes=10, in_channels=3).state_dict(), tmp_path / "teacher.pt")

@@ -34,7 +34,7 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
     if not membrane.exists():
         pytest.skip(f"{membrane} not found")
     root = tmp_path_factory.mktemp("ddp_inputs")
-    from lightning_modules.networks import build_network
+    from lightning_modules.classification.networks import build_network
 
     torch.manual_seed(0)
     teacher = root / "teacher.pt"

@@ -3,7 +3,7 @@
 Usage::
 
     >>> import torch
-    >>> from lightning_modules.networks import build_network
+    >>> from lightning_modules.classification.networks import build_network
     >>> net = build_network("wrn10_1", num_classes=10)
     >>> with FeatureHooks(net, ["groups.2", "fc:input"]) as hooks:
     ...     logits = net(torch.randn(2, 3, 32, 32))

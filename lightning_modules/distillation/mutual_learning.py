@@ -23,7 +23,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.distillation.losses import mutual_learning_loss
-from lightning_modules.networks import build_network
+from lightning_modules.classification.networks import build_network
 from lightning_modules.semi_supervised import SemiSupervisedModule
 
 

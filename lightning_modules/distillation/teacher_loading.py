@@ -6,7 +6,7 @@ Two kinds of file are accepted:
   them): its hyper-parameters say which network to build, and the teacher takes the EMA weights
   when the checkpoint has them (they are what that run evaluated), else the trained ``net``;
 * a plain ``state_dict`` of a torchvision, timm or labelwise network (``torch.save(net.state_dict(), f)``),
-  together with the network's name for :func:`~lightning_modules.networks.build_network`.
+  together with the network's name for :func:`~lightning_modules.classification.networks.build_network`.
 
 Usage::
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_modules.networks import build_network, read_weights_file
+from lightning_modules.classification.networks import build_network, read_weights_file
 
 __all__ = ["load_teacher"]
 

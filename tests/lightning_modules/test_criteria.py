@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MultilabelF1Score
 
-from lightning_modules.criteria import (
+from lightning_modules.classification.criteria import (
     CRITERIA,
     DisturbLabel,
     FocalLoss,

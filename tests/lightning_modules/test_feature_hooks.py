@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.distillation.feature_hooks import FeatureHooks
-from lightning_modules.networks import build_network
+from lightning_modules.classification.networks import build_network
 
 PATHS = ["groups.0", "groups.2", "fc:input"]
 

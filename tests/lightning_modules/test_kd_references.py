@@ -24,7 +24,7 @@ from torchdistill.losses.registry import get_low_level_loss
 from torchdistill.models.adaptation import ConvReg
 
 from lightning_modules import KDStudent
-from lightning_modules.criteria import LabelSmoothing
+from lightning_modules.classification.criteria import LabelSmoothing
 from lightning_modules.distillation.losses import (
     ConvConnector,
     attention_transfer_loss,
@@ -35,7 +35,7 @@ from lightning_modules.distillation.losses import (
     rkd_distance_loss,
     similarity_preserving_loss,
 )
-from lightning_modules.networks import build_network
+from lightning_modules.classification.networks import build_network
 
 
 def io(tensor: torch.Tensor, path: str = "x") -> dict[str, dict[str, torch.Tensor]]:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_modules.networks as networks
-from lightning_modules.networks import WideResNet, available_networks, build_network, register_network
+import lightning_modules.classification.networks as networks
+from lightning_modules.classification.networks import WideResNet, available_networks, build_network, register_network
 
 
 def n_params(model: nn.Module) -> int:

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import yaml
 
 from lightning_modules import KDStudent
-from lightning_modules.criteria import TfKDRegularization, build_criterion
-from lightning_modules.networks import build_network
+from lightning_modules.classification.criteria import TfKDRegularization, build_criterion
+from lightning_modules.classification.networks import build_network
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    >>> from lightning_modules.networks import build_network
+    >>> from lightning_modules.classification.networks import build_network
     >>> net = build_network("wrn28_2", num_classes=10)                   # registered
     >>> net = build_network("wrn16_4", num_classes=10, dropout=0.3)      # any wrn{depth}_{k}
     >>> net = build_network("resnet18", num_classes=10, in_channels=1)   # torchvision, random init
