@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
-from datamodules.class_keys import class_keys
+from lightning_modules.core.class_keys import class_keys
 from lightning_modules.detection.networks import build_detection_network, load_network_weights
 from lightning_modules.detection.overlays import log_detections
-from lightning_modules.semi_supervised import SemiSupervisedModule
+from lightning_modules.core.semi_supervised import SemiSupervisedModule
 
 MAP_SUMMARY = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
 COCO_MAX_DETECTIONS = 100  # COCO's limit per image; crowded images (the membrane cells) hold more objects
@@ -74,7 +74,7 @@ def map_summary(values: dict[str, torch.Tensor], with_masks: bool,
     ``map_maxdets100`` (AP at 100 detections per image) come too, and ``map``, ``map_maxdets100``
     and per-class AP are read from the precision table as COCO's summary reads it: pycocotools'
     summary takes its overall AP at a fixed 100 whatever the limits. Per-class AP is
-    ``ap_<label_keys[label]>`` (:func:`datamodules.class_keys.class_keys`), ``ap_class<label>``
+    ``ap_<label_keys[label]>`` (:func:`lightning_modules.core.class_keys.class_keys`), ``ap_class<label>``
     without names. -1 (no such objects) is dropped, except for ``map`` itself.
     """
     thresholds = list(max_detection_thresholds)

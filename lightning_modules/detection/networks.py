@@ -20,7 +20,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import roi_pool
 from torchvision.ops.poolers import LevelMapper
 
-from lightning_modules.classification.networks import read_weights_file
+from lightning_modules.core.checkpoint_loading import read_weights_file
 
 #: builder and number of FPN feature maps (anchor levels) of each supported network
 NETWORKS = {

@@ -32,7 +32,7 @@ from torch import nn
 from lightning_modules.distillation import losses as kd_losses
 from lightning_modules.distillation.feature_hooks import FeatureHooks
 from lightning_modules.distillation.teacher_loading import load_teacher
-from lightning_modules.semi_supervised import SemiSupervisedModule
+from lightning_modules.core.semi_supervised import SemiSupervisedModule
 
 RELATION_TERMS = ("rkd_distance", "rkd_angle", "sp", "cskd")
 

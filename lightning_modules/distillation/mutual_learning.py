@@ -24,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.distillation.losses import mutual_learning_loss
 from lightning_modules.classification.networks import build_network
-from lightning_modules.semi_supervised import SemiSupervisedModule
+from lightning_modules.core.semi_supervised import SemiSupervisedModule
 
 
 class MutualLearning(SemiSupervisedModule):

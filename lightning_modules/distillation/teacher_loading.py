@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_modules.classification.networks import build_network, read_weights_file
+from lightning_modules.classification.networks import build_network
+from lightning_modules.core.checkpoint_loading import read_weights_file
 
 __all__ = ["load_teacher"]
 

@@ -27,7 +27,7 @@ from lightning_modules.segmentation.networks.unet3plus import cgm_sliding_window
 from lightning_modules.segmentation.losses import SegmentationLoss, deep_supervision_loss
 from lightning_modules.segmentation.metrics import SegmentationMetrics
 from lightning_modules.segmentation.overlays import log_overlays
-from lightning_modules.semi_supervised import SemiSupervisedModule
+from lightning_modules.core.semi_supervised import SemiSupervisedModule
 
 
 class Segmenter(SemiSupervisedModule):

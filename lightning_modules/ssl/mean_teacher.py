@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from lightning_modules.batch_norm import frozen_buffers
+from lightning_modules.core.batch_norm import frozen_buffers
 from lightning_modules.ssl.pi_model import softmax_mse
-from lightning_modules.semi_supervised import SemiSupervisedModule
+from lightning_modules.core.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.losses import RAMPUP_STEPS_40_PERCENT
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.batch_norm import frozen_buffers
-from lightning_modules.semi_supervised import SemiSupervisedModule
+from lightning_modules.core.batch_norm import frozen_buffers
+from lightning_modules.core.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.losses import RAMPUP_STEPS_1_OF_64, masked_accuracy, mixup, sharpen
 
 
@@ -37,7 +37,7 @@ class MixMatch(SemiSupervisedModule):
     EMA 0.999 recipe of USB and TorchSSL, whose WRN-28-2 errors the configs compare against. USB's classic config differs: alpha 0.5 and a ramp over 40 % of training.
 
     BatchNorm: the guess forward runs in training mode under ``no_grad`` inside
-    :func:`lightning_modules.batch_norm.frozen_buffers`, so it does not move the running statistics; with
+    :func:`lightning_modules.core.batch_norm.frozen_buffers`, so it does not move the running statistics; with
     ``concat_forward`` the whole mixed batch (``B + K uB`` images) then goes through one forward,
     so BatchNorm sees labeled and unlabeled mixtures together and updates its statistics once. The
     official code instead interleaves the batch into ``K + 1`` chunks of labeled-like size, each

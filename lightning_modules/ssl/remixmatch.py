@@ -10,9 +10,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.batch_norm import frozen_buffers
-from lightning_modules.optimization import RAMPUPS
-from lightning_modules.semi_supervised import SemiSupervisedModule
+from lightning_modules.core.batch_norm import frozen_buffers
+from lightning_modules.core.optimization import RAMPUPS
+from lightning_modules.core.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.losses import RAMPUP_STEPS_1_OF_64, distribution_alignment, masked_accuracy, mixup, sharpen
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.semi_supervised import SemiSupervisedModule
+from lightning_modules.core.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.losses import masked_accuracy
 
 #: alpha(t) of Training Signal Annealing for training progress ``t`` in [0, 1]

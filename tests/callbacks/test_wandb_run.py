@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from callbacks.wandb_run import metric_tables
-from datamodules.class_keys import class_keys
+from lightning_modules.core.class_keys import class_keys
 from lightning_modules.detection.detector import detection_metric, map_summary
 from lightning_modules.segmentation.metrics import SegmentationMetrics
 from tests.wandb_records import config, history, offline_run_dir, run_records, saved_files

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from datamodules.class_keys import class_keys
+from lightning_modules.core.class_keys import class_keys
 
 
 def test_coco_category_names_become_unique_lower_case_keys(shared_data):

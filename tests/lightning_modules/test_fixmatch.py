@@ -8,7 +8,7 @@ import torch
 from datamodules import DigitsSSL
 from tests.ssl_helpers import digits_batch as _digits_batch, make_trainer as _trainer
 from lightning_modules import FixMatch, Supervised
-from lightning_modules.semi_supervised import cosine_with_warmup
+from lightning_modules.core.optimization import cosine_with_warmup
 from lightning_modules.ssl.losses import confident_pseudo_labels, masked_cross_entropy
 
 
@@ -103,7 +103,7 @@ def test_bad_threshold_is_refused():
 
 
 def test_shared_pieces_against_their_formulas():
-    from lightning_modules.optimization import linear_rampup, sigmoid_rampup
+    from lightning_modules.core.optimization import linear_rampup, sigmoid_rampup
     from lightning_modules.ssl.losses import distribution_alignment, mixup, sharpen
 
     assert sigmoid_rampup(0, 10) == pytest.approx(math.exp(-5)) and sigmoid_rampup(5, 10) == pytest.approx(math.exp(-1.25))

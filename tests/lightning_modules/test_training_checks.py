@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from datamodules import DigitsSSL, SegmentationFolders
 from lightning_modules import Detector, FixMatch, KDStudent, Segmenter, Supervised
-from lightning_modules.training_checks import FiniteLossCheck, NonFiniteLossError
+from lightning_modules.core.training_checks import FiniteLossCheck, NonFiniteLossError
 from tests.lightning_modules import test_detector
 from tests.ssl_helpers import SMALL_NET, make_trainer
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from datamodules import DigitsSSL
 from tests.ssl_helpers import digits_batch as _digits_batch, make_trainer as _trainer
-from lightning_modules.batch_norm import frozen_buffers
+from lightning_modules.core.batch_norm import frozen_buffers
 from lightning_modules.ssl.mixmatch import MixMatch
 from lightning_modules.ssl.vat import VAT
 

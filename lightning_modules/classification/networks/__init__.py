@@ -21,18 +21,16 @@ and any extra keyword arguments given to ``build_network``::
 
 from __future__ import annotations
 
-import pickle
 import re
 from functools import lru_cache
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .wide_resnet import WideResNet
 
-__all__ = ["WideResNet", "build_network", "available_networks", "register_network", "read_weights_file"]
+__all__ = ["WideResNet", "build_network", "available_networks", "register_network"]
 
 NetworkFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, NetworkFactory] = {}
@@ -134,22 +132,3 @@ def build_network(name: str, num_classes: int, in_channels: int = 3, **kwargs) -
         "'wrn{depth}_{k}' with depth = 6n+4 (e.g. 'wrn16_2'); 'torchvision:<name>' or a bare torchvision "
         "classification model name (e.g. 'resnet18'); 'timm:<name>'."
     )
-
-
-def read_weights_file(path: str | Path, what: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name ``what`` (e.g. "teacher
-    file") and say what to pass instead: a missing file, a truncated or foreign one, or one that pickles
-    objects other than tensors and plain containers."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist: pass a checkpoint written by train.py or a "
-                                "state_dict saved with torch.save(net.state_dict(), path)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # weights are data, never code to run
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        text = str(err)
-        reason = text.split("WeightsUnpickler error:", 1)[-1].strip() if "WeightsUnpickler" in text else text
-        reason = reason.splitlines()[0].split(". ")[0][:160]
-        raise ValueError(f"{what} {path} cannot be read as weights ({reason}): it is cut short, not a torch.save "
-                         "file, or pickles objects other than tensors; pass a checkpoint written by train.py or "
-                         "torch.save(net.state_dict(), path)") from err

@@ -22,15 +22,15 @@ from lightning import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
-from callbacks.ema import EMAModel
+# The classification task the base still is (docs/design.md, "Import rules": the one exception to core <- tasks)
 from lightning_modules.classification.criteria import build_criterion
-from lightning_modules.distributed import average_batchnorm_statistics, check_full_parameters
-from lightning_modules.training_checks import FiniteLossCheck, check_model_fits_data
 from lightning_modules.classification.label_regularization import symmetric_kl
 from lightning_modules.classification.networks import build_network
-from lightning_modules.optimization import cosine_schedule, cosine_with_warmup, decay_groups  # noqa: F401 (re-exported)
-from lightning_modules.progress_values import HostValues
-from lightning_modules.optimization import RAMPUPS
+from lightning_modules.core.distributed import average_batchnorm_statistics, check_full_parameters
+from lightning_modules.core.ema import EMAModel
+from lightning_modules.core.optimization import RAMPUPS, cosine_schedule, decay_groups
+from lightning_modules.core.progress_values import HostValues
+from lightning_modules.core.training_checks import FiniteLossCheck, check_model_fits_data
 
 
 class SemiSupervisedModule(LightningModule):
