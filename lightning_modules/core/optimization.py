@@ -1,6 +1,7 @@
-"""The shared optimizer recipe's pieces: parameter groups that keep weight decay off biases and norm
-weights, FixMatch's cosine learning-rate schedule, ``lr = lr0 * cos(7 pi k / 16 K)``, and the ramp-ups
-of a loss weight (lambda_u from 0 to its value)."""
+"""The shared optimizer recipe: parameter groups that keep weight decay off biases and norm weights,
+SGD, FixMatch's cosine learning-rate schedule, ``lr = lr0 * cos(7 pi k / 16 K)``, as pieces and as the
+:class:`OptimizerRecipe` the base module mixes in, and the ramp-ups of a loss weight (lambda_u from 0
+to its value)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,30 @@ def linear_rampup(step: int, length: int) -> float:
 
 
 RAMPUPS = {"sigmoid": sigmoid_rampup, "linear": linear_rampup}
+
+
+class OptimizerRecipe:
+    """A LightningModule's ``configure_optimizers`` in three overridable steps: SGD with Nesterov momentum
+    over :func:`decay_groups` of ``self.trainable_modules()``, warmed up, then the 7/16-cosine per step.
+    ``train.py --optimizer``/``--lr_scheduler`` reuse the steps (``callbacks.optimizer_options``). Reads
+    the hyper-parameters ``lr``, ``momentum``, ``nesterov``, ``weight_decay``, ``warmup_steps`` and
+    ``cosine_fraction``; mix it in before ``LightningModule``."""
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Weights (the optimizer's weight decay) and biases and norm weights (none), of ``trainable_modules``;
+        ``train.py --optimizer`` builds the optimizer it is given on these too."""
+        return decay_groups(self.trainable_modules())
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        return torch.optim.SGD(self.parameter_groups(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                               weight_decay=hp.weight_decay)
+
+    def lr_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The method's schedule for ``optimizer``: warm-up, then the 7/16-cosine over the run's steps."""
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return cosine_schedule(optimizer, total, self.hparams.warmup_steps, self.hparams.cosine_fraction)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.build_optimizer()
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule(optimizer)}

@@ -28,12 +28,12 @@ from lightning_modules.classification.label_regularization import symmetric_kl
 from lightning_modules.classification.networks import build_network
 from lightning_modules.core.distributed import average_batchnorm_statistics, check_full_parameters
 from lightning_modules.core.ema import EMAModel
-from lightning_modules.core.optimization import RAMPUPS, cosine_schedule, decay_groups
+from lightning_modules.core.optimization import RAMPUPS, OptimizerRecipe
 from lightning_modules.core.progress_values import HostValues
 from lightning_modules.core.training_checks import FiniteLossCheck, check_model_fits_data
 
 
-class SemiSupervisedModule(LightningModule):
+class SemiSupervisedModule(OptimizerRecipe, LightningModule):
     """Shared training, evaluation and optimization for semi-supervised classifiers.
 
     Args:
@@ -282,29 +282,10 @@ class SemiSupervisedModule(LightningModule):
         probs = torch.softmax(logits, dim=1)
         return {"index": batch["index"], "probs": probs, "prediction": probs.argmax(dim=1)}
 
-    # --- optimization ----------------------------------------------------------------------
+    # --- optimization: OptimizerRecipe (core/optimization.py) trains these ------------------
     def trainable_modules(self) -> list[nn.Module]:
         """Modules whose parameters the optimizer trains: the network, plus a learnable criterion's."""
         return [self.net, self.criterion]
-
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """Weights (the optimizer's weight decay) and biases and norm weights (none), of ``trainable_modules``;
-        ``train.py --optimizer`` builds the optimizer it is given on these too."""
-        return decay_groups(self.trainable_modules())
-
-    def build_optimizer(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        return torch.optim.SGD(self.parameter_groups(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
-                               weight_decay=hp.weight_decay)
-
-    def lr_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The method's schedule for ``optimizer``: warm-up, then the 7/16-cosine over the run's steps."""
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        return cosine_schedule(optimizer, total, self.hparams.warmup_steps, self.hparams.cosine_fraction)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.build_optimizer()
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule(optimizer)}
 
     # --- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
