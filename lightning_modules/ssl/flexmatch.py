@@ -35,7 +35,7 @@ class FlexMatch(FixMatch):
     used; the thresholds rise towards ``tau`` as the memory fills.
 
     Against the authors' code (USB ``algorithms/flexmatch/utils.py`` lines 15-63, pinned by
-    ``tests/lightning_modules/test_ssl_references_thresholds.py``): the same recurrence, with the
+    ``tests/lightning_modules/ssl/test_ssl_references_thresholds.py``): the same recurrence, with the
     paper's strict ``>`` where USB compares with ``>=`` (lines 53, 55; a difference only on ties),
     and the memory synchronized across ranks where USB's is not.
 

@@ -40,7 +40,7 @@ class FreeMatch(SemiSupervisedModule):
     150). The paper's own table of w_f was not checked here.
 
     Against the authors' code (USB ``algorithms/freematch/utils.py`` lines 14-66, ``freematch.py``
-    lines 16-44 and 96-118, pinned by ``tests/lightning_modules/test_ssl_references_thresholds.py``):
+    lines 16-44 and 96-118, pinned by ``tests/lightning_modules/ssl/test_ssl_references_thresholds.py``):
     the same recurrence and losses, except that the mask uses the paper's strict ``>`` where USB
     uses ``>=`` (line 65). They differ only on ties, e.g. exactly uniform predictions at ``tau_0 = 1/C``,
     which USB would all keep.

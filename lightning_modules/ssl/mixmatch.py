@@ -27,7 +27,7 @@ class MixMatch(SemiSupervisedModule):
     ``U'``: the same operation as the paper's shuffle-then-pair, written once. One ``lam`` per step
     is USB's choice (``algorithms/utils/ops.py`` lines 48-63); the official code draws one per sample
     (google-research/mixmatch ``libml/layers.py`` line 168). The step is pinned to USB's
-    ``algorithms/mixmatch/mixmatch.py`` by ``tests/lightning_modules/test_ssl_references.py``.
+    ``algorithms/mixmatch/mixmatch.py`` by ``tests/lightning_modules/ssl/test_ssl_references.py``.
 
     Paper recipe (CIFAR-10, WRN-28-2): K = 2, T = 0.5, alpha = 0.75, lambda_u = 75 ramped up
     linearly over the first 16,000 steps (the official code ramps over 1024 kimg, i.e. 16,384 steps

@@ -65,7 +65,7 @@ class ReMixMatch(SemiSupervisedModule):
     Against the authors' code: steps 1-4 are USB's ``semilearn/algorithms/remixmatch/remixmatch.py``
     (lines 120-134 the guess with BatchNorm frozen, 147-152 the mix of labeled, both strong and the
     weak view, 179-198 the losses); google-research/remixmatch ``remixmatch_no_cta.py`` (lines
-    111-126) likewise mixes all K + 1 unlabeled views; ``tests/lightning_modules/test_ssl_references.py``
+    111-126) likewise mixes all K + 1 unlabeled views; ``tests/lightning_modules/ssl/test_ssl_references.py``
     pins one step to USB's. Where the two differ we choose:
 
     * ``p_model``: the paper's "last 128 batches" as a ring over the batches seen so far (the

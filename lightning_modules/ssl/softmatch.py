@@ -36,7 +36,7 @@ class SoftMatch(SemiSupervisedModule):
     the raw logits, "uniform alignment in softmatch do not use aligned probs for generating pesudo
     labels"; ``hooks/dist_align.py`` lines 48-51 start the class marginal from the first batch;
     ``softmatch/utils.py`` lines 24-40, 76 the Gaussian state and weight), pinned over several
-    steps by ``tests/lightning_modules/test_ssl_references_thresholds.py``.
+    steps by ``tests/lightning_modules/ssl/test_ssl_references_thresholds.py``.
 
     The paper's Eq. for lambda is the Gaussian with variance ``sigma_t^2``; the authors' released
     configuration narrows it to standard deviation ``sigma_t / n_sigma`` with ``n_sigma = 2``, which

@@ -51,7 +51,7 @@ class UDA(SemiSupervisedModule):
     examples kept (0 when none is), as in the paper's code.
 
     Against the authors' code (google-research/uda ``image/main.py`` lines 178-190, 261-290,
-    352-385, pinned by ``tests/lightning_modules/test_ssl_references.py``): the same losses. USB
+    352-385, pinned by ``tests/lightning_modules/ssl/test_ssl_references.py``): the same losses. USB
     (``algorithms/uda/uda.py`` lines 75-101) differs twice: it logs the cross-entropy to the soft
     targets, larger than the KL by their entropy (the same gradient), and its TSA masks by the
     largest probability over all classes and averages over every labeled row.

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from datamodules import DigitsSSL, SegmentationFolders
 from lightning_modules import Detector, FixMatch, KDStudent, Segmenter, Supervised
 from lightning_modules.core.training_checks import FiniteLossCheck, NonFiniteLossError
-from tests.lightning_modules import test_detector
+from tests.lightning_modules.detection import test_detector
 from tests.ssl_helpers import SMALL_NET, make_trainer
 
 coco = test_detector.coco  # the fixture: the first coco128 images, small

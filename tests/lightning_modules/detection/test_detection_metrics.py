@@ -94,7 +94,7 @@ def test_a_detector_keeping_at_most_100_detections_scores_as_coco_does(cells):
 def test_cli_logs_per_class_ap_under_the_category_name_on_coco128(shared_data, tmp_path, one_thread):
     from train import cli_main
 
-    config = Path(__file__).resolve().parents[2] / "configs" / "fasterrcnn_mobilenet_coco128.yaml"
+    config = Path(__file__).resolve().parents[3] / "configs" / "fasterrcnn_mobilenet_coco128.yaml"
     cli = cli_main(["fit", "--config", str(config), "--data.root", str(shared_data / "coco128"),
                     "--data.steps_per_epoch", "1", "--data.batch_size", "1", "--trainer.max_epochs", "1",
                     "--trainer.limit_val_batches", "0", "--trainer.limit_test_batches", "2",

@@ -22,7 +22,7 @@ from tests.ssl_helpers import make_trainer
 from tests.wandb_records import config, history, offline_run_dir, run_records, saved_files
 from train import cli_main
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SMALL = dict(network_kwargs={"encoder_name": "resnet18"}, ema_decay=0.9, log_images=0)
 
 

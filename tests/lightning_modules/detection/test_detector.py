@@ -286,7 +286,7 @@ def test_mask_rcnn_runs_from_the_cli_on_membrane_cells(shared_data, tmp_path, on
     from train import cli_main
 
     cells = write_membrane_cells_coco(shared_data / "membrane", tmp_path / "cells")
-    config = Path(__file__).resolve().parents[2] / "configs" / "maskrcnn_membrane_cells.yaml"
+    config = Path(__file__).resolve().parents[3] / "configs" / "maskrcnn_membrane_cells.yaml"
     cli = cli_main(["fit", "--config", str(config), "--data.root", str(cells), "--data.steps_per_epoch", "1",
                     "--data.batch_size", "1", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
                     "--trainer.limit_test_batches", "1", "--model.min_size", "256", "--model.max_size", "256",

@@ -21,7 +21,7 @@ from lightning_modules import KDStudent
 from lightning_modules.classification.criteria import TfKDRegularization, build_criterion
 from lightning_modules.classification.networks import build_network
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 def official_kl(log_student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
