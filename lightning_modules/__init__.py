@@ -16,8 +16,8 @@ from lightning_modules.detection import Detector, UnbiasedTeacher
 from lightning_modules.distillation import KDStudent, MutualLearning
 from lightning_modules.ensemble import Ensemble
 from lightning_modules.segmentation import SegFixMatch, SegMeanTeacher, Segmenter
-from lightning_modules.ssl import (UDA, VAT, FixMatch, FlexMatch, FreeMatch, MeanTeacher, MixMatch, PiModel, PseudoLabel,
-                                   ReMixMatch, SoftMatch, TemporalEnsembling)
+from lightning_modules.ssl import (UDA, VAT, FixMatch, FlexMatch, FreeMatch, MeanTeacher, MixMatch, PiModel,
+                                   PseudoLabel, ReMixMatch, SoftMatch, TemporalEnsembling)
 
 # The semi-supervised family and its supervised baseline, in the order of the results tables.
 SSL_METHODS = [

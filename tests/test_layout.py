@@ -136,7 +136,8 @@ def test_the_rules_see_what_they_must_refuse():  # rule tests pass on a reader t
     assert _parts_imported("lightning_modules", ["kd_losses"]) - ALLOWED["distillation"] == {"lightning_modules"}
     assert _parts_imported("lightning_modules.ssl.fixmatch", ["FixMatch"]) - ALLOWED["segmentation"] == {"ssl"}
     # a private name of another package is refused, one of the importer's own package is not
-    assert _private("datamodules.sampling", ["StreamSampler", "_world_and_rank"]) == ("datamodules", ["_world_and_rank"])
+    assert _private("datamodules.sampling", ["StreamSampler", "_world_and_rank"]) == (
+        "datamodules", ["_world_and_rank"])
     assert _private("lightning_modules.segmentation.networks._base", ["X"]) == (
         "lightning_modules.segmentation.networks", ["_base"])
 
@@ -152,7 +153,8 @@ def test_old_module_paths_name_the_same_classes():
     assert len(lightning_modules.MOVED_MODULES) == 20
     for old, new in lightning_modules.MOVED_MODULES.items():
         assert import_module(f"lightning_modules.{old}") is import_module(f"lightning_modules.{new}")
-    moved = {f"lightning_modules.{new}": f"lightning_modules.{old}" for old, new in lightning_modules.MOVED_MODULES.items()}
+    moved = {f"lightning_modules.{new}": f"lightning_modules.{old}"
+             for old, new in lightning_modules.MOVED_MODULES.items()}
     for name in lightning_modules.MODELS:
         cls = getattr(lightning_modules, name)
         if name != "Ensemble":  # ensemble.py did not move
@@ -166,6 +168,6 @@ def test_an_old_class_path_on_the_command_line_builds_the_class(capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--model", "lightning_modules.fixmatch.FixMatch", "--data", "DigitsSSL", "--print_config"])
     assert "class_path: lightning_modules.fixmatch.FixMatch" in capsys.readouterr().out
-    cli = cli_main(["fit", "--model", "lightning_modules.fixmatch.FixMatch", "--data", "DigitsSSL",
-                    "--model.network", "wrn10_1"], run=False)
+    cli = cli_main(["--model", "lightning_modules.fixmatch.FixMatch", "--data", "DigitsSSL", "--model.network", "wrn10_1"],
+                   run=False)
     assert type(cli.model) is lightning_modules.FixMatch

@@ -12,7 +12,8 @@ import inspect
 
 from torch import nn
 
-from lightning_modules.classification.imbalance_losses import FocalLoss, MultiLabelBCE, SigmoidF1, TopKLoss, WeightedCrossEntropy
+from lightning_modules.classification.imbalance_losses import (FocalLoss, MultiLabelBCE, SigmoidF1, TopKLoss,
+                                                               WeightedCrossEntropy)
 from lightning_modules.classification.label_regularization import (
     CrossEntropy,
     DisturbLabel,
