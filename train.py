@@ -10,7 +10,7 @@
     labelwise fit --config quickstart   # the installed command (train:main): a recipe by name, from any folder
 
 A relative data root in a config file is relative to the file; typed here, to the working folder
-(callbacks.recipes). ``--optimizer``/``--lr_scheduler`` keep the method's parameter groups and
+(datamodules.data_root). ``--optimizer``/``--lr_scheduler`` keep the method's parameter groups and
 schedule (callbacks.optimizer_options). A run ends with one line: metric, EMA or raw weights, run
 folder, checkpoint (callbacks.console).
 
@@ -41,7 +41,8 @@ import lightning_modules  # noqa: F401  (registers methods for --model by name)
 from callbacks.ckpt_path import keep_csv_metrics, resolve_ckpt_path
 from callbacks.console import quiet_lightning_noise, summary_line
 from callbacks.optimizer_options import OVERRIDE_WARNING, has_optimizer_recipe, use_optimizer_options
-from callbacks.recipes import find_configs, register_data_roots
+from callbacks.recipes import find_configs
+from datamodules.data_root import register_data_roots
 
 #: the recipes: beside this file in the checkout and in an installed package (callbacks.recipes)
 RECIPES = Path(__file__).resolve().parent / "configs"

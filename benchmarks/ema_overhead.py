@@ -6,7 +6,7 @@
 Three ways of moving an average one step towards a model's weights, timed on WRN-28-2 and
 ResNet-50 (median of ``--repeats`` timed calls after ``--warmup`` untimed ones):
 
-* ``EMAModel.update``: one ``torch._foreach_lerp_`` per dtype/device group (``callbacks/ema.py``),
+* ``EMAModel.update``: one ``torch._foreach_lerp_`` per dtype/device group (``lightning_modules/core/ema.py``),
   with floating buffers averaged (``buffers="average"``, as Lightning's ``use_buffers=True``) and
   with buffers copied (``buffers="copy"``, the default).
 * Lightning: what ``lightning.pytorch.callbacks.EMAWeightAveraging`` runs after each optimizer step,
@@ -31,8 +31,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from callbacks.ema import EMAModel  # noqa: E402
-from lightning_modules.networks import build_network  # noqa: E402
+from lightning_modules.core.ema import EMAModel  # noqa: E402
+from lightning_modules.classification.networks import build_network  # noqa: E402
 
 DECAY = 0.999
 

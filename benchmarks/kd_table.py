@@ -35,7 +35,7 @@ from benchmarks.report import accuracy_rows, report_header, timed_fit, write_rep
 
 from benchmarks.ssl_table import unpack  # noqa: E402
 from datamodules import ImageFolderSSL  # noqa: E402
-from datamodules.split import atomic_path, write_json_atomically  # noqa: E402
+from lightning_modules.core.atomic import atomic_path, write_json_atomically  # noqa: E402
 from lightning_modules import KDStudent, MutualLearning, Supervised  # noqa: E402
 
 BUDGETS = {

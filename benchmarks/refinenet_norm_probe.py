@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from datamodules import SegmentationFolders  # noqa: E402
-from lightning_modules.segmentation import build_segmentation_network  # noqa: E402
+from lightning_modules.segmentation.networks import build_segmentation_network  # noqa: E402
 
 
 def main() -> None:

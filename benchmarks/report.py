@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from datamodules.split import write_text_atomically
+from lightning_modules.core.atomic import write_text_atomically
 
 
 def report_header(title: str, accelerator: str, seed: int) -> list[str]:

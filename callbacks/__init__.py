@@ -2,7 +2,7 @@
 
 from callbacks.adversarial import FGM, PGD
 from callbacks.checkpoint_io import AtomicCheckpointIO, use_atomic_checkpoints
-from callbacks.ema import EMAModel, lerp_grouped
+from lightning_modules.core.ema import EMAModel, lerp_grouped
 from callbacks.ema_callback import EMA, ema_weights_from_checkpoint
 from callbacks.prediction_writer import PredictionWriter, use_prediction_writer
 from callbacks.resumable_checkpoint import ResumableCheckpoint, StoppedBySignal

@@ -8,7 +8,7 @@ one and put the parameters back bit for bit. The optimizer then steps on
 ``grad L(theta) + grad L(theta + r_adv)``.
 
 The module exposes its loss for the extra passes through the ``training_loss(batch) -> Tensor``
-protocol (see :class:`lightning_modules.semi_supervised.SemiSupervisedModule`): the step's total
+protocol (see :class:`lightning_modules.core.semi_supervised.SemiSupervisedModule`): the step's total
 loss, computed from the batch exactly as ``training_step`` does, without logging. See
 ``docs/callbacks_adversarial.md``.
 """

@@ -8,8 +8,8 @@ network or scratch volume), ``shutil.move`` copies into the destination itself, 
 the copy leaves a truncated ``last.ckpt``; without an fsync, a power cut after the rename can leave
 an empty one; and a process killed mid-write leaves a checkpoint-sized file in ``/tmp``.
 
-:class:`AtomicCheckpointIO` writes each checkpoint through :func:`datamodules.split.atomic_path`, the
-writer every other file of the library goes through: a temporary file next to the destination,
+:class:`AtomicCheckpointIO` writes each checkpoint through :func:`lightning_modules.core.atomic.atomic_path`,
+the writer every other file of the library goes through: a temporary file next to the destination,
 fsynced, renamed over the destination with ``os.replace`` (atomic within one file system). After a
 crash at any point the destination holds the old checkpoint or the new one, whole. The temporary
 file is removed when the write fails; a process killed mid-write leaves ``.<name>.<random>.tmp``
@@ -27,7 +27,7 @@ from lightning import Trainer
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from datamodules.split import atomic_path
+from lightning_modules.core.atomic import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,6 +1,6 @@
 """``EMA``: an exponential moving average of any LightningModule's weights, as a callback.
 
-The average is an :class:`callbacks.ema.EMAModel` over the whole LightningModule, updated after
+The average is an :class:`lightning_modules.core.ema.EMAModel` over the whole LightningModule, updated after
 every optimizer step (one ``torch._foreach_lerp_`` per dtype/device group). Validation, test
 and predict run with the averaged weights: they are copied into the module at the start of the
 loop and the raw weights are copied back, bitwise, at its end. Checkpoints keep the raw weights
@@ -35,7 +35,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from callbacks.ema import EMAModel, broadcast_buffers, check_ema_arguments
+from lightning_modules.core.ema import EMAModel, broadcast_buffers, check_ema_arguments
 
 
 class EMA(L.Callback):

@@ -25,7 +25,7 @@ import torch
 from faster_coco_eval.core import mask as coco_mask
 from PIL import Image
 
-from datamodules.split import atomic_path, write_text_atomically
+from lightning_modules.core.atomic import atomic_path, write_text_atomically
 
 TINT = 0.45  # weight of a class colour over the grey image in an overlay
 PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.prediction_formats import (classification_rows, coco_results, mask_image, overlay_image, png_name,
                                           save_png, task_of, write_csv)
-from datamodules.split import write_json_atomically
+from lightning_modules.core.atomic import write_json_atomically
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -38,7 +38,7 @@ import torch
 
 from callbacks.batch_norm import recompute_batch_norm, unwrap_batches
 from callbacks.ema_callback import ema_callback_states
-from datamodules.split import atomic_path
+from lightning_modules.core.atomic import atomic_path
 
 EMA_PREFIX = "net."
 

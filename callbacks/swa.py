@@ -28,7 +28,7 @@ from torch import nn
 from torch.optim.swa_utils import SWALR
 
 from callbacks.batch_norm import default_bn_inputs, forward_inputs, recompute_batch_norm, unwrap_batches
-from callbacks.ema import EMAModel, lerp_grouped
+from lightning_modules.core.ema import EMAModel, lerp_grouped
 
 
 class SWA(L.Callback):

@@ -11,7 +11,7 @@ rank 0:
 - at the end of ``test``, the table ``test/metrics`` (metric, value) and, when the module logs
   per-class values named ``test/<metric>_class<k>`` (segmentation ``iou_class<k>``) or, with the
   DataModule's ``class_names``, detection's ``test/ap_<name>`` and ``test/segm_ap_<name>``
-  (``datamodules.class_keys``), the table ``test/per_class`` with one row per class (named from
+  (``lightning_modules.core.class_keys``), the table ``test/per_class`` with one row per class (named from
   ``class_names`` when the DataModule has them).
 
 ``train.py`` adds it to every run; with a plain ``Trainer``, pass ``callbacks=[WandbRun()]``.
@@ -29,8 +29,8 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from datamodules.class_keys import class_keys
-from datamodules.split import write_text_atomically
+from lightning_modules.core.atomic import write_text_atomically
+from lightning_modules.core.class_keys import class_keys
 
 PER_CLASS = re.compile(r"^(?P<metric>.+?)_?class(?P<label>\d+)$")
 # Detection's per-class AP under the category's key; overall detection metrics start with map/mar instead.

@@ -6,14 +6,13 @@ from datamodules.coco_detection import COCODetection
 from datamodules.digits import DigitsSSL
 from datamodules.image_folder import ImageFolderSSL
 from datamodules.segmentation_folders import SegmentationFolders
-from datamodules.sliding_window import sliding_window_inference
 from datamodules.split import LabeledSplit, class_balanced_split, load_split, save_split, stratified_kfold
 from datamodules.torchvision_sets import CIFAR10SSL, CIFAR100SSL, STL10SSL, SVHNSSL, TorchvisionSSL
 
 __all__ = [
     "SSLDataModule", "IndexedImages", "TorchvisionSSL",
     "DigitsSSL", "CIFAR10SSL", "CIFAR100SSL", "SVHNSSL", "STL10SSL", "ImageFolderSSL", "COCODetection",
-    "SegmentationFolders", "sliding_window_inference",
+    "SegmentationFolders",
     "LabeledSplit", "class_balanced_split", "load_split", "save_split", "stratified_kfold",
 ]
 # Concrete DataModules selectable by class name on the command line.

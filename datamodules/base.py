@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from lightning import LightningDataModule
@@ -22,26 +21,17 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.data_root import DataRoot
-from datamodules.augment import normalize, strong_augment, weak_augment
 from datamodules.held_out import RecordsHeldOut, check_held_out_arguments, check_loaded_split, draw_split
 from datamodules.in_memory import IndexedImages, keep_batch
 from datamodules.image_files import PredictFolder, load_classification_folder
 from datamodules.resumable import ResumableStreams
 from datamodules.split import LabeledSplit, load_split, run_split_path, save_split
+from datamodules.views import AugmentedViews
 
 log = logging.getLogger(__name__)
 
 
-def requested_views(datamodule: LightningDataModule, default: tuple[str, ...]) -> tuple[str, ...]:
-    """The unlabeled views a DataModule makes: its own ``unlabeled_views`` if set, else those its
-    trainer's LightningModule names, else ``default`` (a model that names none)."""
-    if datamodule.unlabeled_views is not None:
-        return tuple(datamodule.unlabeled_views)
-    model = datamodule.trainer.lightning_module if datamodule.trainer is not None else None
-    return tuple(getattr(model, "unlabeled_views", default))
-
-
-class SSLDataModule(PredictFolder, RecordsHeldOut, ResumableStreams, LightningDataModule):
+class SSLDataModule(PredictFolder, RecordsHeldOut, ResumableStreams, AugmentedViews, LightningDataModule):
     """Base for labeled/unlabeled classification data.
 
     Subclasses set ``num_classes``, ``num_channels``, ``mean``, ``std`` and implement
@@ -218,9 +208,6 @@ class SSLDataModule(PredictFolder, RecordsHeldOut, ResumableStreams, LightningDa
             self.split_path = save_split(path, self.split, self._train[1], self.dataset_name)
 
     # --- loaders ---------------------------------------------------------------------------
-    def requested_unlabeled_views(self) -> tuple[str, ...]:
-        return requested_views(self, default=("weak", "strong"))
-
     def _stream(self, dataset: Dataset, batch_size: int, stream: str) -> DataLoader:
         # Permutation after permutation, sharded across DDP ranks, resumable exactly (datamodules.resumable).
         return self.training_stream(dataset, batch_size, stream, collate_fn=keep_batch, num_workers=self.num_workers)
@@ -267,35 +254,3 @@ class SSLDataModule(PredictFolder, RecordsHeldOut, ResumableStreams, LightningDa
             return self._eval_loader()
         return DataLoader(self.predict_images, batch_size=self.eval_batch_size, shuffle=False, collate_fn=keep_batch,
                           num_workers=self.num_workers)
-
-    # --- augmentation, on the batch's device ----------------------------------------------
-    def weak(self, images: torch.Tensor) -> torch.Tensor:
-        return weak_augment(images, hflip=self.hflip, pad_fraction=self.pad_fraction)
-
-    def strong(self, images: torch.Tensor) -> torch.Tensor:
-        return strong_augment(images, hflip=self.hflip, pad_fraction=self.pad_fraction,
-                              num_ops=self.randaugment_ops, cutout_fraction=self.cutout_fraction)
-
-    def view(self, name: str, images: torch.Tensor) -> torch.Tensor:
-        if name.startswith("weak"):
-            return self.weak(images)
-        if name.startswith("strong"):
-            return self.strong(images)
-        if name.startswith("plain"):
-            return images
-        raise ValueError(f"unknown view {name!r}: view names start with 'weak', 'strong' or 'plain'")
-
-    def to_float(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize(images, self.mean, self.std)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, dict) and "labeled" in batch:
-            labeled = dict(batch["labeled"], image=self.to_float(self.weak(batch["labeled"]["image"])))
-            out = {"labeled": labeled}
-            if "unlabeled" in batch:
-                raw = batch["unlabeled"]
-                out["unlabeled"] = {"index": raw["index"], "target": raw["target"]}
-                for name in self.requested_unlabeled_views():
-                    out["unlabeled"][name] = self.to_float(self.view(name, raw["image"]))
-            return out
-        return dict(batch, image=self.to_float(batch["image"]))

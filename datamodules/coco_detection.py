@@ -46,12 +46,12 @@ from torchvision.io import ImageReadMode, decode_image
 
 from datamodules.data_root import DataRoot
 from datamodules.coco_reading import read_coco, target_of
-from datamodules.base import requested_views
 from datamodules.detection_transforms import DetectionItems, StrongPhotometric, collate_lists, detection_geometry
 from datamodules.held_out import HeldOutParts
 from datamodules.image_files import FolderImages, load_whole_images
 from datamodules.named_split import draw_parts, read_parts, split_record
 from datamodules.resumable import ResumableStreams
+from datamodules.views import requested_views
 
 SPLIT_FORMAT = "labelwise-coco-split/1"
 

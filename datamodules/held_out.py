@@ -20,7 +20,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.image_files import PredictFolder
-from datamodules.split import LabeledSplit, class_balanced_split, run_split_path, stratified_kfold, write_json_atomically
+from datamodules.split import LabeledSplit, class_balanced_split, run_split_path, stratified_kfold
+from lightning_modules.core.atomic import write_json_atomically
 
 
 def check_held_out_arguments(num_folds: int | None, fold: int, val_per_class: int | None) -> None:

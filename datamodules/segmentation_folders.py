@@ -24,41 +24,34 @@ of image and mask. Validation and test batches are whole images of the validatio
 batches are whole images without targets, ``{"image", "index", "file": [str]}``.
 
 Augmentation runs per sample in the loader (``datamodules.segmentation_transforms``); only
-normalization runs after the transfer to the device. ``datamodules.sliding_window`` turns a model
-trained on crops into whole-image logits.
+normalization runs after the transfer to the device. The model turns what it learned on crops into
+whole-image logits (``lightning_modules.segmentation.sliding_window``).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.data_root import DataRoot
 from datamodules.augment import normalize
-from datamodules.base import requested_views
 from datamodules.held_out import HeldOutParts
-from datamodules.image_files import (FolderImages, decode_all, decode_rgb_or_grey, files_by_stem,
-                                     load_whole_images, natural_key)
+from datamodules.image_files import FolderImages, decode_all, decode_rgb_or_grey, load_whole_images
 from datamodules.named_split import draw_parts, read_parts, split_record
 from datamodules.resumable import ResumableStreams
+from datamodules.segmentation_reading import IMAGE_SUFFIXES, decode_mask, image_mask_pairs
 from datamodules.segmentation_transforms import (SegmentationCrops, WholeImages, geometric_transform,
                                                  photometric_transform)
+from datamodules.views import requested_views
 
-log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")  # lossless only: a JPEG mask has invented class ids
 SPLIT_FORMAT = "labelwise-segmentation-split/1"
 
 
@@ -157,53 +150,17 @@ class SegmentationFolders(HeldOutParts, ResumableStreams, LightningDataModule):
     def _decode_image(self, path: Path) -> Tensor:
         return decode_rgb_or_grey(path, self.num_channels, "SegmentationFolders")
 
-    def _decode_mask(self, path: Path, image_path: Path, image_size: tuple[int, int]) -> Tensor:
-        try:
-            with Image.open(path) as pil:
-                if self.mask_mode == "binary":
-                    array = np.asarray(pil.convert("L")) > self.threshold
-                elif pil.mode in ("1", "L", "P", "I", "I;16"):
-                    array = np.asarray(pil)  # for "P" these are palette indices, i.e. the class ids
-                else:
-                    raise ValueError(f"SegmentationFolders: index mask {path} has mode {pil.mode}: class-id masks "
-                                     f"must be single-channel (PIL mode L, P, I or I;16)")
-        except (OSError, UnidentifiedImageError) as err:
-            raise ValueError(f"SegmentationFolders: cannot decode mask {path} ({err}): replace or remove it") from err
-        if array.shape != image_size:
-            raise ValueError(f"SegmentationFolders: mask {path} is {array.shape[0]}x{array.shape[1]} (HxW) but its "
-                             f"image {image_path} is {image_size[0]}x{image_size[1]}: masks must match their images")
-        if self.mask_mode == "index" and array.size and int(array.max()) >= self.num_classes:
-            raise ValueError(f"SegmentationFolders: mask {path} holds class id {int(array.max())}, but "
-                             f"num_classes={self.num_classes} allows 0..{self.num_classes - 1}")
-        dtype = np.uint8 if self.num_classes <= 256 else np.int32
-        return torch.from_numpy(array.astype(dtype))
-
     def _read(self, pair: tuple[Path, Path | None]) -> tuple[Tensor, Tensor | None]:
         image_path, mask_path = pair
         image = self._decode_image(image_path)
-        return image, None if mask_path is None else self._decode_mask(mask_path, image_path, tuple(image.shape[1:]))
+        if mask_path is None:
+            return image, None
+        return image, decode_mask(mask_path, image_path, tuple(image.shape[1:]), self.mask_mode, self.threshold,
+                                  self.num_classes)
 
     def load(self) -> None:
         """Find and decode every image/mask pair (once)."""
-        image_root, mask_root = self.root / self.image_dir, self.root / self.mask_dir
-        if not image_root.is_dir():
-            raise FileNotFoundError(f"SegmentationFolders: {image_root} does not exist: root must hold "
-                                    f"{self.image_dir}/ and {self.mask_dir}/")
-        images = files_by_stem(image_root, IMAGE_SUFFIXES, "SegmentationFolders")
-        if not images:
-            raise ValueError(f"SegmentationFolders: {image_root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        masks = files_by_stem(mask_root, MASK_SUFFIXES, "SegmentationFolders") if mask_root.is_dir() else {}
-        stems = sorted(images, key=natural_key)
-        missing = [s for s in stems if s not in masks]
-        if missing and not self.unlabeled_without_mask:
-            raise ValueError(f"SegmentationFolders: image {images[missing[0]]} has no mask {mask_root}/{missing[0]}"
-                             f"{{{','.join(MASK_SUFFIXES)}}} ({len(missing)} image(s) without masks); pass "
-                             f"unlabeled_without_mask=True to use such images as unlabeled")
-        orphans = sorted(set(masks) - set(images))
-        if orphans:
-            log.warning("SegmentationFolders: %d mask(s) without an image are ignored, e.g. %s", len(orphans),
-                        masks[orphans[0]])
-        pairs = [(images[s], masks.get(s)) for s in stems]
+        stems, images, pairs = image_mask_pairs(self.root, self.image_dir, self.mask_dir, self.unlabeled_without_mask)
         decoded = decode_all(pairs, self._read, self.decode_threads)
         self.stems, self.image_names = stems, [images[s].name for s in stems]
         self.images = [image for image, _ in decoded]

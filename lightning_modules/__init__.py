@@ -1,26 +1,23 @@
-"""LightningModules: methods, their networks and their losses."""
+"""LightningModules: methods, their networks and their losses, one sub-package per family over a
+task-neutral core (docs/design.md, "Packages"):
 
-from lightning_modules.detector import Detector
+``core/`` the base module and what every method shares; ``classification/``, ``segmentation/`` and
+``detection/`` the tasks (segmentation and detection with their semi-supervised methods); ``ssl/`` the
+semi-supervised classifiers; ``distillation/`` knowledge distillation; ``ensemble.py`` inference over
+several checkpoints. Every class selectable by ``--model`` is importable from here.
+"""
+
+import sys
+from importlib import import_module
+
+from lightning_modules.classification.supervised import Supervised
+from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.detection import Detector, UnbiasedTeacher
+from lightning_modules.distillation import KDStudent, MutualLearning
 from lightning_modules.ensemble import Ensemble
-from lightning_modules.fixmatch import FixMatch
-from lightning_modules.flexmatch import FlexMatch
-from lightning_modules.freematch import FreeMatch
-from lightning_modules.kd_student import KDStudent
-from lightning_modules.mean_teacher import MeanTeacher
-from lightning_modules.mixmatch import MixMatch
-from lightning_modules.mutual_learning import MutualLearning
-from lightning_modules.pi_model import PiModel
-from lightning_modules.pseudo_label import PseudoLabel
-from lightning_modules.remixmatch import ReMixMatch
-from lightning_modules.segmenter import Segmenter
-from lightning_modules.semi_supervised_segmentation import SegFixMatch, SegMeanTeacher
-from lightning_modules.semi_supervised import SemiSupervisedModule
-from lightning_modules.softmatch import SoftMatch
-from lightning_modules.supervised import Supervised
-from lightning_modules.temporal_ensembling import TemporalEnsembling
-from lightning_modules.unbiased_teacher import UnbiasedTeacher
-from lightning_modules.uda import UDA
-from lightning_modules.vat import VAT
+from lightning_modules.segmentation import SegFixMatch, SegMeanTeacher, Segmenter
+from lightning_modules.ssl import (UDA, VAT, FixMatch, FlexMatch, FreeMatch, MeanTeacher, MixMatch, PiModel,
+                                   PseudoLabel, ReMixMatch, SoftMatch, TemporalEnsembling)
 
 # The semi-supervised family and its supervised baseline, in the order of the results tables.
 SSL_METHODS = [
@@ -36,3 +33,25 @@ DETECTION_METHODS = ["Detector", "UnbiasedTeacher"]
 # Concrete modules selectable by class name on the command line.
 MODELS = SSL_METHODS + KD_METHODS + SEGMENTATION_METHODS + DETECTION_METHODS + ["Ensemble"]
 __all__ = ["SemiSupervisedModule", *MODELS]
+
+#: Module paths of the flat layout before 2026-12-02 (issue 16) -> where their classes live now. A
+#: class path such as ``lightning_modules.fixmatch.FixMatch`` (typed as ``--model``, kept in a config, or
+#: saved as a checkpoint's ``_class_path`` by LightningCLI) keeps resolving: each old module name is an
+#: alias of its new module (the same module object, so ``is`` and pickling agree). Only modules that
+#: define a LightningModule are listed: nothing else is named by a path in a config or a checkpoint.
+MOVED_MODULES = {
+    "semi_supervised": "core.semi_supervised",
+    "supervised": "classification.supervised",
+    **{name: f"ssl.{name}" for name in (
+        "pseudo_label", "pi_model", "temporal_ensembling", "mean_teacher", "vat", "mixmatch", "uda", "remixmatch",
+        "fixmatch", "flexmatch", "freematch", "softmatch")},
+    "kd_student": "distillation.kd_student",
+    "mutual_learning": "distillation.mutual_learning",
+    "segmenter": "segmentation.segmenter",
+    "semi_supervised_segmentation": "segmentation.semi_supervised",
+    "detector": "detection.detector",
+    "unbiased_teacher": "detection.unbiased_teacher",
+}
+for _old, _new in MOVED_MODULES.items():
+    sys.modules[f"{__name__}.{_old}"] = globals()[_old] = import_module(f"{__name__}.{_new}")
+del _old, _new

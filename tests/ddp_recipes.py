@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules import DigitsSSL, SegmentationFolders  # noqa: E402
 from lightning_modules import (FixMatch, FlexMatch, KDStudent, MeanTeacher, MutualLearning, Segmenter,  # noqa: E402
                                TemporalEnsembling)
-from lightning_modules.networks import available_networks, register_network  # noqa: E402
+from lightning_modules.classification.networks import available_networks, register_network  # noqa: E402
 
 METHODS = ("FixMatch", "MeanTeacher", "TemporalEnsembling", "FlexMatch", "KDStudent", "Segmenter",
            "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN")

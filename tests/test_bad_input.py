@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_modules import Detector, KDStudent, Supervised
-from lightning_modules.networks import build_network
+from lightning_modules.classification.networks import build_network
 from tests.ssl_helpers import SMALL_NET
 from train import cli_main
 
@@ -65,7 +65,7 @@ def test_detector_weights_path_missing_or_not_weights(tmp_path):
 
 
 def test_unknown_smp_encoder_is_smps_own_error_listing_the_encoders():
-    from lightning_modules.segmentation import build_segmentation_network
+    from lightning_modules.segmentation.networks import build_segmentation_network
 
     with pytest.raises(KeyError, match=r"Wrong encoder name `resnet999`, supported encoders: \['resnet18'"):
         build_segmentation_network("Unet", encoder_name="resnet999")

@@ -56,6 +56,14 @@ def test_strategy_fragments_combine_with_a_recipe(strategy, capsys):
     assert ("ema_decay: null" in out) == (strategy.stem == "fsdp")  # FSDP cannot shard the EMA copy
 
 
+@pytest.mark.parametrize("logger", sorted((REPO / "configs" / "loggers").glob("*.yaml")), ids=lambda p: p.stem)
+def test_logger_fragments_combine_with_a_recipe(logger, capsys):
+    recipe = REPO / "configs" / "quickstart.yaml"
+    out = _print_config(["fit", "--config", str(recipe), "--config", str(logger)], capsys)
+    assert "class_path: lightning_modules.FixMatch" in out
+    assert "class_path: lightning.pytorch.loggers." in out  # the fragment's logger replaced the default
+
+
 def test_unknown_model_name_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--model", "NoSuchMethod", "--data", "DigitsSSL"])
@@ -85,7 +93,7 @@ def _required_arguments(model: str, tmp_path: Path) -> dict:
     import lightning as L
     import torch
 
-    from lightning_modules.networks import build_network
+    from lightning_modules.classification.networks import build_network
 
     if model == "KDStudent":  # a plain state_dict of a small network, for the default 10 classes and 3 channels
         torch.save(build_network("wrn10_1", num_classes=10, in_channels=3).state_dict(), tmp_path / "teacher.pt")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.progress_values import HostValues
+from lightning_modules.core.progress_values import HostValues
 from tests.signal_helpers import REPO, run_train_py
 from train import cli_main
 

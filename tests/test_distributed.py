@@ -34,7 +34,7 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
     if not membrane.exists():
         pytest.skip(f"{membrane} not found")
     root = tmp_path_factory.mktemp("ddp_inputs")
-    from lightning_modules.networks import build_network
+    from lightning_modules.classification.networks import build_network
 
     torch.manual_seed(0)
     teacher = root / "teacher.pt"
@@ -127,7 +127,7 @@ def test_sync_batchnorm_conversion_keeps_the_ema_plain_and_changes_nothing_in_on
     one process it is BatchNorm, so a converted run must equal an unconverted one exactly."""
     from lightning.pytorch.plugins import TorchSyncBatchNorm
 
-    from lightning_modules.distributed import batchnorm_statistics
+    from lightning_modules.core.distributed import batchnorm_statistics
     from tests.ddp_recipes import TinyDigits, build
 
     runs = {}
@@ -155,7 +155,7 @@ def test_sync_batchnorm_conversion_keeps_the_ema_plain_and_changes_nothing_in_on
 def test_strategies_that_shard_parameters_are_refused_with_an_ema_copy():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    from lightning_modules.distributed import check_full_parameters
+    from lightning_modules.core.distributed import check_full_parameters
 
     check_full_parameters(DDPStrategy(), "FixMatch")
     with pytest.raises(ValueError, match="FixMatch keeps an EMA copy.*FSDPStrategy.*ema_decay"):

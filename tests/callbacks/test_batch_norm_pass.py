@@ -17,7 +17,7 @@ from torch.optim.swa_utils import update_bn
 from callbacks import SWA, recompute_batch_norm, soup_from_checkpoints
 from datamodules import DigitsSSL
 from lightning_modules import KDStudent, MutualLearning, Supervised
-from lightning_modules.teacher import load_teacher
+from lightning_modules.distillation.teacher_loading import load_teacher
 from tests.ssl_helpers import SMALL_NET, make_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

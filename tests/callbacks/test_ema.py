@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.ema import EMAModel
+from lightning_modules.core.ema import EMAModel
 
 
 def _net() -> nn.Module:

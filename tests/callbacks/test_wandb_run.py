@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from callbacks.wandb_run import metric_tables
-from datamodules.class_keys import class_keys
-from lightning_modules.detector import detection_metric, map_summary
-from lightning_modules.segmentation_metrics import SegmentationMetrics
+from lightning_modules.core.class_keys import class_keys
+from lightning_modules.detection.detector import detection_metric, map_summary
+from lightning_modules.segmentation.metrics import SegmentationMetrics
 from tests.wandb_records import config, history, offline_run_dir, run_records, saved_files
 from train import cli_main
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from datamodules import COCODetection, DigitsSSL, ImageFolderSSL, SegmentationFolders
-from datamodules.split import atomic_path, class_balanced_split, load_split, save_split, write_json_atomically
+from datamodules.split import class_balanced_split, load_split, save_split
+from lightning_modules.core.atomic import atomic_path, write_json_atomically
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*crowd regions:UserWarning")
 

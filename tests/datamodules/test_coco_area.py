@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from datamodules.coco_detection import COCODetection
-from lightning_modules.detector import detection_metric, map_summary, metric_inputs
+from lightning_modules.detection.detector import detection_metric, map_summary, metric_inputs
 
 pytestmark = [pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:.*crowd regions:UserWarning"),

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules import SegmentationFolders, sliding_window_inference
+from datamodules import SegmentationFolders
+from lightning_modules.segmentation.sliding_window import sliding_window_inference
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,8 @@
+"""Detection and instance segmentation on torchvision's detectors: supervised (:class:`Detector`) and
+semi-supervised (:class:`UnbiasedTeacher`), the networks by name (:mod:`~lightning_modules.detection.networks`)
+and the logged pictures (:mod:`~lightning_modules.detection.overlays`)."""
+
+from lightning_modules.detection.detector import Detector
+from lightning_modules.detection.unbiased_teacher import UnbiasedTeacher
+
+__all__ = ["Detector", "UnbiasedTeacher"]

@@ -1,0 +1,203 @@
+"""Offline knowledge distillation: a student trained against a frozen teacher.
+
+Response knowledge (Hinton et al., 2015), feature knowledge (FitNets, Romero et al., 2015;
+attention transfer, Zagoruyko & Komodakis, 2017) and relation knowledge (RKD, Park et al., 2019;
+similarity-preserving KD, Tung & Mori, 2019; category-structure KD, Chen et al., 2020), each
+with its own weight:
+
+    L = w_ce CE(s, y) + w_kd T^2 KL(p_t^T || p_s^T) + w_hint ||r(f_s) - f_t||^2 + w_at sum ||a_s - a_t||^2
+        + w_d L_RKD-D + w_a L_RKD-A + w_sp L_SP + w_cs (L_intra + L_inter)
+
+Intermediate features come from forward hooks addressed by module path (``groups.2``,
+``layer3``, ``fc:input`` for the input of the head), never from an edited ``forward``. With
+``distill_unlabeled`` the DataModule's unlabeled images join the distillation terms (the teacher's
+soft targets are the unlabeled loss), which is distillation as semi-supervised learning.
+
+Self-distillation without a separate teacher (Tf-KD self, Yuan et al., 2020) is this module with
+a checkpoint of the same architecture as the teacher; the authors' ResNet-18 recipe (alpha 0.95,
+T 6, multiplier 50 on a class-averaged KL) is ``temperature=6, ce_weight=0.05, kd_weight=0.475``
+(``configs/tfkd_self_cifar10.yaml``). Tf-KD's virtual teacher is the ``tfkd_reg`` criterion of any module.
+
+Defaults follow RepDistiller's CIFAR recipe (../shared/guide/ANCHORS.md): T = 4, CE weight 0.1,
+KD weight 0.9; FitNets weight 100 and AT weight 1000 when those are switched on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_modules.distillation import losses as kd_losses
+from lightning_modules.distillation.feature_hooks import FeatureHooks
+from lightning_modules.distillation.teacher_loading import load_teacher
+from lightning_modules.core.semi_supervised import SemiSupervisedModule
+
+RELATION_TERMS = ("rkd_distance", "rkd_angle", "sp", "cskd")
+
+
+class KDStudent(SemiSupervisedModule):
+    """A student network distilled from a frozen teacher loaded from a local file.
+
+    Args:
+        teacher: path of the teacher: a checkpoint of any labelwise classifier, or a plain
+            ``state_dict`` file (then ``teacher_network`` is required). See :func:`load_teacher`.
+        teacher_network, teacher_network_kwargs: the teacher's architecture for a plain state_dict
+            (for a checkpoint, a given name must match the stored one).
+        ce_weight, kd_weight, temperature: Hinton KD, ``w_ce CE + w_kd T^2 KL``.
+        hint_layers, hint_weight: FitNets; pairs ``[student_path, teacher_path]`` of feature maps.
+            A connector (conv + BN + ReLU, strided or transposed when sizes differ) maps each
+            student map to its teacher's shape; it is built from a probe of ``image_size`` pixels.
+        connector_relu: end the connector with a ReLU (FitNets/RepDistiller); turn it off when the
+            teacher's hinted maps are pre-activation sums that go negative (a Wide ResNet's ``groups.k``).
+        at_layers, at_weight: attention transfer over pairs ``[student_path, teacher_path]``.
+        relation_layer: ``[student_path, teacher_path]`` of the embeddings that the relation
+            losses compare (default: the inputs of the ``fc`` heads, i.e. pooled features).
+        rkd_distance_weight, rkd_angle_weight, sp_weight, cskd_weight: relation-loss weights.
+        distill_unlabeled: also distil on the DataModule's unlabeled (weak view) images.
+        image_size: side of the training images, used to size the FitNets connectors.
+        test_teacher: also log the teacher's accuracy on the test images (``test/teacher_acc``).
+        **kwargs: the base's network, optimizer, EMA and criterion arguments (R-Drop's
+            ``rdrop_weight`` is refused: this module trains through its own ``compute_losses``).
+    """
+
+    supports_rdrop = False  # its own compute_losses: no second dropout pass of the labeled batch
+    progress_bar_terms = ("kd_loss",)
+
+    def __init__(
+        self,
+        teacher: str,
+        teacher_network: str | None = None,
+        teacher_network_kwargs: dict[str, Any] | None = None,
+        ce_weight: float = 0.1,
+        kd_weight: float = 0.9,
+        temperature: float = 4.0,
+        hint_layers: list[list[str]] | None = None,
+        hint_weight: float = 100.0,
+        connector_relu: bool = True,
+        at_layers: list[list[str]] | None = None,
+        at_weight: float = 1000.0,
+        relation_layer: list[str] | None = None,
+        rkd_distance_weight: float = 0.0,
+        rkd_angle_weight: float = 0.0,
+        sp_weight: float = 0.0,
+        cskd_weight: float = 0.0,
+        distill_unlabeled: bool = False,
+        image_size: int = 32,
+        test_teacher: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.teacher = load_teacher(teacher, self.hparams.num_classes, self.hparams.in_channels,
+                                    teacher_network, teacher_network_kwargs)
+        self.unlabeled_views = ("weak",) if distill_unlabeled else ()
+        self.hint_pairs = [tuple(p) for p in hint_layers or []]
+        self.at_pairs = [tuple(p) for p in at_layers or []]
+        self.relation_pair = tuple(relation_layer or ("fc:input", "fc:input"))
+        self.relation_weights = {"rkd_distance": rkd_distance_weight, "rkd_angle": rkd_angle_weight,
+                                 "sp": sp_weight, "cskd": cskd_weight}
+        for pair in self.hint_pairs + self.at_pairs + [self.relation_pair]:
+            if len(pair) != 2:
+                raise ValueError(f"layer pairs are [student_path, teacher_path], got {list(pair)}")
+        self.connectors = self._build_connectors(image_size)
+
+    # --- set-up ----------------------------------------------------------------------------
+    def _paths(self) -> tuple[list[str], list[str]]:
+        pairs = self.hint_pairs + self.at_pairs
+        if any(self.relation_weights.values()):
+            pairs = pairs + [self.relation_pair]
+        return list(dict.fromkeys(s for s, _ in pairs)), list(dict.fromkeys(t for _, t in pairs))
+
+    def _build_connectors(self, image_size: int) -> nn.ModuleList:
+        if not self.hint_pairs:
+            return nn.ModuleList()
+        probe = torch.zeros(2, self.hparams.in_channels, image_size, image_size)
+        student_paths, teacher_paths = [s for s, _ in self.hint_pairs], [t for _, t in self.hint_pairs]
+        student_features, teacher_features = self._probe(self.net, student_paths, probe), self._probe(self.teacher, teacher_paths, probe)
+        relu = self.hparams.connector_relu
+        return nn.ModuleList(kd_losses.build_connector(student_features[s], teacher_features[t], relu=relu)
+                             for s, t in self.hint_pairs)
+
+    @staticmethod
+    @torch.no_grad()
+    def _probe(net: nn.Module, paths: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+        was_training = net.training
+        net.eval()  # eval mode: the probe leaves BatchNorm statistics untouched
+        with FeatureHooks(net, paths) as hooks:
+            net(images)
+            features = hooks.pop()
+        net.train(was_training)
+        return features
+
+    def train(self, mode: bool = True) -> "KDStudent":
+        super().train(mode)
+        self.teacher.eval()  # the teacher's BatchNorm and dropout stay in inference mode
+        return self
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return super().trainable_modules() + [self.connectors]
+
+    # --- training --------------------------------------------------------------------------
+    def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        labeled, unlabeled = batch["labeled"], batch.get("unlabeled")
+        images, targets = [labeled["image"]], [labeled["target"]]
+        if self.unlabeled_views and unlabeled is not None:
+            images.append(unlabeled["weak"])
+            targets.append(torch.full_like(unlabeled["target"], -1))  # unlabeled: no class for CSKD
+        student_paths, teacher_paths = self._paths()
+        with FeatureHooks(self.net, student_paths) as hooks:
+            student_logits = torch.cat(self.forward_views(images))
+            student = hooks.pop()
+        with torch.no_grad(), FeatureHooks(self.teacher, teacher_paths) as hooks:
+            teacher_logits = self.teacher(torch.cat(images))
+            teacher = hooks.pop()
+        num_labeled = len(labeled["image"])
+        losses = {
+            "labeled_loss": self.labeled_loss(student_logits[:num_labeled], labeled["target"]),
+            "kd_loss": kd_losses.kd_loss(student_logits, teacher_logits, self.hparams.temperature),
+        }
+        if self.hint_pairs:
+            losses["hint_loss"] = sum(kd_losses.hint_loss(connector(student[s]), teacher[t])
+                                      for connector, (s, t) in zip(self.connectors, self.hint_pairs))
+        if self.at_pairs:
+            losses["at_loss"] = kd_losses.attention_transfer_loss(
+                [student[s] for s, _ in self.at_pairs], [teacher[t] for _, t in self.at_pairs])
+        losses.update(self._relation_losses(student, teacher, torch.cat(targets)))
+        return losses
+
+    def _relation_losses(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
+                         targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        s, t = student.get(self.relation_pair[0]), teacher.get(self.relation_pair[1])
+        weights, losses = self.relation_weights, {}
+        if weights["rkd_distance"]:
+            losses["rkd_distance_loss"] = kd_losses.rkd_distance_loss(s, t)
+        if weights["rkd_angle"]:
+            losses["rkd_angle_loss"] = kd_losses.rkd_angle_loss(s, t)
+        if weights["sp"]:
+            losses["sp_loss"] = kd_losses.similarity_preserving_loss(s, t)
+        if weights["cskd"]:
+            intra, inter = kd_losses.category_structure_loss(s, t, targets)
+            losses["cskd_loss"] = intra + inter
+        return losses
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        hp = self.hparams
+        loss = hp.ce_weight * losses["labeled_loss"] + hp.kd_weight * losses["kd_loss"]
+        if "hint_loss" in losses:
+            loss = loss + hp.hint_weight * losses["hint_loss"]
+        if "at_loss" in losses:
+            loss = loss + hp.at_weight * losses["at_loss"]
+        for term in RELATION_TERMS:
+            if f"{term}_loss" in losses:
+                loss = loss + self.relation_weights[term] * losses[f"{term}_loss"]
+        return loss
+
+    # --- evaluation ------------------------------------------------------------------------
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        if self.hparams.test_teacher and not self.multilabel:  # the teacher on the same images, for the record
+            correct = (self.teacher(batch["image"]).argmax(dim=1) == batch["target"]).float().mean()
+            self.log("test/teacher_acc", correct, batch_size=len(batch["target"]))

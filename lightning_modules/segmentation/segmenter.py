@@ -1,0 +1,181 @@
+"""Semantic segmentation on the shared semi-supervised base.
+
+``Segmenter`` trains any network of :func:`lightning_modules.segmentation.networks.build_segmentation_network`
+(UNet 3+, RefineNet, Light-Weight RefineNet, or any segmentation-models-pytorch architecture by
+name) with a weighted sum of segmentation losses, deep supervision when the network returns side
+outputs, the UNet 3+ classification-guided module's presence loss, and dataset-level metrics.
+Everything else (SGD and the cosine schedule, the EMA copy used for evaluation, ramp-ups,
+unlabeled views, logging) is the classification base's, so the semi-supervised methods apply to
+pixels unchanged (:mod:`lightning_modules.segmentation.semi_supervised`).
+
+Batches are those of :class:`datamodules.SegmentationFolders`: ``"image"`` (N, C, H, W) and a
+per-pixel ``"target"`` (N, H, W) of class indices. Binary masks are 2 classes (background,
+foreground) with a softmax, so per-pixel pseudo-labels work as for images.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.segmentation.sliding_window import sliding_window_inference
+from lightning_modules.segmentation.networks import build_segmentation_network
+from lightning_modules.segmentation.networks.unet3plus import cgm_sliding_window_inference, uses_cgm
+from lightning_modules.segmentation.losses import SegmentationLoss, deep_supervision_loss
+from lightning_modules.segmentation.metrics import SegmentationMetrics
+from lightning_modules.segmentation.overlays import log_overlays
+from lightning_modules.core.semi_supervised import SemiSupervisedModule
+
+
+class Segmenter(SemiSupervisedModule):
+    """A segmentation network trained and evaluated per pixel.
+
+    Args:
+        network: ``unet3plus``, ``refinenet``, ``lw_refinenet`` or an smp architecture (``Unet``,
+            ``FPN``, ``DeepLabV3Plus``, ...).
+        network_kwargs: constructor arguments, e.g. ``{"encoder_name": "resnet34"}``;
+            ``encoder_weights`` stays ``None`` (offline) unless given.
+        loss_terms: weighted losses by name (``ce``, ``dice``, ``iou``, ``focal``, ``ms_ssim``,
+            ``hybrid`` = UNet 3+'s focal + MS-SSIM + IoU); default CE + Dice.
+        deep_supervision_weights: weights of the side outputs when the network returns several
+            in training (main output first); default equal.
+        presence_loss_weight: weight of the cross-entropy of the classification-guided module's
+            presence logits against "the mask has foreground" (UNet 3+ with ``cgm=True``).
+        sliding_window: evaluate with overlapping windows of this size (large images); ``None``
+            evaluates whole images in one pass.
+        window_overlap: fraction of overlap between windows.
+        log_images: how many validation images to log as input / truth / prediction overlays
+            (W&B and TensorBoard loggers); 0 turns it off.
+        num_classes, in_channels: default a binary mask of grayscale images (linked from the data by
+            ``train.py``).
+        **kwargs: the base's optimizer, EMA and ramp-up arguments.
+    """
+
+    uses_criterion = False  # the segmentation losses replace the classification criterion
+    supports_rdrop = False
+
+    def __init__(
+        self,
+        network: str = "unet3plus",
+        network_kwargs: dict[str, Any] | None = None,
+        loss_terms: dict[str, float] | None = None,
+        deep_supervision_weights: list[float] | None = None,
+        presence_loss_weight: float = 0.1,
+        sliding_window: int | None = None,
+        window_overlap: float = 0.25,
+        log_images: int = 4,
+        num_classes: int = 2,
+        in_channels: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(network=network, network_kwargs=network_kwargs, num_classes=num_classes,
+                         in_channels=in_channels, **kwargs)
+        self.seg_loss = SegmentationLoss(loss_terms)
+        self.val_metrics = SegmentationMetrics(self.hparams.num_classes)
+        self.test_metrics = SegmentationMetrics(self.hparams.num_classes)
+
+    def build_net(self) -> nn.Module:
+        hp = self.hparams
+        return build_segmentation_network(hp.network, in_channels=hp.in_channels, classes=hp.num_classes,
+                                          **(hp.network_kwargs or {}))
+
+    # --- training --------------------------------------------------------------------------
+    def forward_views(self, images: list[torch.Tensor]) -> list[torch.Tensor | list[torch.Tensor]]:
+        """Per view: every output (deep supervision) for the first view, the main output for the others.
+
+        The CGM's presence logits of every view, in view order (the labeled images first), are kept
+        for the presence loss: one forward leaves them all in ``last_presence``; with
+        ``concat_forward=False`` each forward replaces the last, so they are gathered per view.
+        """
+        if self.hparams.concat_forward:
+            outputs = _as_list(self.net(torch.cat(images)))
+            pieces = [output.split([len(x) for x in images]) for output in outputs]
+            per_view = [[piece[i] for piece in pieces] for i in range(len(images))]
+            self._views_presence = getattr(self.net, "last_presence", None)
+        else:
+            per_view, presences = [], []
+            for x in images:
+                per_view.append(_as_list(self.net(x)))
+                presences.append(getattr(self.net, "last_presence", None))
+            self._views_presence = torch.cat(presences) if presences[0] is not None else None
+        return [view if i == 0 and len(view) > 1 else view[0] for i, view in enumerate(per_view)]
+
+    def labeled_loss(self, logits: torch.Tensor | list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        if isinstance(logits, list):
+            return deep_supervision_loss(logits, targets, self.seg_loss, self.hparams.deep_supervision_weights)
+        return self.seg_loss(logits, targets)
+
+    def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        self._views_presence = None  # set by this step's forward_views
+        losses = super().compute_losses(batch)
+        presence = self._views_presence
+        if presence is not None:  # the labeled images lead the views
+            targets = batch["labeled"]["target"]
+            has_foreground = (targets > 0).flatten(1).any(dim=1).long()
+            losses["presence_loss"] = F.cross_entropy(presence[: len(targets)].float(), has_foreground)
+        return losses
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = super().total_loss(losses)
+        if "presence_loss" in losses:
+            loss = loss + self.hparams.presence_loss_weight * losses["presence_loss"]
+        return loss
+
+    # --- evaluation ------------------------------------------------------------------------
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (N, classes, H, W) of the evaluation (EMA) network, by windows if configured
+        (UNet 3+'s CGM then gates the stitched image, not each window)."""
+        net = self.eval_net
+        if self.hparams.sliding_window is None:
+            return net(images)
+        tiled = cgm_sliding_window_inference if uses_cgm(net) else sliding_window_inference
+        return tiled(net, images, window=self.hparams.sliding_window, overlap=self.hparams.window_overlap,
+                     num_classes=self.hparams.num_classes)
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: SegmentationMetrics) -> None:
+        logits = self.segment(batch["image"])
+        predictions = logits.argmax(dim=1)
+        metrics.update(predictions, batch["target"])
+        self.log(f"{stage}/loss", self.seg_loss(logits, batch["target"]), batch_size=len(logits))
+        if stage == "val" and self._log_images_now():
+            log_overlays(self.logger, batch["image"], batch["target"], predictions, self.hparams.log_images,
+                         key="val/overlays", step=self.global_step)
+            self._images_logged_this_epoch = True
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+
+    def _log_images_now(self) -> bool:
+        return self.hparams.log_images > 0 and not self._images_logged_this_epoch and self.logger is not None
+
+    def on_validation_epoch_start(self) -> None:
+        self._images_logged_this_epoch = False
+
+    def _epoch_metrics(self, stage: str, metrics: SegmentationMetrics) -> None:
+        values = metrics.compute()  # synchronized across processes: the same numbers on every rank
+        self.log(f"{stage}/miou", values.pop("miou"), prog_bar=stage == "val")
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_metrics("test", self.test_metrics)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        probs = torch.softmax(self.segment(batch["image"]).float(), dim=1)
+        return {"index": batch["index"], "probs": probs, "prediction": probs.argmax(dim=1)}
+
+    _images_logged_this_epoch = False
+    _views_presence: torch.Tensor | None = None
+
+
+def _as_list(output: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(output) if isinstance(output, (list, tuple)) else [output]

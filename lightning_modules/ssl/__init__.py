@@ -1,0 +1,19 @@
+"""Semi-supervised classification: one file per method over the shared base, their losses
+(:mod:`~lightning_modules.ssl.losses`) and the adaptive-threshold state they keep
+(:mod:`~lightning_modules.ssl.threshold_state`)."""
+
+from lightning_modules.ssl.fixmatch import FixMatch
+from lightning_modules.ssl.flexmatch import FlexMatch
+from lightning_modules.ssl.freematch import FreeMatch
+from lightning_modules.ssl.mean_teacher import MeanTeacher
+from lightning_modules.ssl.mixmatch import MixMatch
+from lightning_modules.ssl.pi_model import PiModel
+from lightning_modules.ssl.pseudo_label import PseudoLabel
+from lightning_modules.ssl.remixmatch import ReMixMatch
+from lightning_modules.ssl.softmatch import SoftMatch
+from lightning_modules.ssl.temporal_ensembling import TemporalEnsembling
+from lightning_modules.ssl.uda import UDA
+from lightning_modules.ssl.vat import VAT
+
+__all__ = ["PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch", "UDA", "ReMixMatch",
+           "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch"]
