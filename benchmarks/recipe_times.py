@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from benchmarks.membrane_cells_to_coco import write_membrane_cells_coco  # noqa: E402
 from benchmarks.report import report_header, write_report  # noqa: E402
-from lightning_modules.training_checks import NonFiniteLossError  # noqa: E402
+from lightning_modules.core.training_checks import NonFiniteLossError  # noqa: E402
 from train import cli_main  # noqa: E402
 
 # Recipes whose checkpoints later recipes read, first; the rest in name order.
