@@ -32,11 +32,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 
+from benchmarks.recipe_times import cifar_folder
 from tests.conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,16 +117,7 @@ def checkout(tmp_path_factory) -> Path:
             shutil.copy(REPO / name, tmp / "repo" / name)
     (tmp / "shared").mkdir()
     (tmp / "shared" / "data").symlink_to(SHARED_DATA.resolve())
-    for split, per_class in (("train", 410), ("test", 10)):
-        counts: dict[str, int] = {}
-        with tarfile.open(SHARED_DATA / "cifar10" / f"{split}.tar.gz") as tar:
-            for member in tar:
-                label, _, name = member.name.rpartition("/")
-                label = label.rpartition("/")[2]
-                if member.isfile() and name.endswith(".jpg") and counts.get(label, 0) < per_class:
-                    counts[label] = counts.get(label, 0) + 1
-                    (tmp / "cifar10" / split / label).mkdir(parents=True, exist_ok=True)
-                    (tmp / "cifar10" / split / label / name).write_bytes(tar.extractfile(member).read())
+    cifar_folder(SHARED_DATA, tmp / "cifar10")  # the recipe-times benchmark's 410 + 10 JPEGs per class
     return tmp / "repo"
 
 
