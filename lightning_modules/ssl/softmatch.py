@@ -80,7 +80,7 @@ class SoftMatch(SemiSupervisedModule):
 
     # --- state -----------------------------------------------------------------------------
     @torch.no_grad()
-    def confidence(self, probs: torch.Tensor, prob_mean: torch.Tensor) -> torch.Tensor:
+    def aligned_confidence(self, probs: torch.Tensor, prob_mean: torch.Tensor) -> torch.Tensor:
         """``max q^_b``: max-probabilities, under UA aligned to the uniform distribution with ``E_t[q] = prob_mean``."""
         if self.uniform_alignment:
             probs = distribution_alignment(probs, prob_mean, torch.full_like(prob_mean, 1.0 / len(prob_mean)))
@@ -95,7 +95,7 @@ class SoftMatch(SemiSupervisedModule):
             batch_mean = probs.mean(dim=0)
             started = prob_mean.sum() > 0  # a tensor condition: no host synchronization
             prob_mean = torch.where(started, m * prob_mean + (1 - m) * batch_mean, batch_mean)
-        confidence = self.confidence(probs, prob_mean)
+        confidence = self.aligned_confidence(probs, prob_mean)
         var = confidence.var() if confidence.numel() > 1 else torch.zeros_like(confidence.sum())
         return prob_mean, ema_step(self.conf_mean, confidence.mean(), m), ema_step(self.conf_var, var, m)
 
@@ -120,7 +120,7 @@ class SoftMatch(SemiSupervisedModule):
         observed = gather_rows(self, probs)  # every rank's batch moves the state these weights use
         prob_mean, mean, var = self.next_state(observed)
         self.step_state.propose(self.update_state, observed)
-        weights = self.sample_weights(self.confidence(probs, prob_mean), mean, var)
+        weights = self.sample_weights(self.aligned_confidence(probs, prob_mean), mean, var)
         return {
             "unlabeled_loss": masked_cross_entropy(logits["strong"], pseudo_labels, weights),
             "mask_ratio": weights.mean(),
