@@ -123,21 +123,21 @@ def _leaves(a, b, prefix=""):
         yield prefix, (a, b)
 
 
-def _fit(model, callbacks) -> None:
-    make_trainer(max_steps=STEPS, callbacks=callbacks).fit(model, data())
+def _fit(model, callbacks, root) -> None:
+    make_trainer(max_steps=STEPS, callbacks=callbacks, default_root_dir=root).fit(model, data())
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
 @pytest.mark.parametrize("method", list(METHODS))
-def test_state_after_adversarial_steps_equals_the_clean_passes_replayed(method, attack):
+def test_state_after_adversarial_steps_equals_the_clean_passes_replayed(method, attack, tmp_path):
     make, names = METHODS[method]
     torch.manual_seed(0)
     attacked, record = make(), RecordSteps(names)
-    _fit(attacked, [ATTACKS[attack](), record])
+    _fit(attacked, [ATTACKS[attack](), record], tmp_path / "attacked")
 
     torch.manual_seed(0)
     clean, replay = make(), ReplayWeights(record, names)
-    _fit(clean, [replay])
+    _fit(clean, [replay], tmp_path / "replay")
     expected = replay.state
 
     assert any(not torch.equal(v, replay.initial[k]) for k, v in expected.items()), \

@@ -69,10 +69,11 @@ class StateAtEachMicroBatch(Callback):
         self.weights.append(copy.deepcopy(pl_module.net.state_dict()))
 
 
-def _accumulated_run(make, names, steps=2):
+def _accumulated_run(make, names, root, steps=2):
     torch.manual_seed(0)
     model, probe = make(), StateAtEachMicroBatch(names)
-    make_trainer(max_steps=steps, accumulate_grad_batches=2, callbacks=[probe]).fit(model, data())
+    trainer = make_trainer(max_steps=steps, accumulate_grad_batches=2, callbacks=[probe], default_root_dir=root)
+    trainer.fit(model, data())
     return model, probe
 
 
@@ -81,9 +82,9 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_running_state_moves_once_per_optimizer_step_with_gradient_accumulation(method):
+def test_running_state_moves_once_per_optimizer_step_with_gradient_accumulation(method, tmp_path):
     make, names = METHODS[method]
-    model, probe = _accumulated_run(make, names)
+    model, probe = _accumulated_run(make, names, tmp_path)
     states = probe.states + [running_state(model, names)]  # micro-batches 0-3, then after step 2
     # micro-batches 0 and 1 make optimizer step 1, 2 and 3 step 2: within a step the state stays put
     assert _equal(states[0], states[1]), f"{method}: the state moved between micro-batches of one optimizer step"
@@ -93,7 +94,7 @@ def test_running_state_moves_once_per_optimizer_step_with_gradient_accumulation(
             f"{method}: the state did not move at an optimizer step"
 
 
-def test_freematch_commits_one_moving_average_step_over_both_micro_batches_matches_reference():
+def test_freematch_commits_one_moving_average_step_over_both_micro_batches_matches_reference(tmp_path):
     """Wang et al. 2023 (FreeMatch), Eq. 5-8: ``tau_t``, ``p~_t`` and ``h~_t`` are moving averages with
     momentum ``lambda`` of the batch's mean max-probability, mean probability and label histogram; with
     gradient accumulation the batch of an optimizer step is the union of its micro-batches. Recomputed
@@ -101,7 +102,7 @@ def test_freematch_commits_one_moving_average_step_over_both_micro_batches_match
     weak and strong images (``concat_forward``, train mode), as the step made them."""
     m, num_classes = 0.5, 10
     model, probe = _accumulated_run(lambda: FreeMatch(ema_momentum=m, **NET),
-                                    ("global_threshold", "class_model", "label_hist"), steps=1)
+                                    ("global_threshold", "class_model", "label_hist"), tmp_path, steps=1)
     net = copy.deepcopy(model.net)
     net.load_state_dict(probe.weights[0])  # the weights of both micro-batches (no step between them)
     net.train()
