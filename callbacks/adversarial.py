@@ -9,8 +9,9 @@ one and put the parameters back bit for bit. The optimizer then steps on
 
 The module exposes its loss for the extra passes through the ``training_loss(batch) -> Tensor``
 protocol (see :class:`lightning_modules.core.semi_supervised.SemiSupervisedModule`): the step's total
-loss, computed from the batch exactly as ``training_step`` does, without logging. See
-``docs/callbacks_adversarial.md``.
+loss, computed from the batch exactly as ``training_step`` does, without logging and without
+proposing running state, so a method's thresholds, memories and marginals move once per optimizer
+step whatever the passes here (docs/design.md, "Running state"). See ``docs/callbacks_adversarial.md``.
 """
 
 from __future__ import annotations

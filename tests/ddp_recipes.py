@@ -30,12 +30,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import DigitsSSL, SegmentationFolders  # noqa: E402
-from lightning_modules import (FixMatch, FlexMatch, KDStudent, MeanTeacher, MutualLearning, Segmenter,  # noqa: E402
-                               TemporalEnsembling)
+from lightning_modules import (FixMatch, FlexMatch, FreeMatch, KDStudent, MeanTeacher, MutualLearning,  # noqa: E402
+                               Segmenter, SoftMatch, TemporalEnsembling)
 from lightning_modules.classification.networks import available_networks, register_network  # noqa: E402
 
 METHODS = ("FixMatch", "MeanTeacher", "TemporalEnsembling", "FlexMatch", "KDStudent", "Segmenter",
-           "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN")
+           "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN", "FreeMatch", "SoftMatch")
 STEPS = 4
 RANK_BATCH = 2  # labeled images per rank and step; one process gets 2 * RANK_BATCH
 SEED = 100  # rank r seeds SEED + r
@@ -85,6 +85,9 @@ def build(method: str, batch_size: int, teacher: Path, membrane: Path) -> tuple[
         "OnlineLabelSmoothing": lambda: FixMatch(threshold=0.12, criterion="online_label_smoothing", **net),
         "MutualLearning": lambda: MutualLearning(distill_unlabeled=True, **net),
         "FixMatchBN": lambda: FixMatch(threshold=0.12, **(net | dict(network="wrn10_1"))),
+        # moving averages of every rank's weak-view probabilities, used in the loss and committed after the step
+        "FreeMatch": lambda: FreeMatch(ema_momentum=0.5, **net),
+        "SoftMatch": lambda: SoftMatch(ema_momentum=0.5, **net),
     }
     return models[method](), TinyDigits(batch_size=batch_size)
 
@@ -118,6 +121,7 @@ def fit(method: str, devices: int, batch_size: int, teacher: Path, membrane: Pat
         state["ensemble"], state["update_counts"] = model.ensemble, model.update_counts
     if isinstance(model, FlexMatch):
         state["memory"], state["thresholds"] = model.memory, model.class_thresholds()
+    state["method_buffers"] = dict(model.named_buffers(recurse=False))  # the methods' running state
     return {k: _cpu(v) for k, v in state.items()}
 
 

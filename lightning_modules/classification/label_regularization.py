@@ -76,9 +76,12 @@ class OnlineLabelSmoothing(nn.Module):
     ``S`` starts as uniform label smoothing, ``(1 - eps) I + eps / C``, so the first epoch trains like
     ``LabelSmoothing(eps)`` mixed with CE. Defaults: ``alpha=0.5`` (the paper's), ``smoothing=0.1``.
 
-    Call ``epoch_end()`` once per training epoch. Under DDP each step's increments are summed across
-    ranks before they are added, so every rank holds the same accumulators and DDP's broadcast of
-    buffers from rank 0 changes nothing (the rule of :mod:`lightning_modules.ssl.threshold_state`).
+    Running state (docs/design.md, "Running state"): ``forward`` is pure. The owner of the criterion
+    proposes ``observe(logits, targets)``, the step's per-class sums of the correct samples' softmax
+    and their counts, and commits them with ``update_`` once per optimizer step, so a loss evaluated
+    again within a step (FGM, PGD) adds nothing. Under DDP ``update_`` sums the increments across
+    ranks before adding them, so every rank holds the same accumulators and DDP's broadcast of
+    buffers from rank 0 changes nothing. Call ``epoch_end()`` once per training epoch.
     """
 
     multilabel: bool = False
@@ -96,20 +99,28 @@ class OnlineLabelSmoothing(nn.Module):
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         logits = logits.float()
-        if self.training:
-            with torch.no_grad():
-                probs = logits.softmax(dim=1)
-                # Masking by multiplication instead of boolean indexing avoids a host sync per step.
-                correct = (probs.argmax(dim=1) == targets).float()
-                step_sums = torch.zeros_like(self.accumulated).index_add_(0, targets, probs * correct[:, None])
-                step_counts = torch.zeros_like(self.counts).index_add_(0, targets, correct)
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(step_sums)
-                    torch.distributed.all_reduce(step_counts)
-                self.accumulated += step_sums
-                self.counts += step_counts
         hard = F.cross_entropy(logits, targets)
         return self.alpha * hard + (1.0 - self.alpha) * _soft_cross_entropy(logits, self.soft_labels[targets])
+
+    @torch.no_grad()
+    def observe(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """This batch's increments as one row each: ``(1, C, C)`` sums of softmax, ``(1, C)`` counts, per true class."""
+        probs = logits.float().softmax(dim=1)
+        # Masking by multiplication instead of boolean indexing avoids a host sync per step.
+        correct = (probs.argmax(dim=1) == targets).float()
+        sums = torch.zeros_like(self.accumulated).index_add_(0, targets, probs * correct[:, None])
+        counts = torch.zeros_like(self.counts).index_add_(0, targets, correct)
+        return sums[None], counts[None]
+
+    @torch.no_grad()
+    def update_(self, sums: Tensor, counts: Tensor) -> None:
+        """Add the observed increments (rows summed), summed over the ranks."""
+        sums, counts = sums.sum(dim=0), counts.sum(dim=0)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(counts)
+        self.accumulated += sums
+        self.counts += counts
 
     @torch.no_grad()
     def epoch_end(self) -> None:

@@ -1,15 +1,14 @@
 """The base every semi-supervised classifier (and the supervised baseline) builds on.
 
-The base owns what methods share: the network, the labeled loss, SGD with Nesterov momentum and
-FixMatch's cosine schedule, an EMA copy of the weights used for validation, test and predict,
-and logging. A method subclass says only what makes it different: which unlabeled views it
-needs (``unlabeled_views``) and its ``unlabeled_loss``; methods whose forward is not a plain
-pass over the views (MixMatch's mixup) override ``compute_losses``.
-
-The labeled loss is a configurable criterion (:mod:`lightning_modules.classification.criteria`: label smoothing
-and its relatives, focal, OHEM, class weights, multi-label BCE or sigmoid-F1), and R-Drop adds a
-second dropout pass of the labeled batch with a symmetric-KL penalty, for any method that uses
-the base's forward.
+It owns what methods share: the network, the labeled loss, SGD with Nesterov momentum and FixMatch's
+cosine schedule, an EMA copy of the weights used for validation, test and predict, logging, and the
+commit of running state once per optimizer step (:mod:`lightning_modules.core.step_state`). A method
+subclass says only what makes it different: the unlabeled views it needs (``unlabeled_views``) and its
+``unlabeled_loss``; a method whose forward is not a plain pass over the views (MixMatch's mixup)
+overrides ``compute_losses``. The labeled loss is a criterion by name
+(:mod:`lightning_modules.classification.criteria`: label smoothing and its relatives, focal, OHEM, class
+weights, multi-label BCE or sigmoid-F1); R-Drop adds a second dropout pass of the labeled batch with a
+symmetric-KL penalty, for any method that uses the base's forward.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from lightning_modules.core.distributed import average_batchnorm_statistics, che
 from lightning_modules.core.ema import EMAModel
 from lightning_modules.core.optimization import RAMPUPS, OptimizerRecipe
 from lightning_modules.core.progress_values import HostValues
+from lightning_modules.core.step_state import StepState
 from lightning_modules.core.training_checks import FiniteLossCheck, check_model_fits_data
 
 
@@ -52,10 +52,9 @@ class SemiSupervisedModule(OptimizerRecipe, LightningModule):
         concat_forward: one forward over labeled and unlabeled images together (BatchNorm sees
             the whole step's batch, as in FixMatch) instead of one forward per view; methods with
             ``supports_concat_forward = False`` (VAT) refuse it.
-        criterion: the labeled loss by name (``ce``, ``label_smoothing``,
-            ``online_label_smoothing``, ``disturb_label``, ``tfkd_reg``, ``knowledge_refinery``,
-            ``focal``, ``ohem``, ``weighted_ce``; multi-label: ``bce``, ``sigmoid_f1``, which also
-            switch evaluation to macro and micro F1).
+        criterion: the labeled loss by name (``ce``, ``label_smoothing``, ``online_label_smoothing``, ``disturb_label``,
+            ``tfkd_reg``, ``knowledge_refinery``, ``focal``, ``ohem``, ``weighted_ce``; multi-label: ``bce``,
+            ``sigmoid_f1``, which also switch evaluation to macro and micro F1).
         criterion_kwargs: arguments of the criterion (e.g. ``{"smoothing": 0.1}``).
         rdrop_weight: R-Drop (Liang et al., 2021): the labeled batch goes through the network
             twice (two dropout masks) and ``rdrop_weight * symmetric_kl`` of the two passes is
@@ -114,6 +113,7 @@ class SemiSupervisedModule(OptimizerRecipe, LightningModule):
         self.ema = EMAModel(self.net, decay=ema_decay) if ema_decay is not None else None
         self.finite_loss_check = FiniteLossCheck()  # stops at a NaN/inf loss, naming the term and step
         self.progress_values = HostValues()  # the progress bar's values, read without a GPU sync
+        self.step_state = StepState()  # running state: proposed by the loss, committed after the optimizer step
         self.val_acc, self.test_acc = self._metric(), self._metric()
         if self.multilabel:
             self.val_micro_f1 = MultilabelF1Score(num_classes, average="micro")
@@ -159,6 +159,7 @@ class SemiSupervisedModule(OptimizerRecipe, LightningModule):
 
     # --- training --------------------------------------------------------------------------
     def labeled_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.step_state.observe(self.criterion, logits, targets)  # a criterion's running state (online label smoothing)
         return self.criterion(logits, targets)
 
     def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -195,8 +196,9 @@ class SemiSupervisedModule(OptimizerRecipe, LightningModule):
         return loss
 
     def training_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        """The step's total loss without logging: what callbacks that need extra passes (FGM, PGD) call."""
-        return self.total_loss(self.compute_losses(batch))
+        """The step's total loss without logging, for callbacks' extra passes (FGM, PGD): it proposes no state."""
+        with self.step_state.frozen():
+            return self.total_loss(self.compute_losses(batch))
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)
@@ -217,6 +219,7 @@ class SemiSupervisedModule(OptimizerRecipe, LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        self.step_state.commit()  # once per optimizer step, every micro-batch's proposals (core/step_state.py)
         average_batchnorm_statistics(self.trainable_modules())  # DDP: every rank, and so the EMA, agrees
         if self.ema is not None:
             self.ema.update(self.net)
@@ -225,10 +228,8 @@ class SemiSupervisedModule(OptimizerRecipe, LightningModule):
         self.finite_loss_check.flush()
 
     def on_train_epoch_end(self) -> None:
-        # Online label smoothing swaps in the soft labels it accumulated over the epoch.
-        epoch_end = getattr(self.criterion, "epoch_end", None)
-        if epoch_end is not None:
-            epoch_end()
+        if hasattr(self.criterion, "epoch_end"):  # online label smoothing swaps in its epoch's soft labels
+            self.criterion.epoch_end()
 
     # --- evaluation ------------------------------------------------------------------------
     def _sync_ema_device(self) -> None:
@@ -239,6 +240,7 @@ class SemiSupervisedModule(OptimizerRecipe, LightningModule):
 
     def on_fit_start(self) -> None:
         self._sync_ema_device()
+        self.step_state.discard()  # proposals of losses computed before fit
         check_model_fits_data(self.hparams, self.trainer.datamodule)
         if self.ema is None:
             return

@@ -28,8 +28,9 @@ class FlexMatch(FixMatch):
 
     Loss: ``L = L_s + lambda_u * 1/(mu B) sum_b 1[max q_b > T_{argmax q_b}] CE(argmax q_b, p(y | strong(u_b)))``,
     ``q_b = softmax(logits(weak(u_b)) / T)``, no gradient through ``q_b``. The thresholds of a step
-    come from the memory before the step; the memory is then updated with the step's samples with
-    ``max q_b > tau``, gathered from all ranks, so every rank holds the same memory.
+    come from the memory before the step; the loss proposes the step's samples with ``max q_b > tau``,
+    and after the optimizer step the memory records them, gathered from all ranks, so every rank holds
+    the same memory (docs/design.md, "Running state": FGM's and PGD's extra passes record nothing).
 
     Early in training every ``beta_c`` is 0, so every ``T_c`` is 0 and nearly all pseudo-labels are
     used; the thresholds rise towards ``tau`` as the memory fills.
@@ -99,7 +100,7 @@ class FlexMatch(FixMatch):
 
     @torch.no_grad()
     def update_memory(self, index: torch.Tensor, confidence: torch.Tensor, prediction: torch.Tensor) -> None:
-        """Record ``prediction`` for the samples with ``confidence > tau``, from every rank's batch."""
+        """Record ``prediction`` for the samples with ``confidence > tau``, from every rank's batch (the commit)."""
         index, confidence, prediction = (gather_rows(self, t) for t in (index, confidence, prediction))
         selected = confidence > self.threshold
         write_last_(self.memory, index[selected].to(self.memory.device), prediction[selected])
@@ -110,7 +111,7 @@ class FlexMatch(FixMatch):
         confidence, pseudo_labels = probs.max(dim=1)
         thresholds = self.class_thresholds().to(probs.device)
         mask = (confidence > thresholds[pseudo_labels]).to(probs.dtype)
-        self.update_memory(batch["index"], confidence, pseudo_labels)
+        self.step_state.propose(self.update_memory, batch["index"], confidence, pseudo_labels)
         return {
             "unlabeled_loss": masked_cross_entropy(logits["strong"], pseudo_labels, mask),
             "mask_ratio": mask.mean(),

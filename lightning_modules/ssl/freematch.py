@@ -9,7 +9,7 @@ import torch
 from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.core.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.losses import masked_accuracy, masked_cross_entropy
-from lightning_modules.ssl.threshold_state import class_histogram, ema_update_, gather_rows
+from lightning_modules.ssl.threshold_state import class_histogram, ema_step, gather_rows
 
 
 class FreeMatch(SemiSupervisedModule):
@@ -46,7 +46,9 @@ class FreeMatch(SemiSupervisedModule):
     which USB would all keep.
 
     State: buffers ``global_threshold`` (scalar), ``class_model`` and ``label_hist`` (``(C,)``), in
-    ``state_dict``, updated identically on every rank.
+    ``state_dict``. The loss computes the step's ``(tau_t, p~_t, h~_t)`` from the committed buffers
+    without writing them and proposes the gathered ``q``; the buffers take that step once, after the
+    optimizer step, identically on every rank (docs/design.md, "Running state").
 
     Args:
         ema_momentum: lambda, the momentum of the three moving averages.
@@ -67,43 +69,58 @@ class FreeMatch(SemiSupervisedModule):
         self.register_buffer("label_hist", torch.full((num_classes,), 1.0 / num_classes))
 
     # --- state -----------------------------------------------------------------------------
+    @property
+    def committed_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The committed ``(tau_t, p~_t, h~_t)``."""
+        return self.global_threshold, self.class_model, self.label_hist
+
+    @torch.no_grad()
+    def next_state(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One EMA step of the committed ``(tau_t, p~_t, h~_t)`` from weak-view probabilities ``probs`` (every
+        rank's); writes nothing."""
+        confidence, prediction = probs.max(dim=1)
+        observed = (confidence.mean(), probs.mean(dim=0), class_histogram(prediction, self.hparams.num_classes))
+        return tuple(ema_step(s, v, self.ema_momentum) for s, v in zip(self.committed_state, observed))
+
     @torch.no_grad()
     def update_state(self, probs: torch.Tensor) -> None:
-        """One EMA step of ``tau_t``, ``p~_t`` and ``h~_t`` from the weak-view probabilities of all ranks."""
-        probs = gather_rows(self, probs.detach().float())
-        confidence, prediction = probs.max(dim=1)
-        ema_update_(self.global_threshold, confidence.mean(), self.ema_momentum)
-        ema_update_(self.class_model, probs.mean(dim=0), self.ema_momentum)
-        ema_update_(self.label_hist, class_histogram(prediction, self.hparams.num_classes), self.ema_momentum)
+        """The commit: the buffers take :meth:`next_state` (``probs``: the step's proposed rows)."""
+        for buffer, value in zip(self.committed_state, self.next_state(probs)):
+            buffer.copy_(value)
 
-    def class_thresholds(self) -> torch.Tensor:
-        """``tau_t(c) = p~_t(c) / max p~_t * tau_t``, shape ``(C,)``."""
-        return self.class_model / self.class_model.max() * self.global_threshold
+    def class_thresholds(self, state: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``tau_t(c) = p~_t(c) / max p~_t * tau_t``, shape ``(C,)``, from ``state`` (the committed one by default)."""
+        tau, class_model, _ = state if state is not None else self.committed_state
+        return class_model / class_model.max() * tau
 
-    def fairness_loss(self, strong_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def fairness_loss(self, strong_logits: torch.Tensor, mask: torch.Tensor,
+                      state: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """``L_f = sum_c SumNorm(p~_t / h~_t)_c log SumNorm(p_bar / h_bar)_c`` over the masked samples."""
+        _, class_model, label_hist = state if state is not None else self.committed_state
         selected = mask > 0
         if not selected.any():
             return strong_logits.sum() * 0.0  # keeps the graph (and DDP's used parameters) intact
         probs = torch.softmax(strong_logits[selected].float(), dim=1)
         mean_prob = probs.mean(dim=0)
         hist = class_histogram(probs.detach().argmax(dim=1), self.hparams.num_classes, probs.dtype)
-        target = _sum_norm(self.class_model / self.label_hist)
+        target = _sum_norm(class_model / label_hist)
         batch = _sum_norm(mean_prob * _safe_reciprocal(hist))
         return (target.detach() * torch.log(batch + 1e-12)).sum()
 
     # --- loss ------------------------------------------------------------------------------
     def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         probs = torch.softmax(logits["weak"].detach().float(), dim=1)
-        self.update_state(probs)
+        observed = gather_rows(self, probs)  # every rank's batch moves the state this step's mask uses
+        state = self.next_state(observed)
+        self.step_state.propose(self.update_state, observed)
         confidence, pseudo_labels = probs.max(dim=1)
-        mask = (confidence > self.class_thresholds()[pseudo_labels]).to(probs.dtype)
+        mask = (confidence > self.class_thresholds(state)[pseudo_labels]).to(probs.dtype)
         return {
             "unlabeled_loss": masked_cross_entropy(logits["strong"], pseudo_labels, mask),
-            "fairness_loss": self.fairness_loss(logits["strong"], mask),
+            "fairness_loss": self.fairness_loss(logits["strong"], mask, state),
             "mask_ratio": mask.mean(),
             "pseudo_label_acc": masked_accuracy(pseudo_labels, batch["target"], mask),
-            "global_threshold": self.global_threshold.detach().clone(),
+            "global_threshold": state[0],
         }
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:

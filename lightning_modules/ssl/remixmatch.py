@@ -50,7 +50,8 @@ class ReMixMatch(SemiSupervisedModule):
     1. Guess (no gradient, BatchNorm's running statistics untouched): ``p = softmax(f(weak(u)))``;
        distribution alignment ``p~ = normalize(p * (p_labeled + 1e-6) / (p_model + 1e-6))``,
        ``p_model`` the mean of ``p`` over the last ``dist_align_window`` batches (all-reduced over
-       processes, this batch included); ``q = sharpen(p~, T)``.
+       processes, this batch included; the ring records it once, after the optimizer step);
+       ``q = sharpen(p~, T)``.
     2. Augmentation anchoring: ``q`` is the target of the weak view and of every strong view.
     3. Mixup (one ``lam ~ Beta(alpha, alpha)`` per step, ``lam' = max(lam, 1 - lam)``) of
        ``[x, strong(u), strong2(u), weak(u)]`` with a shuffle of itself, targets ``[y, q, q, q]``;
@@ -140,8 +141,8 @@ class ReMixMatch(SemiSupervisedModule):
             self.rotation_head: nn.Module | None = nn.Linear(self.net.num_features, 4)
         else:
             self.rotation_head = None
-        # Distribution-alignment state. Buffers, so checkpoints carry them; every rank updates them
-        # identically from all-reduced values, so DDP's broadcast from rank 0 changes nothing.
+        # Distribution-alignment state. Buffers, so checkpoints carry them; every rank commits the same
+        # all-reduced batch mean after the optimizer step, so DDP's broadcast from rank 0 changes nothing.
         self.register_buffer("da_target", torch.full((num_classes,), 1.0 / num_classes))
         self.register_buffer("da_history", torch.zeros(dist_align_window, num_classes))
         self.register_buffer("da_count", torch.zeros((), dtype=torch.long))
@@ -163,27 +164,33 @@ class ReMixMatch(SemiSupervisedModule):
         counts = torch.bincount(train[1][split.labeled], minlength=num_classes).float()
         return (counts / counts.sum()).to(self.da_target.device)
 
-    def model_marginal(self) -> torch.Tensor:
-        """``p_model``: mean of the stored per-batch mean predictions (uniform before the first)."""
-        filled = int(min(int(self.da_count), len(self.da_history)))
+    def model_marginal(self, batch_mean: torch.Tensor | None = None) -> torch.Tensor:
+        """``p_model``: mean of the committed per-batch mean predictions, plus ``batch_mean`` as the newest
+        when given (uniform before the first); writes nothing."""
+        history, count = self.da_history, int(self.da_count)
+        if batch_mean is not None:
+            history = history.clone()
+            history[count % len(history)] = batch_mean
+            count += 1
+        filled = min(count, len(history))
         if filled == 0:
             return torch.full_like(self.da_target, 1.0 / len(self.da_target))
-        return self.da_history[:filled].mean(dim=0)
+        return history[:filled].mean(dim=0)
 
     @torch.no_grad()
-    def update_model_marginal(self, probs: torch.Tensor) -> None:
-        """Store this step's mean prediction (averaged over processes) in the ring of recent batches."""
-        batch_mean = _mean_across_ranks(probs.float().mean(dim=0))
-        self.da_history[int(self.da_count) % len(self.da_history)] = batch_mean
+    def update_model_marginal(self, batch_means: torch.Tensor) -> None:
+        """The commit: store the step's mean prediction (the mean of its micro-batches' rows) in the ring."""
+        self.da_history[int(self.da_count) % len(self.da_history)] = batch_means.mean(dim=0)
         self.da_count += 1
 
     @torch.no_grad()
     def guess_labels(self, weak_logits: torch.Tensor) -> torch.Tensor:
-        """Targets for the unlabeled images: aligned (updating the running state) and sharpened."""
+        """Targets for the unlabeled images: aligned (with this batch's mean, proposed for the ring) and sharpened."""
         probs = torch.softmax(weak_logits.detach().float(), dim=1)
         if self.dist_align:
-            self.update_model_marginal(probs)
-            probs = distribution_alignment(probs, self.model_marginal(), self.da_target)
+            batch_mean = _mean_across_ranks(probs.mean(dim=0))
+            self.step_state.propose(self.update_model_marginal, batch_mean[None])
+            probs = distribution_alignment(probs, self.model_marginal(batch_mean), self.da_target)
         return sharpen(probs, self.temperature)
 
     # --- losses ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.core.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.losses import distribution_alignment, masked_accuracy, masked_cross_entropy
-from lightning_modules.ssl.threshold_state import ema_update_, gather_rows
+from lightning_modules.ssl.threshold_state import ema_step, gather_rows
 
 
 class SoftMatch(SemiSupervisedModule):
@@ -49,8 +49,10 @@ class SoftMatch(SemiSupervisedModule):
     steps, EMA 0.999) with m = 0.999, lambda_max = 1, n_sigma = 2, UA on.
 
     State: buffers ``conf_mean``, ``conf_var`` (scalars) and ``prob_mean`` (``(C,)``, UA; all zeros
-    until the first batch, as a mean of probabilities never is), in ``state_dict``, updated
-    identically on every rank.
+    until the first batch, as a mean of probabilities never is), in ``state_dict``. The loss computes
+    the step's ``E_t[q]``, ``mu_t`` and ``sigma_t^2`` from the committed buffers without writing them
+    and proposes the gathered ``q``; the buffers take that step once, after the optimizer step,
+    identically on every rank (docs/design.md, "Running state").
 
     Args:
         ema_momentum: m, the momentum of the moving averages.
@@ -78,41 +80,51 @@ class SoftMatch(SemiSupervisedModule):
 
     # --- state -----------------------------------------------------------------------------
     @torch.no_grad()
-    def align(self, probs: torch.Tensor) -> torch.Tensor:
-        """UA: update ``E_t[q]`` from all ranks' ``probs``, return ``probs`` aligned to the uniform distribution."""
-        batch_mean = gather_rows(self, probs).mean(dim=0)
-        m = self.ema_momentum
-        started = self.prob_mean.sum() > 0  # a tensor condition: no host synchronization
-        self.prob_mean.copy_(torch.where(started, m * self.prob_mean + (1 - m) * batch_mean, batch_mean))
-        uniform = torch.full_like(self.prob_mean, 1.0 / len(self.prob_mean))
-        return distribution_alignment(probs, self.prob_mean, uniform)
+    def aligned_confidence(self, probs: torch.Tensor, prob_mean: torch.Tensor) -> torch.Tensor:
+        """``max q^_b``: max-probabilities, under UA aligned to the uniform distribution with ``E_t[q] = prob_mean``."""
+        if self.uniform_alignment:
+            probs = distribution_alignment(probs, prob_mean, torch.full_like(prob_mean, 1.0 / len(prob_mean)))
+        return probs.max(dim=1).values
 
     @torch.no_grad()
-    def update_state(self, confidence: torch.Tensor) -> None:
-        """One EMA step of ``mu_t`` and ``sigma_t^2`` from the max-probabilities of all ranks."""
-        confidence = gather_rows(self, confidence)
+    def next_state(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of the committed ``(E_t[q], mu_t, sigma_t^2)`` from weak-view probabilities ``probs`` (every
+        rank's); writes nothing."""
+        m, prob_mean = self.ema_momentum, self.prob_mean
+        if self.uniform_alignment:
+            batch_mean = probs.mean(dim=0)
+            started = prob_mean.sum() > 0  # a tensor condition: no host synchronization
+            prob_mean = torch.where(started, m * prob_mean + (1 - m) * batch_mean, batch_mean)
+        confidence = self.aligned_confidence(probs, prob_mean)
         var = confidence.var() if confidence.numel() > 1 else torch.zeros_like(confidence.sum())
-        ema_update_(self.conf_mean, confidence.mean(), self.ema_momentum)
-        ema_update_(self.conf_var, var, self.ema_momentum)
+        return prob_mean, ema_step(self.conf_mean, confidence.mean(), m), ema_step(self.conf_var, var, m)
 
-    def sample_weights(self, confidence: torch.Tensor) -> torch.Tensor:
-        """Truncated Gaussian ``lambda(max q)`` from the current ``mu_t`` and ``sigma_t^2``."""
-        mu = self.conf_mean
-        gauss = torch.exp(-(confidence - mu) ** 2 / (2.0 * self.conf_var.clamp_min(1e-12) / self.n_sigma**2))
+    @torch.no_grad()
+    def update_state(self, probs: torch.Tensor) -> None:
+        """The commit: the buffers take :meth:`next_state` (``probs``: the step's proposed rows)."""
+        for buffer, value in zip((self.prob_mean, self.conf_mean, self.conf_var), self.next_state(probs)):
+            buffer.copy_(value)
+
+    def sample_weights(self, confidence: torch.Tensor, mean: torch.Tensor | None = None,
+                       var: torch.Tensor | None = None) -> torch.Tensor:
+        """Truncated Gaussian ``lambda(max q)`` from ``mu_t`` and ``sigma_t^2`` (the committed ones by default)."""
+        mu = self.conf_mean if mean is None else mean
+        var = self.conf_var if var is None else var
+        gauss = torch.exp(-(confidence - mu) ** 2 / (2.0 * var.clamp_min(1e-12) / self.n_sigma**2))
         return self.lambda_max * torch.where(confidence >= mu, torch.ones_like(gauss), gauss)
 
     # --- loss ------------------------------------------------------------------------------
     def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         probs = torch.softmax(logits["weak"].detach().float(), dim=1)
         pseudo_labels = probs.argmax(dim=1)  # raw, not aligned: UA only shapes the weights
-        aligned = self.align(probs) if self.uniform_alignment else probs
-        confidence = aligned.max(dim=1).values
-        self.update_state(confidence)
-        weights = self.sample_weights(confidence)
+        observed = gather_rows(self, probs)  # every rank's batch moves the state these weights use
+        prob_mean, mean, var = self.next_state(observed)
+        self.step_state.propose(self.update_state, observed)
+        weights = self.sample_weights(self.aligned_confidence(probs, prob_mean), mean, var)
         return {
             "unlabeled_loss": masked_cross_entropy(logits["strong"], pseudo_labels, weights),
             "mask_ratio": weights.mean(),
             "pseudo_label_acc": masked_accuracy(pseudo_labels, batch["target"], weights),
-            "conf_mean": self.conf_mean.detach().clone(),
-            "conf_std": self.conf_var.detach().sqrt(),
+            "conf_mean": mean,
+            "conf_std": var.sqrt(),
         }

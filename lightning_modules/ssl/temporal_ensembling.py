@@ -24,14 +24,16 @@ class TemporalEnsembling(SemiSupervisedModule):
     (the paper's first epoch, where ``Z = 0`` and ``w = 0``, has the same effect).
 
     Differences from the paper, which updates ``Z`` once per epoch after the whole pass and counts
-    ``t`` in epochs: the update runs after every training batch (``on_train_batch_end``) and ``t``
-    counts the updates of that sample, so the correction stays exact with random sampling (an
-    image may be drawn zero or several times in an epoch).
+    ``t`` in epochs: the loss proposes the step's predictions and the update runs once after every
+    optimizer step (docs/design.md, "Running state"; FGM's and PGD's extra passes propose nothing),
+    and ``t`` counts the updates of that sample, so the correction stays exact with random sampling
+    (an image may be drawn zero or several times in an epoch).
 
     The memory is a pair of plain tensor attributes, not registered buffers (DDP would overwrite
     them from rank 0 on each forward); each rank gathers the (index, prediction) pairs of all
     ranks with ``all_gather`` and applies the same update, so the copies stay identical. Repeated
-    indices in one gathered batch are averaged into one update. Checkpoints carry the memory.
+    indices in one gathered step (micro-batches of one optimizer step included) are averaged into
+    one update. Checkpoints carry the memory.
 
     Recipe (paper, CIFAR-10, 4000 labels, 12.16 % error with its own ConvNet), the defaults here:
     alpha = 0.6, w_max = 30 scaled by labeled/total (30 * 4000 / 50000 = 2.4; rescale for other
@@ -59,7 +61,6 @@ class TemporalEnsembling(SemiSupervisedModule):
         # Plain attributes, deliberately not buffers (see the class docstring).
         self.ensemble = torch.zeros(0, self.hparams.num_classes)
         self.update_counts = torch.zeros(0, dtype=torch.long)
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         if memory_size is not None:
             self._ensure_memory(memory_size)
 
@@ -83,16 +84,22 @@ class TemporalEnsembling(SemiSupervisedModule):
         self._ensure_memory(size, self.device)
 
     def ensemble_targets(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bias-corrected targets ``Z / (1 - alpha^t)`` of ``index`` and the mask ``t > 0``."""
-        self._ensure_memory(int(index.max()) + 1 if index.numel() else 0, index.device)
-        counts = self.update_counts[index]
+        """Bias-corrected targets ``Z / (1 - alpha^t)`` of ``index`` and the mask ``t > 0``; an index beyond the
+        memory is unseen. Reads the memory only."""
+        ensemble, counts = self.ensemble.to(index.device), self.update_counts.to(index.device)
+        if len(ensemble) == 0:
+            return ensemble.new_zeros(len(index), ensemble.shape[1]), ensemble.new_zeros(len(index))
+        inside = index < len(ensemble)
+        rows = index.clamp(max=len(ensemble) - 1)
+        counts = counts[rows] * inside
         seen = counts > 0
         correction = 1.0 - self.ensemble_momentum ** counts.clamp(min=1).double()
-        return self.ensemble[index] / correction.to(self.ensemble.dtype).unsqueeze(1), seen.to(self.ensemble.dtype)
+        targets = ensemble[rows] * inside.unsqueeze(1) / correction.to(ensemble.dtype).unsqueeze(1)
+        return targets, seen.to(ensemble.dtype)
 
     @torch.no_grad()
     def update_memory(self, index: torch.Tensor, probs: torch.Tensor) -> None:
-        """``Z <- alpha Z + (1 - alpha) z`` and ``t <- t + 1`` for the rows ``index`` only.
+        """``Z <- alpha Z + (1 - alpha) z`` and ``t <- t + 1`` for the rows ``index`` only (the commit).
 
         Gathers ``index`` and ``probs`` from all ranks first (a no-op in one process), so every
         rank applies the same update. A repeated index gets the mean of its predictions, once.
@@ -114,25 +121,13 @@ class TemporalEnsembling(SemiSupervisedModule):
     def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         index = batch["index"]
         targets, seen = self.ensemble_targets(index)
-        squared = (torch.softmax(logits["weak"].float(), dim=1) - targets).pow(2).mean(dim=1)
-        # Applied after the batch, so extra passes of the same step (adversarial callbacks) do
-        # not update the memory twice.
-        self._pending = (index.detach(), torch.softmax(logits["weak"].detach().float(), dim=1))
+        probs = torch.softmax(logits["weak"].float(), dim=1)
+        squared = (probs - targets).pow(2).mean(dim=1)
+        self.step_state.propose(self.update_memory, index, probs.detach())
         return {"unlabeled_loss": (squared * seen).mean(), "ensemble_coverage": seen.mean()}
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._apply_pending()
-
-    def _apply_pending(self) -> None:
-        if self._pending is not None:
-            self.update_memory(*self._pending)
-            self._pending = None
 
     # --- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A checkpoint saved in a callback's on_train_batch_end (ModelCheckpoint every_n_train_steps)
-        # comes before this module's on_train_batch_end: the step's update must be in it.
-        self._apply_pending()
         super().on_save_checkpoint(checkpoint)
         checkpoint["temporal_ensemble"] = {"ensemble": self.ensemble.cpu(), "update_counts": self.update_counts.cpu()}
 

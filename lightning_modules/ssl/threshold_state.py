@@ -4,14 +4,19 @@ These methods keep running statistics of the model's unlabeled predictions: a pe
 (FlexMatch) or exponential moving averages (FreeMatch, SoftMatch). Where that state lives, and how
 it stays the same on every process, is decided here once:
 
+* **Proposed in the loss, committed after the optimizer step** (:mod:`lightning_modules.core.step_state`).
+  The loss reads the committed buffers and computes what it needs from them and the batch with pure
+  functions (:func:`ema_step` below); it proposes its observation, and the method's update, called
+  once per optimizer step, is the only code that writes. FGM's and PGD's extra passes propose nothing.
 * **Registered buffers.** The state is registered on the LightningModule with ``register_buffer``,
   so it moves with the module's device and is saved in, and restored from, the checkpoint's
   ``state_dict`` without any extra hook.
 * **Identical updates on every rank.** Under DDP with ``broadcast_buffers=True`` Lightning's
   wrapper overwrites every buffer from rank 0 on each forward. That is harmless only if all ranks
   already hold the same values, so every update is computed from the batch gathered across ranks
-  (:func:`gather_rows`, a no-op in one process) and applied identically everywhere. A per-rank
-  update (USB's FlexMatch) would silently discard every rank's statistics but rank 0's.
+  (:func:`gather_rows`, a no-op in one process) and applied identically everywhere: in the loss
+  where the loss needs every rank's batch (FreeMatch, SoftMatch), else in the update (FlexMatch).
+  A per-rank update (USB's FlexMatch) would silently discard every rank's statistics but rank 0's.
 * **No gradient.** Updates run under ``torch.no_grad`` on detached probabilities.
 """
 
@@ -34,9 +39,9 @@ def gather_rows(module: LightningModule, tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ema_update_(state: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
-    """In place: ``state = momentum * state + (1 - momentum) * value``."""
-    state.mul_(momentum).add_(value.to(state.dtype), alpha=1.0 - momentum)
+def ema_step(state: torch.Tensor, value: torch.Tensor, momentum: float) -> torch.Tensor:
+    """``momentum * state + (1 - momentum) * value``, as a new tensor."""
+    return state.mul(momentum).add(value.to(state.dtype), alpha=1.0 - momentum)
 
 
 def class_histogram(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -24,6 +24,7 @@ from lightning_modules.classification.criteria import (
     build_criterion,
     symmetric_kl,
 )
+from lightning_modules.core.step_state import StepState
 
 LOGITS = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0], [1.0, 1.0, 4.0]])
 TARGETS = torch.tensor([0, 2, 0, 2])
@@ -52,13 +53,15 @@ def test_online_label_smoothing_accumulates_correct_samples_and_refreshes_at_epo
     assert torch.allclose(criterion.soft_labels, initial)
     # Rows 0, 1 and 3 are predicted correctly (classes 0, 2, 2); row 2 is not.
     loss = criterion(LOGITS, TARGETS)
+    assert criterion.counts.sum() == 0  # the loss is pure: the owner proposes observe() and commits update_()
+    criterion.update_(*criterion.observe(LOGITS, TARGETS))
     soft_ce = -(initial[TARGETS] * torch.log_softmax(LOGITS, 1)).sum(1).mean()
     assert loss.item() == pytest.approx((0.5 * F.cross_entropy(LOGITS, TARGETS) + 0.5 * soft_ce).item(), rel=1e-6)
     probs = LOGITS.softmax(1)
     assert torch.allclose(criterion.counts, torch.tensor([1.0, 0.0, 2.0]))
     assert torch.allclose(criterion.accumulated[0], probs[0])
     assert torch.allclose(criterion.accumulated[2], probs[1] + probs[3])
-    criterion(LOGITS[:1] * 2, TARGETS[:1])  # a second correct class-0 sample
+    criterion.update_(*criterion.observe(LOGITS[:1] * 2, TARGETS[:1]))  # a second correct class-0 sample
     criterion.epoch_end()
     assert torch.allclose(criterion.soft_labels[0], (probs[0] + (LOGITS[0] * 2).softmax(0)) / 2)
     assert torch.allclose(criterion.soft_labels[1], initial[1])  # no correct sample: row kept
@@ -68,8 +71,9 @@ def test_online_label_smoothing_accumulates_correct_samples_and_refreshes_at_epo
 
 
 def test_online_label_smoothing_does_not_accumulate_in_eval_mode():
-    criterion = OnlineLabelSmoothing(num_classes=3).eval()
-    criterion(LOGITS, TARGETS)
+    criterion, step_state = OnlineLabelSmoothing(num_classes=3).eval(), StepState()
+    step_state.observe(criterion, LOGITS, TARGETS)  # what the base does in labeled_loss
+    step_state.commit()
     assert criterion.counts.sum() == 0 and criterion.accumulated.abs().sum() == 0
 
 

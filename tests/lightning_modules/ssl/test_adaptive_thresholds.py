@@ -43,6 +43,7 @@ def test_flexmatch_thresholds_mask_and_memory_update_by_hand():
 
     batch = {"index": torch.tensor([5, 6, 0, 3]), "target": TARGET}
     out = model.unlabeled_loss({"weak": WEAK, "strong": STRONG}, batch)
+    model.step_state.commit()  # what the base does after the optimizer step
     # T = (0.57, 0.317, 0): rows 0, 1, 3 pass; row 2 (0.367, class 0) does not
     assert out["mask_ratio"].item() == pytest.approx(0.75)
     assert out["unlabeled_loss"].item() == pytest.approx(_expected_ce([(0, 0, 1), (1, 2, 1), (3, 1, 1)]).item(), rel=1e-6)
@@ -60,6 +61,7 @@ def test_write_last_keeps_the_last_of_repeated_indices():
 def test_freematch_state_after_one_update_and_its_losses_by_hand():
     model = FreeMatch(num_classes=3, in_channels=1, ema_momentum=0.9, fairness_weight=0.5, **NET)
     out = model.unlabeled_loss({"weak": WEAK, "strong": STRONG.clone().requires_grad_(True)}, {"target": TARGET})
+    model.step_state.commit()
     probs = torch.softmax(WEAK, 1)
     conf, pred = probs.max(1)
     tau = 0.9 / 3 + 0.1 * conf.mean()
@@ -98,6 +100,7 @@ def test_softmatch_mean_variance_and_weights_by_hand(uniform_alignment):
     model = SoftMatch(num_classes=3, in_channels=1, ema_momentum=0.9, n_sigma=2.0,
                       uniform_alignment=uniform_alignment, **NET)
     out = model.unlabeled_loss({"weak": WEAK, "strong": STRONG}, {"target": TARGET})
+    model.step_state.commit()
     probs = torch.softmax(WEAK, 1)
     pred = probs.argmax(1)  # pseudo-labels from the raw probabilities, aligned or not
     if uniform_alignment:
@@ -127,6 +130,7 @@ def test_softmatch_pseudo_labels_are_the_raw_argmax_not_the_aligned_one():
     aligned = probs / probs.mean(0)
     assert aligned[3].argmax() == 1 and probs[3].argmax() == 0  # alignment flips row 3's argmax
     out = model.unlabeled_loss({"weak": weak, "strong": STRONG}, {"target": probs.argmax(1)})
+    model.step_state.commit()
     assert out["mask_ratio"].item() > 0
     assert out["pseudo_label_acc"].item() == pytest.approx(1.0)  # every pseudo-label is the raw argmax
     per_row = -torch.log_softmax(STRONG, 1)[torch.arange(4), probs.argmax(1)]
@@ -139,8 +143,10 @@ def test_softmatch_class_marginal_starts_from_the_first_batch():
     model = SoftMatch(num_classes=3, in_channels=1, ema_momentum=0.9, **NET)
     first, second = torch.softmax(WEAK, 1), torch.softmax(STRONG, 1)
     model.unlabeled_loss({"weak": WEAK, "strong": STRONG}, {"target": TARGET})
+    model.step_state.commit()
     torch.testing.assert_close(model.prob_mean, first.mean(0))
     model.unlabeled_loss({"weak": STRONG, "strong": WEAK}, {"target": TARGET})
+    model.step_state.commit()
     torch.testing.assert_close(model.prob_mean, 0.9 * first.mean(0) + 0.1 * second.mean(0))
 
 
@@ -155,6 +161,7 @@ def test_unlabeled_term_trains_the_student_only(method):
     batch["unlabeled"]["strong"].requires_grad_(True)
     ema_before = [p.clone() for p in model.ema.module.parameters()]
     losses = model.compute_losses(batch)
+    model.step_state.commit()
     unlabeled = losses["unlabeled_loss"] + losses.get("fairness_loss", 0.0)
     assert unlabeled.requires_grad and torch.isfinite(unlabeled)
     unlabeled.backward()
@@ -221,12 +228,16 @@ def test_state_updates_use_every_ranks_batch(monkeypatch):
     model = FlexMatch(num_classes=3, in_channels=1, num_unlabeled=10, threshold=0.95, **NET)
     monkeypatch.setattr(model, "_trainer", type("T", (), {"world_size": 2})(), raising=False)
     monkeypatch.setattr(model, "all_gather", lambda t: torch.stack([t, next(other).to(t.dtype)]))
-    model.update_memory(torch.tensor([1, 2]), torch.tensor([0.97, 0.5]), torch.tensor([0, 2]))
+    model.update_memory(torch.tensor([1, 2]), torch.tensor([0.97, 0.5]), torch.tensor([0, 2]))  # the commit
     assert model.memory.tolist() == [-1, 0, -1, -1, -1, -1, -1, 2, -1, -1]  # rank 1's index 7 recorded too
 
     model = SoftMatch(num_classes=3, in_channels=1, ema_momentum=0.0, uniform_alignment=False, **NET)
     monkeypatch.setattr(model, "_trainer", type("T", (), {"world_size": 2})(), raising=False)
     monkeypatch.setattr(model, "all_gather", lambda t: torch.stack([t, t + 0.2]))
-    model.update_state(torch.tensor([0.3, 0.5]))
-    torch.testing.assert_close(model.conf_mean, torch.tensor(0.5))  # mean of 0.3, 0.5, 0.5, 0.7
-    torch.testing.assert_close(model.conf_var, torch.tensor([0.3, 0.5, 0.5, 0.7]).var())
+    # max-probabilities 0.4 and 0.6 here, 0.6 and 0.8 on the stand-in rank; the loss gathers the
+    # probabilities (the state it uses includes every rank's batch) and proposes them for the commit
+    probs = torch.tensor([[0.4, 0.3, 0.3], [0.2, 0.6, 0.2]])
+    model.unlabeled_loss({"weak": probs.log(), "strong": STRONG[:2]}, {"target": TARGET[:2]})
+    model.step_state.commit()
+    torch.testing.assert_close(model.conf_mean, torch.tensor(0.6))  # mean of 0.4, 0.6, 0.6, 0.8
+    torch.testing.assert_close(model.conf_var, torch.tensor([0.4, 0.6, 0.6, 0.8]).var())

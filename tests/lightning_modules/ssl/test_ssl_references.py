@@ -210,6 +210,7 @@ def test_remixmatch_matches_reference_train_step(concat_forward):
     u1 = _soft_ce(u1_logits, sharpen)
     rot = F.cross_entropy(logits_rot, rot_v)
 
+    model.step_state.commit()  # what the base does after the optimizer step
     torch.testing.assert_close(model.model_marginal(), p_model)
     torch.testing.assert_close(losses["mixup_lambda"], lam)
     torch.testing.assert_close(losses["labeled_loss"], sup)

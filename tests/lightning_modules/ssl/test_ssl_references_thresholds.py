@@ -74,6 +74,7 @@ def test_flexmatch_matches_reference_over_four_steps(thresh_warmup):
         idx_ulb = torch.randperm(ulb_dest_len, generator=g)  # every sample again: later steps overwrite
         out = model.unlabeled_loss({"weak": weak, "strong": strong},
                                    {"index": idx_ulb, "target": torch.full((10,), -1)})
+        model.step_state.commit()  # what the base does after the optimizer step
         probs = torch.softmax(weak, -1)
         mask = hook.masking(probs, idx_ulb, p_cutoff)
         unsup = (_ce(strong, probs.argmax(-1)) * mask).mean()
@@ -115,6 +116,7 @@ def test_freematch_matches_reference_over_three_steps():
     time_p = p_model.mean()
     for weak, strong in _batches(num_classes, 16, bias=1.0):
         out = model.unlabeled_loss({"weak": weak, "strong": strong}, {"target": torch.full((16,), -1)})
+        model.step_state.commit()
         probs_x_ulb = torch.softmax(weak, -1)
         max_probs, max_idx = probs_x_ulb.max(-1)
         time_p = time_p * m + (1 - m) * max_probs.mean()
@@ -157,6 +159,7 @@ def test_softmatch_matches_reference_over_three_steps(uniform_alignment):
     for weak, strong in _batches(num_classes, 16, bias=1.5):
         raw_argmax = weak.argmax(-1)
         out = model.unlabeled_loss({"weak": weak, "strong": strong}, {"target": raw_argmax})
+        model.step_state.commit()
         probs_x_ulb_w = torch.softmax(weak, -1)
         if uniform_alignment:
             batch_mean = probs_x_ulb_w.mean(0)

@@ -110,6 +110,7 @@ def test_distribution_alignment_state_matches_a_hand_computation():
     means = [torch.softmax(b, 1).mean(0) for b in batches]
     for i, logits in enumerate(batches):
         guess = model.guess_labels(logits)
+        model.step_state.commit()  # what the base does after the optimizer step
         p_model = torch.stack(means[max(0, i - 1): i + 1]).mean(0)  # the last two batches, this one included
         torch.testing.assert_close(model.model_marginal(), p_model)
         aligned = torch.softmax(logits, 1) * torch.tensor([0.5, 0.25, 0.25]) / p_model
