@@ -5,6 +5,8 @@ every optimizer step (one ``torch._foreach_lerp_`` per dtype/device group). Vali
 and predict run with the averaged weights: they are copied into the module at the start of the
 loop and the raw weights are copied back, bitwise, at its end. Checkpoints keep the raw weights
 in ``"state_dict"`` and the average in the callback's state, so a resumed run continues exactly.
+One EMA per model: a module that keeps its own (the base's ``ema_decay``) is refused in ``setup``
+(:func:`refuse_a_second_ema`; docs/callbacks_ema.md says why it is refused rather than taken over).
 
 Usage::
 
@@ -35,7 +37,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_modules.core.ema import EMAModel, broadcast_buffers, check_ema_arguments
+from lightning_modules.core.ema import EMAModel, broadcast_buffers, check_ema_arguments, kept_ema
 
 
 class EMA(L.Callback):
@@ -88,6 +90,7 @@ class EMA(L.Callback):
 
     # --- creation ----------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        refuse_a_second_ema(pl_module)
         if self.ema is None:
             self.ema = EMAModel(pl_module, decay=self.decay, warmup_power=self.warmup_power,
                                 buffers=self.buffers, device=self.device)
@@ -97,9 +100,7 @@ class EMA(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ema.to(pl_module.device)
         if self.ema.num_updates == 0 and not self._loaded:
-            # After DDP's broadcast of rank 0's weights: every rank starts from the same copy.
-            with torch.no_grad():
-                _copy(_tensors(self.ema.module), _tensors(pl_module))
+            self.ema.restart(pl_module)  # after DDP's broadcast of rank 0's weights: every rank starts alike
 
     # --- updates -----------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
@@ -112,8 +113,7 @@ class EMA(L.Callback):
             return
         if self.ema.num_updates == 0 and self.start_step > 0:
             # Start from the weights at start_step, not from an average with the initial ones.
-            with torch.no_grad():
-                _copy(_tensors(self.ema.module), _tensors(pl_module))
+            self.ema.restart(pl_module)
             self.ema.num_updates = 1
         else:
             self.ema.update(pl_module)
@@ -194,6 +194,26 @@ class EMA(L.Callback):
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged weights, with the LightningModule's ``state_dict`` keys."""
         return {k: v.detach().clone() for k, v in self.ema.module.state_dict().items()}
+
+
+def refuse_a_second_ema(pl_module: nn.Module) -> None:
+    """Raise if ``pl_module`` keeps an EMA of its own (``ema_decay``): one EMA per model.
+
+    With both, the module validated with its own copy while the callback's average of the same weights,
+    a third copy of the network, was checkpointed but never evaluated. The fix depends on the method:
+    one whose teacher is its EMA (Mean Teacher, Unbiased Teacher) must keep it.
+    """
+    kept = kept_ema(pl_module)
+    if kept is None:
+        return
+    name = type(pl_module).__name__
+    if getattr(pl_module, "teacher", None) is kept.module:
+        fix = (f"drop --trainer.callbacks EMA ({name}'s teacher is that EMA, so it keeps it; "
+               "set its decay with --model.ema_decay)")
+    else:
+        fix = "drop --trainer.callbacks EMA or pass --model.ema_decay null (in Python: ema_decay=None)"
+    raise ValueError(f"{name} already keeps an EMA of its weights (ema_decay={kept.decay}) and evaluates with it; "
+                     f"the EMA callback would keep a second one that nothing evaluates: {fix}")
 
 
 def ema_weights_from_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -107,6 +107,15 @@ class EMAModel:
         self.num_updates = int(state["num_updates"])
 
 
+def kept_ema(module: nn.Module) -> EMAModel | None:
+    """The EMA a module keeps of its own weights (the base's evaluation EMA, ``ema_decay``), or ``None``.
+
+    One EMA per model (docs/callbacks_ema.md): the ``EMA`` callback refuses a module that keeps one.
+    """
+    ema = getattr(module, "ema", None)
+    return ema if isinstance(ema, EMAModel) else None
+
+
 def check_ema_arguments(decay: float, buffers: str) -> None:
     """Refuse a decay outside [0, 1] or an unknown buffer mode, naming the bad value."""
     if not 0.0 <= decay <= 1.0:
