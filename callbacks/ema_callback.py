@@ -37,6 +37,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightning_modules.core.checkpoint_loading import read_checkpoint
 from lightning_modules.core.ema import EMAModel, broadcast_buffers, check_ema_arguments, kept_ema
 
 
@@ -223,7 +224,7 @@ def ema_weights_from_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict
     evaluates like the EMA; the checkpoint's own ``"state_dict"`` holds the raw weights.
     """
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(checkpoint, "checkpoint")
     found = ema_callback_states(checkpoint)
     if len(found) != 1:
         raise KeyError(f"expected one EMA callback state in the checkpoint, found {len(found)}")

@@ -23,7 +23,7 @@ or a ``split.json`` beside it, records what they held out).
 
 Each ingredient file is read once (:func:`load_ingredients`): only the weights it evaluated with are
 kept, on the CPU, the rest of the checkpoint (optimizer states) is dropped as soon as it is read.
-Checkpoints are read with ``torch.load(weights_only=False)``: soup only checkpoints you trust.
+Checkpoints are read as data, with ``weights_only=True`` (``lightning_modules/core/checkpoint_loading.py``).
 """
 
 from __future__ import annotations
@@ -39,18 +39,14 @@ import torch
 from callbacks.batch_norm import recompute_batch_norm, unwrap_batches
 from callbacks.ema_callback import ema_callback_states
 from lightning_modules.core.atomic import atomic_path
+from lightning_modules.core.checkpoint_loading import load_module, read_checkpoint
 
 EMA_PREFIX = "net."
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"soup ingredient {str(path)!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds no checkpoint dict")
-    return checkpoint
+    """A soup ingredient: a checkpoint, or a bare state dict, read as data (``core.checkpoint_loading``)."""
+    return read_checkpoint(path, "soup ingredient", lightning=False)
 
 
 def eval_state_dict(checkpoint: dict[str, Any], name: str = "the checkpoint") -> dict[str, torch.Tensor]:
@@ -183,7 +179,7 @@ def _load_module(checkpoint: str, module_class: type | None):
     # Checkpoints from train.py's LightningCLI carry an ``_instantiator`` in their hparams, so the
     # base class can rebuild the right subclass; other checkpoints need ``module_class``.
     try:
-        return cls.load_from_checkpoint(checkpoint, map_location="cpu")
+        return load_module(cls, checkpoint)
     except Exception as err:  # noqa: BLE001
         if module_class is None:
             raise ValueError(f"could not rebuild the module of {checkpoint} from its checkpoint alone; "

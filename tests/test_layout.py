@@ -28,7 +28,7 @@ ALLOWED = {
     "detection": {"detection", "core"},
     "ssl": {"ssl", "classification", "core"},
     "distillation": {"distillation", "classification", "core"},
-    "ensemble": set(),  # loads any module by its class path, imports none
+    "ensemble": {"core"},  # loads any module by its class path (through core's checkpoint reading)
     "lightning_modules": set(FAMILIES) | {"ensemble"},  # the package's __init__: every public class
 }
 #: The documented exceptions (docs/design.md, "Import rules"), each a file and the parts it may import
@@ -38,8 +38,10 @@ EXCEPTIONS = {
     "lightning_modules/core/semi_supervised.py": {"classification"},
     "lightning_modules/segmentation/semi_supervised.py": {"ssl"},
 }
-#: The core pieces callbacks/ use: files written whole, the shared weight average, metric keys of class names.
-CALLBACKS_IMPORT = {"lightning_modules.core.atomic", "lightning_modules.core.ema", "lightning_modules.core.class_keys"}
+#: The core pieces callbacks/ use: files written whole, checkpoints read under the one policy, the shared
+#: weight average, metric keys of class names.
+CALLBACKS_IMPORT = {"lightning_modules.core.atomic", "lightning_modules.core.checkpoint_loading",
+                    "lightning_modules.core.ema", "lightning_modules.core.class_keys"}
 
 
 def _sources() -> list[Path]:
