@@ -38,7 +38,11 @@ import torch
 from torch import nn
 
 from lightning_modules.core.checkpoint_loading import read_checkpoint
-from lightning_modules.core.ema import EMAModel, broadcast_buffers, check_ema_arguments, kept_ema
+from lightning_modules.core.ema import (EMAModel, broadcast_buffers, check_ema_arguments, ema_callback_states,
+                                       kept_ema)
+
+
+__all__ = ["EMA", "ema_weights_from_checkpoint", "ema_callback_states", "refuse_a_second_ema"]
 
 
 class EMA(L.Callback):
@@ -229,12 +233,6 @@ def ema_weights_from_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict
     if len(found) != 1:
         raise KeyError(f"expected one EMA callback state in the checkpoint, found {len(found)}")
     return dict(found[0]["ema"]["module"])
-
-
-def ema_callback_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
-    """The saved states of the :class:`EMA` callbacks in a checkpoint (Lightning keys them by class name)."""
-    return [s for k, s in checkpoint.get("callbacks", {}).items()
-            if k.split("{")[0] == EMA.__qualname__ and isinstance(s, dict) and "ema" in s]
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -269,3 +269,11 @@ def test_one_owner_either_way_trains_as_before():
         by_hand.restart(replay.net) if i == 0 else by_hand.update(replay.net)
     assert model.ema.num_updates == 3
     _assert_bitwise(_tensors(model.ema.module), _tensors(by_hand.module))
+
+
+def test_the_state_key_is_the_one_core_reads():
+    """Lightning keys the callback's checkpoint state by its class name; core's ema_callback_states (which the
+    soup reads) looks for that key, so old checkpoints of the callback keep being found."""
+    from lightning_modules.core.ema import EMA_CALLBACK_KEY
+
+    assert EMA().state_key == EMA_CALLBACK_KEY == "EMA"

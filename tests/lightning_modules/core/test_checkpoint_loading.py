@@ -16,7 +16,7 @@ from callbacks.ckpt_path import checkpoint_problem
 from datamodules import DigitsSSL
 from lightning_modules import Ensemble, Supervised
 from lightning_modules.core.checkpoint_loading import read_checkpoint
-from callbacks.soup import load_ingredients
+from lightning_modules.fusion.soup import load_ingredients
 from train import RECIPES, cli_main
 
 REPO = Path(__file__).resolve().parents[3]
