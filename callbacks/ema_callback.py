@@ -204,9 +204,9 @@ class EMA(L.Callback):
 def refuse_a_second_ema(pl_module: nn.Module) -> None:
     """Raise if ``pl_module`` keeps an EMA of its own (``ema_decay``): one EMA per model.
 
-    With both, the module validated with its own copy while the callback's average of the same weights,
-    a third copy of the network, was checkpointed but never evaluated. The fix depends on the method:
-    one whose teacher is its EMA (Mean Teacher, Unbiased Teacher) must keep it.
+    With both, the module validated with its own copy while the callback's average of the same weights
+    (a deep copy of the module, its own EMA copy included) was checkpointed but never evaluated. The fix
+    depends on the method: one whose teacher is its EMA (Mean Teacher, Unbiased Teacher) must keep it.
     """
     kept = kept_ema(pl_module)
     if kept is None:

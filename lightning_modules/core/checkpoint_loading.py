@@ -83,8 +83,9 @@ def read_checkpoint(path: str | Path, what: str, map_location: Any = "cpu", mmap
     checkpoint = read_file(path, what, "checkpoint", map_location, mmap)
     if not isinstance(checkpoint, dict) or (lightning and "state_dict" not in checkpoint):
         held = f"keys {sorted(map(str, checkpoint))[:5]}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        missing = ", no 'state_dict'" if lightning else ""
         raise ValueError(f"{what} {path} is a torch file but not a {'Lightning ' if lightning else ''}checkpoint (it "
-                         f"holds {held}{', no ' + repr('state_dict') if lightning else ''}): pass {_KINDS['checkpoint'][1]}")
+                         f"holds {held}{missing}): pass {_KINDS['checkpoint'][1]}")
     return checkpoint
 
 

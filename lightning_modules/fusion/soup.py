@@ -18,8 +18,8 @@ of those places.
 Validation must be held out: selecting ingredients on the test set (what a DataModule validates on
 unless it holds out a fold or ``val_labeled_per_class`` / ``num_val`` images) makes the soup's
 test score optimistic, so :func:`~lightning_modules.fusion.soup_selection.soup_from_checkpoints` refuses
-it unless ``select_on_test`` is set, and refuses ingredients that trained on any of the validation images (as their checkpoint,
-or a ``split.json`` beside it, records what they held out).
+it unless ``select_on_test`` is set, and refuses ingredients that trained on any of the validation
+images (as their checkpoint, or a ``split.json`` beside it, records what they held out).
 
 Each ingredient file is read once (:func:`load_ingredients`): only the weights it evaluated with are
 kept, on the CPU, the rest of the checkpoint (optimizer states) is dropped as soon as it is read.

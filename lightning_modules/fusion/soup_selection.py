@@ -49,9 +49,9 @@ def soup_from_checkpoints(
 
     A DataModule that validates on its test set (``validates_on_test_set``) is refused unless
     ``select_on_test`` (the soup's test score is then optimistic); ingredients that trained on
-    validation images are refused (:func:`~lightning_modules.fusion.soup.check_held_out`). With ``update_bn`` every candidate's
-    BatchNorm statistics are re-estimated on the training data before it is scored (and kept in
-    the soup). Returns ``(module, chosen, scores)`` with the soup loaded into ``module``.
+    validation images are refused (:func:`~lightning_modules.fusion.soup.check_held_out`). With
+    ``update_bn`` every candidate's BatchNorm statistics are re-estimated on the training data before it
+    is scored (and kept in the soup). Returns ``(module, chosen, scores)`` with the soup loaded into ``module``.
     """
     if not checkpoints:
         raise ValueError("soup_from_checkpoints needs at least one checkpoint")

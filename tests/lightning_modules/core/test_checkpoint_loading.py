@@ -37,7 +37,8 @@ def _calls_that_decode(path: Path) -> list[str]:
 
 
 def test_checkpoints_are_decoded_only_in_checkpoint_loading():
-    sources = [p for package in ("lightning_modules", "callbacks", "datamodules") for p in (REPO / package).rglob("*.py")]
+    sources = [p for package in ("lightning_modules", "callbacks", "datamodules")
+               for p in (REPO / package).rglob("*.py")]
     found = [call for path in [*sources, REPO / "train.py"] for call in _calls_that_decode(path)]
     assert found and all(call.startswith("lightning_modules/core/checkpoint_loading.py:") for call in found), found
     # the scan sees what it must refuse (this file decodes with torch.load; main did in six places)
