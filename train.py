@@ -8,6 +8,8 @@
     python train.py fit --model FixMatch --data DigitsSSL --print_config
     python train.py fit --config configs/unet_membrane.yaml --config configs/loggers/wandb.yaml
     labelwise fit --config quickstart   # the installed command (train:main): a recipe by name, from any folder
+    labelwise soup --checkpoints a.ckpt b.ckpt --data DigitsSSL --data_kwargs '{"val_labeled_per_class": 5}' \
+        --output soup.ckpt              # the greedy model soup of finished runs (also python train.py soup)
 
 A relative data root in a config file is relative to the file; typed here, to the working folder
 (datamodules.data_root). ``--optimizer``/``--lr_scheduler`` keep the method's parameter groups and
@@ -25,11 +27,14 @@ continues the newest run of the config in its own folder. See docs/robustness.md
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 import re
 import sys
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import Checkpoint
@@ -43,6 +48,7 @@ from callbacks.console import quiet_lightning_noise, summary_line
 from callbacks.optimizer_options import OVERRIDE_WARNING, has_optimizer_recipe, use_optimizer_options
 from callbacks.recipes import find_configs
 from datamodules.data_root import register_data_roots
+from lightning_modules.fusion import run_soup
 
 #: the recipes: beside this file in the checkout and in an installed package (callbacks.recipes)
 RECIPES = Path(__file__).resolve().parent / "configs"
@@ -181,9 +187,64 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
-def main() -> None:
-    """The ``labelwise`` command that ``pip install`` puts on the PATH: ``labelwise fit --config quickstart``."""
-    cli_main()
+SOUP_HELP = """Greedy model soup of checkpoints, selected on held-out validation images, reported on the test set.
+
+    labelwise soup --checkpoints a.ckpt b.ckpt c.ckpt --data DigitsSSL \\
+        --data_kwargs '{"num_labeled": 50, "val_labeled_per_class": 5}' --metric val/acc --output soup.ckpt
+
+The DataModule must hold out validation images (val_labeled_per_class, num_val, a fold, or the
+ingredients' split_file), the ones the ingredients were trained without; selecting on the test set
+needs --select_on_test and is marked in the output. Prints each ingredient's validation score, which
+ones the soup kept, the soup's validation score, then the test score of the soup and of the best
+single ingredient; writes the soup checkpoint atomically. Checkpoints written by train.py rebuild
+their module on their own; others need --model (a class name or path). See docs/callbacks_swa_soup.md.
+"""
+
+
+def soup_main(args: list[str] | None = None) -> dict:
+    """``labelwise soup`` (also ``python train.py soup`` and ``python benchmarks/soup.py``): parse the
+    arguments, build the DataModule, and run :func:`lightning_modules.fusion.soup_selection.run_soup`.
+    Not a LightningCLI subcommand: those are Trainer methods, and a soup takes finished checkpoints."""
+    parser = argparse.ArgumentParser(prog="labelwise soup", description=SOUP_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", nargs="+", required=True)
+    parser.add_argument("--data", default="DigitsSSL", help="a datamodules class name or a dotted path")
+    parser.add_argument("--data_kwargs", default="{}", help="JSON arguments of the DataModule")
+    parser.add_argument("--metric", default="val/acc")
+    parser.add_argument("--mode", choices=["max", "min"], default="max")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--update_bn", action="store_true", help="re-estimate BatchNorm statistics of each candidate")
+    parser.add_argument("--model", default=None, help="module class (name or dotted path) if the checkpoint cannot say")
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--select_on_test", action="store_true",
+                        help="allow a DataModule that validates on its test set (the test score is then optimistic)")
+    options = parser.parse_args(args)
+    quiet_lightning_noise()
+    data_class = _class_named(parser, "--data", options.data, datamodules, datamodules.DATAMODULES)
+    module_class = _class_named(parser, "--model", options.model, lightning_modules, lightning_modules.MODELS) \
+        if options.model else None
+    return run_soup(options.checkpoints, data_class(**json.loads(options.data_kwargs)), options.output,
+                    metric=options.metric, higher_is_better=options.mode == "max", update_bn=options.update_bn,
+                    module_class=module_class, accelerator=options.accelerator, select_on_test=options.select_on_test)
+
+
+def _class_named(parser: argparse.ArgumentParser, flag: str, name: str, package: ModuleType, names: list[str]) -> type:
+    """A class by its name in ``package`` or by a dotted path; an unknown name lists the known ones."""
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module) if module else package, attr)
+    except (ImportError, AttributeError):
+        parser.error(f"unknown {flag} {name!r}: choose one of {', '.join(names)} (or a dotted class path)")
+
+
+def main(args: list[str] | None = None) -> None:
+    """The ``labelwise`` command that ``pip install`` puts on the PATH: ``labelwise fit --config quickstart``,
+    and ``labelwise soup ...`` (:func:`soup_main`)."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["soup"]:
+        soup_main(argv[1:])
+        return
+    cli_main(args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ fsynced, renamed over the destination with ``os.replace`` (atomic within one fil
 crash at any point the destination holds the old checkpoint or the new one, whole. The temporary
 file is removed when the write fails; a process killed mid-write leaves ``.<name>.<random>.tmp``
 beside it, which no checkpoint lookup (``ckpt_path="last"``, top-k) matches. ``train.py`` uses it by
-default (:func:`use_atomic_checkpoints`).
+default (:func:`use_atomic_checkpoints`). It also reads checkpoints (``--ckpt_path``) under the library's
+one ``weights_only`` policy (:meth:`AtomicCheckpointIO.load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lightning_modules.core.atomic import atomic_path
+from lightning_modules.core.checkpoint_loading import WEIGHTS_ONLY, read_checkpoint, refuse_trusting_load
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -43,6 +45,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         with atomic_path(path) as partial:
             torch.save(checkpoint, partial)
+
+    def load_checkpoint(self, path: Any, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Read a checkpoint under labelwise's one policy (``weights_only=True``,
+        :mod:`lightning_modules.core.checkpoint_loading`), with its errors; ``weights_only=False`` is refused.
+        Lightning would pass ``None`` on to ``torch.load`` (whose default an environment variable can flip)
+        and ``False`` for a remote ``http`` file."""
+        refuse_trusting_load(weights_only, "weights_only=False")
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().load_checkpoint(path, map_location, weights_only=WEIGHTS_ONLY)
+        return read_checkpoint(path, "checkpoint", map_location=map_location)
 
 
 def use_atomic_checkpoints(trainer: Trainer) -> None:

@@ -10,7 +10,8 @@
   rows written before).
 * A path must be a Lightning checkpoint of the class the config builds. LightningCLI builds the
   checkpoint's class from its hyper-parameters in place of the config's model, without a word, and
-  a file that is not a checkpoint fails with torch's advice to load it with ``weights_only=False``.
+  a file that is not a checkpoint failed with torch's advice to load it with ``weights_only=False``; it is
+  read here as every checkpoint is (:mod:`lightning_modules.core.checkpoint_loading`).
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_modules.core.checkpoint_loading import read_checkpoint, refuse_trusting_load
 
 LAST = "last"
 VERSION = re.compile(r"^version_(\d+)$")
@@ -129,6 +130,7 @@ def resolve_ckpt_path(config: Any, subcommand: str, cwd: Path) -> tuple[str, dic
     ckpt_path = config.get("ckpt_path")
     if not isinstance(ckpt_path, str):
         return None
+    refuse_trusting_load(config.get("weights_only"))
     resumed = None
     if ckpt_path == LAST:
         runs, where = last_checkpoint_candidates(config.trainer, cwd)
@@ -154,24 +156,10 @@ def checkpoint_problem(path: str, model_class_path: str | None) -> str | None:
         return f"--ckpt_path {path} does not exist: pass a checkpoint file, or 'last' for the newest run of this config"
     if file.is_dir():
         return None  # a sharded checkpoint (DeepSpeed, FSDP): Lightning's strategy reads it
-    try:
-        try:  # mmap: the tensors are not read, only the structure
-            checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            checkpoint = torch.load(file, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        text = str(error)  # torch's own text ends in advice to load with weights_only=False: keep its reason
-        reason = text.split("WeightsUnpickler error:", 1)[-1].strip() if "WeightsUnpickler" in text else text.strip()
-        reason = reason.splitlines()[0].split(". ")[0][:160]
-        return (f"--ckpt_path {path} cannot be read as a checkpoint ({reason}): it is cut short, not a torch.save "
-                "file, or holds objects other than tensors and plain values; pass a .ckpt written by train.py or "
-                "Trainer.save_checkpoint")
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        held = f"keys {sorted(map(str, checkpoint))[:5]}" if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        return (f"--ckpt_path {path} is a torch file but not a Lightning checkpoint (it holds {held}, no "
-                "'state_dict'): pass a .ckpt written by train.py or Trainer.save_checkpoint")
+    try:  # mmap: the structure only, not the tensors; decoded under the one policy (core.checkpoint_loading)
+        checkpoint = read_checkpoint(path, "--ckpt_path", mmap=True)
+    except ValueError as error:
+        return str(error)
     saved = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
     if saved and model_class_path and not _same_class(saved, model_class_path):
         return (f"--ckpt_path {path} holds a {saved} but the config builds a {model_class_path}: LightningCLI "

@@ -5,6 +5,8 @@ every optimizer step (one ``torch._foreach_lerp_`` per dtype/device group). Vali
 and predict run with the averaged weights: they are copied into the module at the start of the
 loop and the raw weights are copied back, bitwise, at its end. Checkpoints keep the raw weights
 in ``"state_dict"`` and the average in the callback's state, so a resumed run continues exactly.
+One EMA per model: a module that keeps its own (the base's ``ema_decay``) is refused in ``setup``
+(:func:`refuse_a_second_ema`; docs/callbacks_ema.md says why it is refused rather than taken over).
 
 Usage::
 
@@ -35,7 +37,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_modules.core.ema import EMAModel, broadcast_buffers, check_ema_arguments
+from lightning_modules.core.checkpoint_loading import read_checkpoint
+from lightning_modules.core.ema import (EMAModel, broadcast_buffers, check_ema_arguments, ema_callback_states,
+                                       kept_ema)
+
+
+__all__ = ["EMA", "ema_weights_from_checkpoint", "ema_callback_states", "refuse_a_second_ema"]
 
 
 class EMA(L.Callback):
@@ -88,6 +95,7 @@ class EMA(L.Callback):
 
     # --- creation ----------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        refuse_a_second_ema(pl_module)
         if self.ema is None:
             self.ema = EMAModel(pl_module, decay=self.decay, warmup_power=self.warmup_power,
                                 buffers=self.buffers, device=self.device)
@@ -97,9 +105,7 @@ class EMA(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ema.to(pl_module.device)
         if self.ema.num_updates == 0 and not self._loaded:
-            # After DDP's broadcast of rank 0's weights: every rank starts from the same copy.
-            with torch.no_grad():
-                _copy(_tensors(self.ema.module), _tensors(pl_module))
+            self.ema.restart(pl_module)  # after DDP's broadcast of rank 0's weights: every rank starts alike
 
     # --- updates -----------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
@@ -112,8 +118,7 @@ class EMA(L.Callback):
             return
         if self.ema.num_updates == 0 and self.start_step > 0:
             # Start from the weights at start_step, not from an average with the initial ones.
-            with torch.no_grad():
-                _copy(_tensors(self.ema.module), _tensors(pl_module))
+            self.ema.restart(pl_module)
             self.ema.num_updates = 1
         else:
             self.ema.update(pl_module)
@@ -196,6 +201,26 @@ class EMA(L.Callback):
         return {k: v.detach().clone() for k, v in self.ema.module.state_dict().items()}
 
 
+def refuse_a_second_ema(pl_module: nn.Module) -> None:
+    """Raise if ``pl_module`` keeps an EMA of its own (``ema_decay``): one EMA per model.
+
+    With both, the module validated with its own copy while the callback's average of the same weights
+    (a deep copy of the module, its own EMA copy included) was checkpointed but never evaluated. The fix
+    depends on the method: one whose teacher is its EMA (Mean Teacher, Unbiased Teacher) must keep it.
+    """
+    kept = kept_ema(pl_module)
+    if kept is None:
+        return
+    name = type(pl_module).__name__
+    if getattr(pl_module, "teacher", None) is kept.module:
+        fix = (f"drop --trainer.callbacks EMA ({name}'s teacher is that EMA, so it keeps it; "
+               "set its decay with --model.ema_decay)")
+    else:
+        fix = "drop --trainer.callbacks EMA or pass --model.ema_decay null (in Python: ema_decay=None)"
+    raise ValueError(f"{name} already keeps an EMA of its weights (ema_decay={kept.decay}) and evaluates with it; "
+                     f"the EMA callback would keep a second one that nothing evaluates: {fix}")
+
+
 def ema_weights_from_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict[str, torch.Tensor]:
     """The EMA callback's averaged weights in a checkpoint, as a LightningModule ``state_dict``.
 
@@ -203,17 +228,11 @@ def ema_weights_from_checkpoint(checkpoint: str | Path | dict[str, Any]) -> dict
     evaluates like the EMA; the checkpoint's own ``"state_dict"`` holds the raw weights.
     """
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(checkpoint, "checkpoint")
     found = ema_callback_states(checkpoint)
     if len(found) != 1:
         raise KeyError(f"expected one EMA callback state in the checkpoint, found {len(found)}")
     return dict(found[0]["ema"]["module"])
-
-
-def ema_callback_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
-    """The saved states of the :class:`EMA` callbacks in a checkpoint (Lightning keys them by class name)."""
-    return [s for k, s in checkpoint.get("callbacks", {}).items()
-            if k.split("{")[0] == EMA.__qualname__ and isinstance(s, dict) and "ema" in s]
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:

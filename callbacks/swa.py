@@ -4,8 +4,10 @@ The callback keeps a uniform running mean of the module's parameters over snapsh
 ``every_n`` optimizer steps (or epochs) after the window opens, optionally switches the
 learning rate to :class:`torch.optim.swa_utils.SWALR` when it does, and at the end of fit copies
 the mean into the module and recomputes BatchNorm statistics for it with one pass over the
-training data (the layers the module's forward runs; see :mod:`callbacks.batch_norm`). The mean is a plain list of tensors held by the callback (never a submodule of
-the LightningModule, so DDP never sees it) and travels in the callback's ``state_dict``.
+training data (the layers the module's forward runs; see
+:mod:`lightning_modules.core.batch_norm_estimation`). The mean is a plain list of tensors held by the
+callback (never a submodule of the LightningModule, so DDP never sees it) and travels in the
+callback's ``state_dict``.
 
 Why not Lightning's ``StochasticWeightAveraging``: see ``docs/callbacks_swa_soup.md``.
 
@@ -27,7 +29,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim.swa_utils import SWALR
 
-from callbacks.batch_norm import default_bn_inputs, forward_inputs, recompute_batch_norm, unwrap_batches
+from lightning_modules.core.batch_norm_estimation import (default_bn_inputs, forward_inputs, recompute_batch_norm,
+                                                          unwrap_batches)
 from lightning_modules.core.ema import EMAModel, lerp_grouped
 
 

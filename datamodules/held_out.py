@@ -7,7 +7,7 @@ Validation on held-out training images instead of the test set is what makes a c
 ``val/*`` (a greedy soup's ingredients, a checkpoint kept by ``ModelCheckpoint(monitor=...)``)
 honest: the test set then plays no part in it. :class:`RecordsHeldOut` puts the held-out images
 in every checkpoint, so the soup can check that no ingredient trained on its validation images
-(``callbacks.soup.check_held_out``).
+(``lightning_modules.fusion.soup.check_held_out``).
 """
 
 from __future__ import annotations

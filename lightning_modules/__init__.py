@@ -3,8 +3,8 @@ task-neutral core (docs/design.md, "Packages"):
 
 ``core/`` the base module and what every method shares; ``classification/``, ``segmentation/`` and
 ``detection/`` the tasks (segmentation and detection with their semi-supervised methods); ``ssl/`` the
-semi-supervised classifiers; ``distillation/`` knowledge distillation; ``ensemble.py`` inference over
-several checkpoints. Every class selectable by ``--model`` is importable from here.
+semi-supervised classifiers; ``distillation/`` knowledge distillation; ``fusion/`` several trained models
+made into one (``Ensemble``, the greedy soup). Every class selectable by ``--model`` is importable from here.
 """
 
 import sys
@@ -14,7 +14,7 @@ from lightning_modules.classification.supervised import Supervised
 from lightning_modules.core.semi_supervised import SemiSupervisedModule
 from lightning_modules.detection import Detector, UnbiasedTeacher
 from lightning_modules.distillation import KDStudent, MutualLearning
-from lightning_modules.ensemble import Ensemble
+from lightning_modules.fusion import Ensemble
 from lightning_modules.segmentation import SegFixMatch, SegMeanTeacher, Segmenter
 from lightning_modules.ssl import (UDA, VAT, FixMatch, FlexMatch, FreeMatch, MeanTeacher, MixMatch, PiModel,
                                    PseudoLabel, ReMixMatch, SoftMatch, TemporalEnsembling)
@@ -34,7 +34,8 @@ DETECTION_METHODS = ["Detector", "UnbiasedTeacher"]
 MODELS = SSL_METHODS + KD_METHODS + SEGMENTATION_METHODS + DETECTION_METHODS + ["Ensemble"]
 __all__ = ["SemiSupervisedModule", *MODELS]
 
-#: Module paths of the flat layout before 2026-12-02 (issue 16) -> where their classes live now. A
+#: Module paths of the flat layout before 2026-12-02 (issue 16), and of ``ensemble.py`` before it joined the
+#: soup in ``fusion/`` -> where their classes live now. A
 #: class path such as ``lightning_modules.fixmatch.FixMatch`` (typed as ``--model``, kept in a config, or
 #: saved as a checkpoint's ``_class_path`` by LightningCLI) keeps resolving: each old module name is an
 #: alias of its new module (the same module object, so ``is`` and pickling agree). Only modules that
@@ -51,6 +52,7 @@ MOVED_MODULES = {
     "semi_supervised_segmentation": "segmentation.semi_supervised",
     "detector": "detection.detector",
     "unbiased_teacher": "detection.unbiased_teacher",
+    "ensemble": "fusion.ensemble",  # moved on 2026-12-02, beside the soup
 }
 for _old, _new in MOVED_MODULES.items():
     sys.modules[f"{__name__}.{_old}"] = globals()[_old] = import_module(f"{__name__}.{_new}")

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import lightning_modules
-from lightning_modules.ensemble import load_member
+from lightning_modules.fusion.ensemble import load_member
 from train import cli_main
 
 REPO = Path(__file__).resolve().parents[1]

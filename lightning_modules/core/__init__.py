@@ -12,7 +12,8 @@ import (docs/design.md, "Import rules"):
 * :mod:`~lightning_modules.core.training_checks`, :mod:`~lightning_modules.core.progress_values`: the
   finite-loss check and the progress bar's values without a GPU sync;
 * :mod:`~lightning_modules.core.atomic`: files written whole or not at all;
-* :mod:`~lightning_modules.core.checkpoint_loading`: weight files read as data (``weights_only=True``);
+* :mod:`~lightning_modules.core.checkpoint_loading`: every checkpoint and weight file read, as data
+  (one policy: ``weights_only=True``);
 * :mod:`~lightning_modules.core.class_keys`: class names turned into metric keys.
 
 Nothing is imported here: each piece is imported from its own module.

@@ -107,6 +107,27 @@ class EMAModel:
         self.num_updates = int(state["num_updates"])
 
 
+def kept_ema(module: nn.Module) -> EMAModel | None:
+    """The EMA a module keeps of its own weights (the base's evaluation EMA, ``ema_decay``), or ``None``.
+
+    One EMA per model (docs/callbacks_ema.md): the ``EMA`` callback refuses a module that keeps one.
+    """
+    ema = getattr(module, "ema", None)
+    return ema if isinstance(ema, EMAModel) else None
+
+
+#: where Lightning keeps the ``EMA`` callback's state in ``checkpoint["callbacks"]`` (its class name,
+#: ``Callback.state_key``); ``{...}`` follows it when the key is made unique by arguments
+EMA_CALLBACK_KEY = "EMA"
+
+
+def ema_callback_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+    """The saved states of the ``EMA`` callbacks (``callbacks.EMA``) in a checkpoint, each holding the
+    ``EMAModel`` state under ``"ema"``. Here, beside the format it reads, because the soup reads it too."""
+    return [s for k, s in checkpoint.get("callbacks", {}).items()
+            if k.split("{")[0] == EMA_CALLBACK_KEY and isinstance(s, dict) and "ema" in s]
+
+
 def check_ema_arguments(decay: float, buffers: str) -> None:
     """Refuse a decay outside [0, 1] or an unknown buffer mode, naming the bad value."""
     if not 0.0 <= decay <= 1.0:

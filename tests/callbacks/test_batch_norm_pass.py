@@ -14,7 +14,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from callbacks import SWA, recompute_batch_norm, soup_from_checkpoints
+from callbacks import SWA, recompute_batch_norm
+from lightning_modules.fusion import soup_from_checkpoints
 from datamodules import DigitsSSL
 from lightning_modules import KDStudent, MutualLearning, Supervised
 from lightning_modules.distillation.teacher_loading import load_teacher

@@ -17,8 +17,9 @@ from tests.ssl_helpers import WeightTrajectory
 
 def _model(**kwargs) -> Supervised:
     L.seed_everything(0, verbose=False)
+    kwargs.setdefault("ema_decay", None)  # one EMA per model: the callback's
     return Supervised(num_classes=10, in_channels=1, network="wrn10_1", network_kwargs={"bn_momentum": 0.1},
-                      ema_decay=None, **kwargs)
+                      **kwargs)
 
 
 def _data(steps_per_epoch: int = 4) -> DigitsSSL:
@@ -218,6 +219,7 @@ def test_cli_selects_the_callback_by_name():
     from train import cli_main
 
     cli = cli_main(["fit", "--model", "Supervised", "--data", "DigitsSSL", "--model.network", "wrn10_1",
+                    "--model.ema_decay", "null",  # one EMA per model: the callback's alone
                     "--trainer.max_steps", "2", "--trainer.callbacks+=EMA", "--trainer.callbacks.decay", "0.9",
                     "--trainer.enable_progress_bar", "false", "--test_after_fit", "false",
                     "--data.steps_per_epoch", "2"])
@@ -232,3 +234,46 @@ def test_arguments_are_checked():
         EMA(decay=2.0)
     with pytest.raises(ValueError, match="buffers"):
         EMA(buffers="mean")
+
+
+def test_two_ema_owners_are_refused_through_the_cli_naming_the_fix(tmp_path):
+    """A recipe whose model keeps its own EMA (the quickstart's FixMatch, ema_decay 0.99) plus the EMA
+    callback: refused before a step is taken (main trained both, evaluated the model's own copy and
+    checkpointed the callback's, unused). Mean Teacher's teacher is its EMA, so only the callback can go."""
+    from train import RECIPES, cli_main
+
+    quiet = ["--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+             "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "2", "--data.steps_per_epoch", "2"]
+    with pytest.raises(ValueError, match=r"^FixMatch already keeps an EMA of its weights \(ema_decay=0\.99\) .*: drop "
+                                         r"--trainer.callbacks EMA or pass --model.ema_decay null"):
+        cli_main(["fit", "--config", str(RECIPES / "quickstart.yaml"), "--trainer.callbacks+=EMA", *quiet])
+    assert not list(tmp_path.rglob("*.ckpt"))
+    with pytest.raises(ValueError, match=r"^MeanTeacher already keeps an EMA .*\(ema_decay=0\.999\).*: drop "
+                                         r"--trainer.callbacks EMA \(MeanTeacher's teacher is that EMA"):
+        cli_main(["fit", "--model", "MeanTeacher", "--data", "DigitsSSL", "--model.network", "wrn10_1",
+                  "--trainer.callbacks+=EMA", *quiet])
+    # validate/test/predict too: with both, the callback's average would never be what is evaluated
+    with pytest.raises(ValueError, match="already keeps an EMA"):
+        _trainer([EMA()], max_steps=1, val=True).validate(_model(ema_decay=0.9), datamodule=_data())
+
+
+def test_one_owner_either_way_trains_as_before():
+    """The base's EMA alone and the callback's alone are untouched by the refusal: each equals an EMAModel
+    updated by hand along the run's weights (the callback's case is the trajectory test above)."""
+    model, record = _model(ema_decay=0.9), WeightTrajectory()
+    _trainer([record], max_steps=3).fit(model, datamodule=_data())
+    by_hand = EMAModel(model.net, decay=0.9)
+    replay = _model()
+    for i, state in enumerate(record.states):
+        replay.load_state_dict(state)
+        by_hand.restart(replay.net) if i == 0 else by_hand.update(replay.net)
+    assert model.ema.num_updates == 3
+    _assert_bitwise(_tensors(model.ema.module), _tensors(by_hand.module))
+
+
+def test_the_state_key_is_the_one_core_reads():
+    """Lightning keys the callback's checkpoint state by its class name; core's ema_callback_states (which the
+    soup reads) looks for that key, so old checkpoints of the callback keep being found."""
+    from lightning_modules.core.ema import EMA_CALLBACK_KEY
+
+    assert EMA().state_key == EMA_CALLBACK_KEY == "EMA"

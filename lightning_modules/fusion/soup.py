@@ -17,13 +17,17 @@ of those places.
 
 Validation must be held out: selecting ingredients on the test set (what a DataModule validates on
 unless it holds out a fold or ``val_labeled_per_class`` / ``num_val`` images) makes the soup's
-test score optimistic, so :func:`soup_from_checkpoints` refuses it unless ``select_on_test`` is
-set, and refuses ingredients that trained on any of the validation images (as their checkpoint,
-or a ``split.json`` beside it, records what they held out).
+test score optimistic, so :func:`~lightning_modules.fusion.soup_selection.soup_from_checkpoints` refuses
+it unless ``select_on_test`` is set, and refuses ingredients that trained on any of the validation
+images (as their checkpoint, or a ``split.json`` beside it, records what they held out).
 
 Each ingredient file is read once (:func:`load_ingredients`): only the weights it evaluated with are
 kept, on the CPU, the rest of the checkpoint (optimizer states) is dropped as soon as it is read.
-Checkpoints are read with ``torch.load(weights_only=False)``: soup only checkpoints you trust.
+Checkpoints are read as data, with ``weights_only=True`` (``lightning_modules/core/checkpoint_loading.py``).
+
+This module is the soup of weights; :mod:`~lightning_modules.fusion.soup_selection` chooses one by
+``Trainer.validate`` and reports it, and ``labelwise soup`` (``train.py``; ``benchmarks/soup.py``) is its
+command line. A tool, not a callback: it runs after training, over finished checkpoints.
 """
 
 from __future__ import annotations
@@ -36,21 +40,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from callbacks.batch_norm import recompute_batch_norm, unwrap_batches
-from callbacks.ema_callback import ema_callback_states
 from lightning_modules.core.atomic import atomic_path
+from lightning_modules.core.checkpoint_loading import read_checkpoint
+from lightning_modules.core.ema import ema_callback_states
 
 EMA_PREFIX = "net."
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"soup ingredient {str(path)!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds no checkpoint dict")
-    return checkpoint
+    """A soup ingredient: a checkpoint, or a bare state dict, read as data (``core.checkpoint_loading``)."""
+    return read_checkpoint(path, "soup ingredient", lightning=False)
 
 
 def eval_state_dict(checkpoint: dict[str, Any], name: str = "the checkpoint") -> dict[str, torch.Tensor]:
@@ -176,89 +175,12 @@ def greedy_soup(
     return soup, chosen, scores
 
 
-def _load_module(checkpoint: str, module_class: type | None):
-    from lightning import LightningModule
-
-    cls = module_class or LightningModule
-    # Checkpoints from train.py's LightningCLI carry an ``_instantiator`` in their hparams, so the
-    # base class can rebuild the right subclass; other checkpoints need ``module_class``.
-    try:
-        return cls.load_from_checkpoint(checkpoint, map_location="cpu")
-    except Exception as err:  # noqa: BLE001
-        if module_class is None:
-            raise ValueError(f"could not rebuild the module of {checkpoint} from its checkpoint alone; "
-                             f"pass module_class (--model): {err}") from err
-        raise
-
-
 def load_into(module, state: dict[str, torch.Tensor]) -> None:
     """Load ``state`` (an :func:`eval_state_dict`) into ``module``, and into its EMA copy if it has one."""
     module.load_state_dict(state)
     ema = getattr(module, "ema", None)
     if ema is not None and hasattr(ema, "module"):
         ema.module.load_state_dict({k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)})
-
-
-def soup_from_checkpoints(
-    checkpoints: Sequence[str | os.PathLike],
-    datamodule,
-    metric: str = "val/acc",
-    update_bn: bool = False,
-    module_class: type | None = None,
-    higher_is_better: bool = True,
-    bn_batches: int | None = None,
-    trainer_kwargs: dict[str, Any] | None = None,
-    select_on_test: bool = False,
-):
-    """Greedy soup scored by ``Trainer.validate`` on ``datamodule``'s held-out validation images.
-
-    A DataModule that validates on its test set (``validates_on_test_set``) is refused unless
-    ``select_on_test`` (the soup's test score is then optimistic); ingredients that trained on
-    validation images are refused (:func:`check_held_out`). With ``update_bn`` every candidate's
-    BatchNorm statistics are re-estimated on the training data before it is scored (and kept in
-    the soup). Returns ``(module, chosen, scores)`` with the soup loaded into ``module``.
-    """
-    import lightning as L
-
-    if not checkpoints:
-        raise ValueError("soup_from_checkpoints needs at least one checkpoint")
-    for p in checkpoints:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"soup ingredient {str(p)!r} does not exist")
-    datamodule.setup("validate")
-    if getattr(datamodule, "validates_on_test_set", False) and not select_on_test:
-        raise ValueError(f"{type(datamodule).__name__} validates on its test set, so a soup selected on it would be "
-                         f"selected on test data: hold out validation images (val_labeled_per_class for "
-                         f"classification, num_val for segmentation and detection, the ingredients' own split_file), "
-                         f"or pass select_on_test=True (--select_on_test) to do it knowingly")
-    states = load_ingredients(checkpoints, datamodule)
-    module = _load_module(str(checkpoints[0]), module_class)
-    kwargs = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, enable_checkpointing=False)
-    kwargs.update(trainer_kwargs or {})
-    trainer = L.Trainer(**kwargs)
-
-    def bn_pass(m) -> None:
-        datamodule.setup("fit")
-        recompute_batch_norm(m, unwrap_batches(datamodule.train_dataloader()), device=m.device,
-                             transform=lambda b: datamodule.on_after_batch_transfer(b, 0), num_batches=bn_batches)
-        ema = getattr(m, "ema", None)
-        if ema is not None and hasattr(ema, "module"):
-            ema.module.load_state_dict(m.net.state_dict())
-
-    def evaluate(state: dict[str, torch.Tensor]) -> float:
-        load_into(module, state)
-        if update_bn:
-            bn_pass(module)
-            state.update({k: v.detach().clone() for k, v in module.state_dict().items() if k in state})
-        results = trainer.validate(module, datamodule=datamodule, verbose=False)
-        if metric not in results[0]:
-            raise KeyError(f"metric {metric!r} not logged by validation; got {sorted(results[0])}")
-        return float(results[0][metric])
-
-    soup, chosen, scores = greedy_soup(checkpoints, evaluate, higher_is_better=higher_is_better, states=states)
-    load_into(module, soup)
-    return module, chosen, scores
 
 
 def save_soup(module, checkpoints: Sequence[str], chosen: list[str], scores: dict[str, float], output: str) -> None:

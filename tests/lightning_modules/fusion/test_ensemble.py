@@ -8,7 +8,7 @@ from lightning import Trainer, seed_everything
 
 from datamodules import DigitsSSL
 from lightning_modules import Ensemble, Supervised
-from lightning_modules.ensemble import load_member
+from lightning_modules.fusion.ensemble import load_member
 from train import cli_main
 
 SUPERVISED = "lightning_modules.Supervised"

@@ -19,6 +19,8 @@ from lightning import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_modules.core.checkpoint_loading import load_module, read_checkpoint
+
 
 def _import_class(path: str) -> type:
     module_name, _, name = path.rpartition(".")
@@ -34,17 +36,13 @@ def _import_class(path: str) -> type:
 
 
 def load_member(path: str | Path, module_class: str | None = None) -> LightningModule:
-    """Load a Lightning checkpoint of any module of this collection, on CPU.
+    """Load a Lightning checkpoint of any module of this collection, on CPU, read as data
+    (:mod:`lightning_modules.core.checkpoint_loading`).
 
     The class comes from the checkpoint's ``_class_path`` hyperparameter (written by
     ``LightningCLI`` in subclass mode, i.e. by ``train.py``), else from ``module_class``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ensemble checkpoint {str(path)!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    checkpoint = read_checkpoint(path, "ensemble checkpoint", mmap=True)  # the class path only: tensors unread
     hparams = checkpoint.get("hyper_parameters") or {}
     class_path = hparams.get("_class_path") or module_class
     if class_path is None:
@@ -55,7 +53,7 @@ def load_member(path: str | Path, module_class: str | None = None) -> LightningM
     cls = _import_class(class_path)
     # LightningCLI hands its own hyper-parameters to every module created while it instantiates the
     # Ensemble (a context variable); an empty context lets each member record its own.
-    return contextvars.Context().run(cls.load_from_checkpoint, path, map_location="cpu", weights_only=False)
+    return contextvars.Context().run(load_module, cls, path)
 
 
 class Ensemble(LightningModule):

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks.soup import average_state_dicts, greedy_soup, soup_from_checkpoints
+from lightning_modules.fusion.soup import average_state_dicts, greedy_soup
+from lightning_modules.fusion.soup_selection import soup_from_checkpoints
 from datamodules import DigitsSSL
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,7 +113,7 @@ def test_each_ingredient_file_is_read_once(ingredients, monkeypatch):
     """The held-out check and the greedy pass share one read of each file (they used to read each
     twice; a path listed three times was read three times). Lightning's rebuild of the module from
     the first checkpoint (its class and hyper-parameters) is its own read, not counted here."""
-    import callbacks.soup as soup
+    import lightning_modules.fusion.soup as soup
 
     reads, read = [], soup.load_checkpoint
     monkeypatch.setattr(soup, "load_checkpoint", lambda path: reads.append(str(path)) or read(path))
@@ -182,3 +183,25 @@ def test_command_line_writes_the_soup(ingredients, tmp_path, capsys):
     assert acc == pytest.approx(result["scores"]["soup"])
     test_acc = trainer.test(module, datamodule=_data(), verbose=False)[0]["test/acc"]
     assert test_acc == pytest.approx(result["test"]["soup"])
+
+
+def test_labelwise_soup_is_the_same_command(ingredients, capsys):
+    """``labelwise soup`` / ``python train.py soup`` (train.main) runs the command benchmarks/soup.py runs;
+    anything else still goes to LightningCLI."""
+    import train
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import soup as soup_script
+    finally:
+        sys.path.pop(0)
+    assert soup_script.main is train.soup_main
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["soup", "--help"])
+    assert stopped.value.code == 0 and capsys.readouterr().out.startswith("usage: labelwise soup [-h] --checkpoints")
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["soup", "--checkpoints", ingredients[0], "--data", "DigitSSL", "--output", "x.ckpt"])
+    assert stopped.value.code == 2 and "unknown --data 'DigitSSL': choose one of DigitsSSL" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["fit", "--model", "Supervised", "--data", "DigitsSSL", "--print_config"])
+    assert "class_path: lightning_modules.Supervised" in capsys.readouterr().out

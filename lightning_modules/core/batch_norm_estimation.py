@@ -1,8 +1,9 @@
-"""BatchNorm re-estimation after weights were averaged (SWA, model soups).
+"""BatchNorm re-estimation after weights were averaged (the ``SWA`` callback, model soups).
 
 Averaged weights need running statistics of their own: the pass below resets them and re-estimates
 them as an exact mean over training batches, like :func:`torch.optim.swa_utils.update_bn`, but for
-labelwise's dict batches.
+labelwise's dict batches. In core because a callback (``SWA``) and a tool (the soup,
+:mod:`lightning_modules.fusion`) both use it, and neither may import the other.
 """
 
 from __future__ import annotations

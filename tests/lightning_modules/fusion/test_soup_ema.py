@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks import EMA, ema_weights_from_checkpoint, greedy_soup, save_soup, soup_from_checkpoints
-from callbacks.soup import eval_state_dict, load_checkpoint
+from callbacks import EMA, ema_weights_from_checkpoint
+from lightning_modules.fusion import greedy_soup, save_soup, soup_from_checkpoints
+from lightning_modules.fusion.soup import eval_state_dict, load_checkpoint
 from datamodules import DigitsSSL
 from lightning_modules import Supervised
 from tests.ssl_helpers import make_trainer
