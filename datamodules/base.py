@@ -27,6 +27,7 @@ from datamodules.image_files import PredictFolder, load_classification_folder
 from datamodules.resumable import ResumableStreams
 from datamodules.split import LabeledSplit, load_split, run_split_path, save_split
 from datamodules.views import AugmentedViews
+from lightning_modules.core.batch import check_view_names
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class SSLDataModule(PredictFolder, RecordsHeldOut, ResumableStreams, AugmentedVi
         self.include_labeled_in_unlabeled = include_labeled_in_unlabeled
         self.hflip = self.default_hflip if hflip is None else hflip
         self.pad_fraction, self.randaugment_ops, self.cutout_fraction = pad_fraction, randaugment_ops, cutout_fraction
-        self.unlabeled_views = unlabeled_views
+        self.unlabeled_views = None if unlabeled_views is None else check_view_names(unlabeled_views)
         self.num_workers = num_workers
         check_held_out_arguments(num_folds, fold, val_labeled_per_class)
         self.num_folds, self.fold, self.val_labeled_per_class = num_folds, fold, val_labeled_per_class

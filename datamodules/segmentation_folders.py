@@ -4,7 +4,8 @@
 by file stem. Images and masks are decoded once into memory (uint8); ``index`` in a batch is an
 image's position in ``SegmentationFolders.stems`` (stems in natural order: 0, 1, 2, ..., 10).
 
-Training batch, after ``on_after_batch_transfer`` (B = ``batch_size``, U = ``batch_size * uratio``,
+Batches follow the contract of :mod:`lightning_modules.core.batch`. Training batch, after
+``on_after_batch_transfer`` (B = ``batch_size``, U = ``batch_size * uratio``,
 h = w = ``crop_size``)::
 
     {"labeled":   {"image": float32 (B, C, h, w) normalized, "target": int64 (B, h, w), "index": int64 (B,)},
@@ -51,6 +52,7 @@ from datamodules.segmentation_reading import IMAGE_SUFFIXES, decode_mask, image_
 from datamodules.segmentation_transforms import (SegmentationCrops, WholeImages, geometric_transform,
                                                  photometric_transform)
 from datamodules.views import requested_views
+from lightning_modules.core.batch import check_view_names, is_view
 
 SPLIT_FORMAT = "labelwise-segmentation-split/1"
 
@@ -131,7 +133,8 @@ class SegmentationFolders(HeldOutParts, ResumableStreams, LightningDataModule):
         self.num_val, self.predict_root = num_val, predict_root
         self.batch_size, self.uratio, self.steps_per_epoch = batch_size, uratio, steps_per_epoch
         self.eval_batch_size, self.num_workers, self.decode_threads = eval_batch_size, num_workers, decode_threads
-        self.include_labeled_in_unlabeled, self.unlabeled_views = include_labeled_in_unlabeled, unlabeled_views
+        self.include_labeled_in_unlabeled = include_labeled_in_unlabeled
+        self.unlabeled_views = None if unlabeled_views is None else check_view_names(unlabeled_views)
         default_mean, default_std = ((0.5,), (0.25,)) if grayscale else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         self.mean, self.std = tuple(mean or default_mean), tuple(std or default_std)
         if len(self.mean) != self.num_channels or len(self.std) != self.num_channels:
@@ -252,7 +255,6 @@ class SegmentationFolders(HeldOutParts, ResumableStreams, LightningDataModule):
         if isinstance(batch, dict) and "labeled" in batch:
             out = {"labeled": dict(batch["labeled"], image=self.to_float(batch["labeled"]["image"]))}
             if "unlabeled" in batch:
-                out["unlabeled"] = {k: v if k in ("target", "index") else self.to_float(v)
-                                    for k, v in batch["unlabeled"].items()}
+                out["unlabeled"] = {k: self.to_float(v) if is_view(k) else v for k, v in batch["unlabeled"].items()}
             return out
         return dict(batch, image=self.to_float(batch["image"]))

@@ -38,8 +38,10 @@ EXCEPTIONS = {
     "lightning_modules/core/semi_supervised.py": {"classification"},
     "lightning_modules/segmentation/semi_supervised.py": {"ssl"},
 }
-#: The core pieces callbacks/ use: files written whole, the shared weight average, metric keys of class names.
-CALLBACKS_IMPORT = {"lightning_modules.core.atomic", "lightning_modules.core.ema", "lightning_modules.core.class_keys"}
+#: The core pieces callbacks/ use: files written whole, the shared weight average, metric keys of class names,
+#: the batch contract (the BatchNorm pass finds a training batch's images by it).
+CALLBACKS_IMPORT = {"lightning_modules.core.atomic", "lightning_modules.core.ema", "lightning_modules.core.class_keys",
+                    "lightning_modules.core.batch"}
 
 
 def _sources() -> list[Path]:

@@ -75,7 +75,7 @@ class UnbiasedTeacher(Detector):
         unlabeled_terms = classification_terms(self.net(unlabeled["strong"], targets))
         losses["unlabeled_loss"] = sum(unlabeled_terms.values())
         losses.update({f"unlabeled_{k}": v for k, v in unlabeled_terms.items()})
-        losses.update(pseudo_label_stats(targets, unlabeled.get("targets")))
+        losses.update(pseudo_label_stats(targets, unlabeled.get("target")))
         return losses
 
 
