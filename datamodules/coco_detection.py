@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from datamodules.data_root import DataRoot
+from datamodules.facts import PublishesFacts
 from datamodules.coco_reading import read_coco, target_of
 from datamodules.detection_transforms import DetectionItems, StrongPhotometric, collate_lists, detection_geometry
 from datamodules.held_out import HeldOutParts
@@ -60,14 +61,15 @@ from lightning_modules.core.batch import check_view_names, is_view
 SPLIT_FORMAT = "labelwise-coco-split/1"
 
 
-class COCODetection(HeldOutParts, ResumableStreams, LightningDataModule):
+class COCODetection(PublishesFacts, HeldOutParts, ResumableStreams, LightningDataModule):
     """Detection data from a COCO json and its image folder, split into test, labeled and unlabeled.
 
     One seeded permutation of the image ids gives ``num_test`` test images, then ``num_val``
     validation images (``0``: validation reports on the test images), then ``num_labeled`` labeled
     ones, the rest unlabeled (:mod:`datamodules.named_split`). At ``setup("fit")`` the split (by
     image id) is written atomically to ``<log_dir>/split.json``; ``split_file`` reuses one.
-    Predict runs on the test images, or on every image under ``predict_root`` (no annotations).
+    Predict runs on the test images, or on every image under ``predict_root`` (no annotations). Its facts
+    for a method (:mod:`datamodules.facts`) count labeled objects per class, and index images by ``image_ids``.
 
     Args:
         root: folder holding ``annotation_file`` and ``image_dir``.
@@ -189,6 +191,22 @@ class COCODetection(HeldOutParts, ResumableStreams, LightningDataModule):
     def load_predict_folder(self) -> FolderImages:
         return load_whole_images(self.predict_root, lambda p: self._decode(p, str(p), "or remove it from predict_root"),
                                  "COCODetection", None, first_id=1)
+
+    # --- facts (datamodules.facts) -----------------------------------------------------------
+    def labeled_class_counts(self) -> Tensor:
+        """Objects per class over the labeled images (crowds left out, as in training), int64 ``(num_classes,)``."""
+        self.require_split("labeled_class_counts()")
+        records = [self.coco.images[i] for i in self.split["labeled"].tolist()]
+        labels = torch.cat([torch.zeros(0, dtype=torch.long)] + [r.labels[~r.iscrowd] for r in records])
+        return torch.bincount(labels, minlength=self.num_classes)
+
+    def unlabeled_indices(self) -> Tensor:
+        self.require_split("unlabeled_indices()")
+        return self.split["unlabeled"]
+
+    @property
+    def num_indices(self) -> int:
+        return len(self.image_ids)
 
     # --- loaders ------------------------------------------------------------------------------
     def requested_unlabeled_views(self) -> tuple[str, ...]:

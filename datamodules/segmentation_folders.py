@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.data_root import DataRoot
 from datamodules.augment import normalize
+from datamodules.facts import PublishesFacts
 from datamodules.held_out import HeldOutParts
 from datamodules.image_files import FolderImages, decode_all, decode_rgb_or_grey, load_whole_images
 from datamodules.named_split import draw_parts, read_parts, split_record
@@ -68,7 +69,7 @@ class SegmentationSplit:
     val: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
 
-class SegmentationFolders(HeldOutParts, ResumableStreams, LightningDataModule):
+class SegmentationFolders(PublishesFacts, HeldOutParts, ResumableStreams, LightningDataModule):
     """Segmentation data from ``root/<image_dir>`` + ``root/<mask_dir>``, with a seeded split.
 
     The split draws one seeded permutation of the images that have masks: the first ``num_test``
@@ -77,7 +78,8 @@ class SegmentationFolders(HeldOutParts, ResumableStreams, LightningDataModule):
     plus images without masks when ``unlabeled_without_mask`` is set, the unlabeled set
     (:mod:`datamodules.named_split`). At ``setup("fit")`` the split is saved by stem to
     ``<log_dir>/split.json``; ``split_file`` reuses such a file. Predict runs on the test images,
-    or on every image under ``predict_root`` (no masks needed; named by their path there).
+    or on every image under ``predict_root`` (no masks needed; named by their path there). Its facts for a
+    method (:mod:`datamodules.facts`) count labeled pixels per class, and index images by ``stems``.
 
     Args:
         root: folder holding ``image_dir`` and ``mask_dir``.
@@ -205,6 +207,26 @@ class SegmentationFolders(HeldOutParts, ResumableStreams, LightningDataModule):
         return load_whole_images(self.predict_root, self._decode_image, "SegmentationFolders", self.eval_batch_size,
                                  IMAGE_SUFFIXES, self.decode_threads)
 
+    # --- facts (datamodules.facts) -----------------------------------------------------------
+    def labeled_class_counts(self) -> Tensor:
+        """Labeled pixels per class, int64 ``(num_classes,)``."""
+        self.require_split("labeled_class_counts()")
+        counts = torch.zeros(self.num_classes, dtype=torch.long)
+        for i in self.split.labeled.tolist():
+            counts += torch.bincount(self.masks[i].flatten().long(), minlength=self.num_classes)
+        return counts
+
+    def unlabeled_indices(self) -> Tensor:
+        self.require_split("unlabeled_indices()")
+        indices = self.split.unlabeled
+        if self.include_labeled_in_unlabeled:
+            indices = torch.cat([self.split.labeled, indices]).sort().values
+        return indices
+
+    @property
+    def num_indices(self) -> int:
+        return len(self.stems)
+
     # --- loaders ------------------------------------------------------------------------------
     def requested_unlabeled_views(self) -> tuple[str, ...]:
         return requested_views(self, default=("weak", "strong"))
@@ -218,9 +240,7 @@ class SegmentationFolders(HeldOutParts, ResumableStreams, LightningDataModule):
         loaders = {"labeled": self._stream(labeled, self.batch_size, "labeled")}
         views = self.requested_unlabeled_views()
         if views:
-            indices = self.split.unlabeled
-            if self.include_labeled_in_unlabeled:
-                indices = torch.cat([self.split.labeled, indices]).sort().values
+            indices = self.unlabeled_indices()
             if len(indices) == 0:
                 raise ValueError(f"the model asks for unlabeled views {views} but the unlabeled set is empty: lower "
                                  f"num_labeled, add images with unlabeled_without_mask, or include labeled images")

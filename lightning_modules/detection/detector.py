@@ -131,6 +131,7 @@ class Detector(SemiSupervisedModule):
         **kwargs: the base's other optimizer and EMA arguments.
     """
 
+    task = "detection"  # its batches (lightning_modules/core/batch.py)
     uses_criterion = False  # torchvision's models compute their own losses
     supports_rdrop = False
 
@@ -224,7 +225,7 @@ class Detector(SemiSupervisedModule):
         self._images_logged = False
 
     def _log_map(self, stage: str, metric: MeanAveragePrecision) -> None:
-        names = getattr(self.trainer.datamodule, "class_names", None)  # per-class AP named by category
+        names = self.data_facts.class_names if self.data_facts is not None else None  # per-class AP by category
         summary = map_summary(metric.compute(), self.with_masks, metric.max_detection_thresholds,  # synchronized
                               class_keys(names) if names is not None else None)
         metric.reset()

@@ -61,6 +61,7 @@ class UnbiasedTeacher(Detector):
         return self.ema.module
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         if 0 < self.hparams.burn_in_steps == self.global_step:
             self.teacher.load_state_dict(self.net.state_dict())
 

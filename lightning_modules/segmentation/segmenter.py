@@ -55,6 +55,7 @@ class Segmenter(SemiSupervisedModule):
         **kwargs: the base's optimizer, EMA and ramp-up arguments.
     """
 
+    task = "segmentation"  # its batches (lightning_modules/core/batch.py)
     uses_criterion = False  # the segmentation losses replace the classification criterion
     supports_rdrop = False
 

@@ -1,6 +1,6 @@
 """The batch half of the model-data contract (lightning_modules/core/batch.py): every DataModule's batches,
-on real data, follow it; the checker names what a batch that breaks it got wrong; view names are checked
-where they are given."""
+on real data, follow it; the checker names what a batch that breaks it got wrong; the base checks the first
+training batch of an epoch; view names are checked where they are given."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from datamodules import COCODetection, DigitsSSL, ImageFolderSSL, SegmentationFolders
+from lightning_modules import FixMatch, Supervised
 from lightning_modules.core.batch import (BatchContractError, check_evaluation_batch, check_training_batch,
                                           check_view_names, training_images)
+from tests.ssl_helpers import SMALL_NET, make_trainer
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*crowd regions:UserWarning"),
               pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")]
@@ -51,6 +53,10 @@ def test_every_datamodule_makes_batches_of_the_contract(name, request):
     check_training_batch(batch, task, VIEWS)
     labeled, unlabeled = batch["labeled"], batch["unlabeled"]
     assert set(unlabeled) >= {"weak", "strong", "weak2", "target", "index"}
+    # every index lies in the index space, the unlabeled ones among the unlabeled indices
+    facts = dm.data_facts()
+    assert 0 <= int(labeled["index"].min()) and int(labeled["index"].max()) < facts.num_indices
+    assert set(unlabeled["index"].tolist()) <= set(facts.unlabeled_indices.tolist())
     # the BatchNorm pass sees the labeled images and each view, nothing else
     images = training_images(batch)
     assert len(images) == 4 and images[0] is labeled["image"] and images[1] is unlabeled["weak"]
@@ -94,6 +100,30 @@ def test_the_old_detection_names_are_pointed_to_their_new_ones():
     with pytest.raises(BatchContractError, match=r"\['target'\]\[0\] must hold 'boxes' \(n, 4\)"):
         check_evaluation_batch({"image": [image], "target": [{"labels": torch.tensor([1])}],
                                 "index": torch.tensor([0])}, "detection")
+
+
+class _OldDialect(DigitsSSL):
+    """A DataModule of one's own that still names the labeled images ``images``."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        if "labeled" in batch:
+            batch["labeled"]["images"] = batch["labeled"].pop("image")
+        return batch
+
+
+def test_training_on_a_batch_that_breaks_the_contract_fails_naming_the_key(one_thread):
+    model = Supervised(**SMALL_NET)
+    with pytest.raises(BatchContractError, match=r"batch\['labeled'\] lacks \['image'\].*'images' is now 'image'"):
+        make_trainer(max_steps=1).fit(model, _OldDialect(num_labeled=50, batch_size=8, steps_per_epoch=1))
+
+
+def test_a_view_override_without_a_view_the_method_needs_fails_before_the_loss(one_thread):
+    # main: KeyError: 'strong' inside FixMatch's loss
+    model = FixMatch(**SMALL_NET)
+    data = DigitsSSL(num_labeled=50, batch_size=8, uratio=1, steps_per_epoch=1, unlabeled_views=["weak"])
+    with pytest.raises(BatchContractError, match=r"lacks the view\(s\) \['strong'\] the method asks for"):
+        make_trainer(max_steps=1).fit(model, data)
 
 
 def test_view_names_are_checked_where_they_are_given(shared_data):
