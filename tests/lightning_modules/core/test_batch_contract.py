@@ -126,10 +126,13 @@ def test_a_view_override_without_a_view_the_method_needs_fails_before_the_loss(o
         make_trainer(max_steps=1).fit(model, data)
 
 
-def test_view_names_are_checked_where_they_are_given(shared_data):
+def test_view_names_are_checked_where_they_are_given():
     assert check_view_names(["weak", "strong2", "plain"]) == ("weak", "strong2", "plain")
-    with pytest.raises(ValueError, match=r"unknown view\(s\) \['strog'\]"):
+    with pytest.raises(ValueError, match=r"unknown view\(s\) \['strog'\]"):  # main: only at the first batch
         DigitsSSL(unlabeled_views=["weak", "strog"])
+
+
+def test_segmentation_refuses_a_misspelt_view(shared_data):
     root = shared_data / "membrane"
     if not (root / "image").is_dir():
         pytest.skip(f"{root} not found")
