@@ -26,7 +26,7 @@ from torch import Tensor
 from lightning_modules.core.batch import check_training_batch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # no field-wise ==: tensors compare element-wise
 class DataFacts:
     """What a method may know about its data.
 
