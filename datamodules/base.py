@@ -21,17 +21,20 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.data_root import DataRoot
+from datamodules.facts import PublishesFacts
 from datamodules.held_out import RecordsHeldOut, check_held_out_arguments, check_loaded_split, draw_split
 from datamodules.in_memory import IndexedImages, keep_batch
 from datamodules.image_files import PredictFolder, load_classification_folder
 from datamodules.resumable import ResumableStreams
 from datamodules.split import LabeledSplit, load_split, run_split_path, save_split
 from datamodules.views import AugmentedViews
+from lightning_modules.core.batch import check_view_names
 
 log = logging.getLogger(__name__)
 
 
-class SSLDataModule(PredictFolder, RecordsHeldOut, ResumableStreams, AugmentedViews, LightningDataModule):
+class SSLDataModule(PublishesFacts, PredictFolder, RecordsHeldOut, ResumableStreams, AugmentedViews,
+                    LightningDataModule):
     """Base for labeled/unlabeled classification data.
 
     Subclasses set ``num_classes``, ``num_channels``, ``mean``, ``std`` and implement
@@ -67,6 +70,10 @@ class SSLDataModule(PredictFolder, RecordsHeldOut, ResumableStreams, AugmentedVi
     the full training set), so ``split_file`` reproduces them (:mod:`datamodules.held_out`).
     Test always uses the test set; predict too unless ``predict_root`` names a folder of images
     (searched recursively, decoded like the training images and resized to their size).
+
+    A method learns about the data from ``data_facts()`` (:mod:`datamodules.facts`): ``num_classes``,
+    ``class_names``, and after ``setup("fit")`` the labeled images per class, the unlabeled indices and
+    ``num_indices`` (the training set, then STL-10's extra unlabeled images).
     """
 
     num_classes: int
@@ -111,7 +118,7 @@ class SSLDataModule(PredictFolder, RecordsHeldOut, ResumableStreams, AugmentedVi
         self.include_labeled_in_unlabeled = include_labeled_in_unlabeled
         self.hflip = self.default_hflip if hflip is None else hflip
         self.pad_fraction, self.randaugment_ops, self.cutout_fraction = pad_fraction, randaugment_ops, cutout_fraction
-        self.unlabeled_views = unlabeled_views
+        self.unlabeled_views = None if unlabeled_views is None else check_view_names(unlabeled_views)
         self.num_workers = num_workers
         check_held_out_arguments(num_folds, fold, val_labeled_per_class)
         self.num_folds, self.fold, self.val_labeled_per_class = num_folds, fold, val_labeled_per_class
@@ -212,16 +219,32 @@ class SSLDataModule(PredictFolder, RecordsHeldOut, ResumableStreams, AugmentedVi
         # Permutation after permutation, sharded across DDP ranks, resumable exactly (datamodules.resumable).
         return self.training_stream(dataset, batch_size, stream, collate_fn=keep_batch, num_workers=self.num_workers)
 
-    def unlabeled_dataset(self) -> IndexedImages:
-        images, targets = self._train
+    # --- facts (datamodules.facts) -----------------------------------------------------------
+    def labeled_class_counts(self) -> torch.Tensor:
+        """Labeled images per class, int64 ``(num_classes,)``."""
+        self.require_split("labeled_class_counts()")
+        return torch.bincount(self._train[1][self.split.labeled], minlength=self.num_classes)
+
+    def unlabeled_indices(self) -> torch.Tensor:
+        """The unlabeled stream's indices: the unlabeled split (with the labeled images when they are included),
+        then the extra unlabeled images, numbered after the training set."""
+        self.require_split("unlabeled_indices()")
         indices = self.split.unlabeled
         if self.include_labeled_in_unlabeled:
             indices = torch.cat([self.split.labeled, indices]).sort().values
+        return torch.cat([indices, torch.arange(len(self._train[0]), self.num_indices)])
+
+    @property
+    def num_indices(self) -> int:
+        self.require_split("num_indices")
+        return len(self._train[0]) + (len(self._extra) if self._extra is not None else 0)
+
+    def unlabeled_dataset(self) -> IndexedImages:
+        images, targets = self._train
         if self._extra is not None:  # extra images carry target -1 and indices after the training set
             images = torch.cat([images, self._extra])
             targets = torch.cat([targets, torch.full((len(self._extra),), -1, dtype=targets.dtype)])
-            indices = torch.cat([indices, torch.arange(len(self._train[0]), len(images))])
-        return IndexedImages(images, targets, indices)
+        return IndexedImages(images, targets, self.unlabeled_indices())
 
     def train_dataloader(self) -> CombinedLoader:
         images, targets = self._train

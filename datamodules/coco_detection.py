@@ -7,26 +7,29 @@ background) is known when the CLI links it into the model. ``setup`` decodes eve
 ``torchvision.io.decode_image`` (RGB) and keeps them in memory as uint8 (fine for coco128's 128
 images; about 0.9 MB per 640x480 image). Masks are decoded per item, when ``masks=True``.
 
-Batches are lists, as torchvision's detectors take them; images are float32 ``(3, H, W)`` in
-[0, 1] after ``on_after_batch_transfer`` (uint8 in the loader), unnormalized (the detectors
-normalize inside). A training batch::
+Batches follow the contract of :mod:`lightning_modules.core.batch` with images and targets as lists,
+as torchvision's detectors take them; images are float32 ``(3, H, W)`` in [0, 1] after
+``on_after_batch_transfer`` (uint8 in the loader), unnormalized (the detectors normalize inside);
+``index`` is an image's position in ``image_ids`` and ``image_id`` its COCO id. A training batch::
 
-    {"labeled":   {"images": [Tensor], "targets": [{"boxes": float32 (n, 4) xyxy, "labels": int64 (n,),
-                                                    "masks": uint8 (n, H, W) (masks=True only),
-                                                    "image_id": int64 ()}]},
-     "unlabeled": {"weak": [Tensor], "strong": [Tensor], "targets": [dict], "image_id": [int]}}
+    {"labeled":   {"image": [Tensor], "target": [{"boxes": float32 (n, 4) xyxy, "labels": int64 (n,),
+                                                  "masks": uint8 (n, H, W) (masks=True only),
+                                                  "image_id": int64 ()}],
+                   "index": int64 (B,), "image_id": [int]},
+     "unlabeled": {"weak": [Tensor], "strong": [Tensor], "target": [dict], "index": int64 (U,), "image_id": [int]}}
 
 ``"unlabeled"`` holds the views the model lists in ``unlabeled_views`` and is absent when it lists
 none (or has no such attribute: a plain detector). All views of one unlabeled image share one
 geometric draw (resize, flip); ``strong*`` views add photometric changes only (colour jitter,
 grayscale, blur, random erasing), so boxes predicted on the weak view hold on the strong one.
-``"targets"`` there are the image's real annotations under that geometry, for diagnostics only.
+``"target"`` there holds the image's real annotations under that geometry, for diagnostics only.
 Training targets leave crowd regions out (torchvision cannot train on them). Validation, test and
-predict batches are whole, unaugmented validation- or test-split images, ``{"images": [...],
-"targets": [...], "image_id": [int]}``, whose targets keep crowd regions with ``iscrowd`` (int64)
+predict batches are whole, unaugmented validation- or test-split images, ``{"image": [...],
+"target": [...], "index", "image_id": [int]}``, whose targets keep crowd regions with ``iscrowd`` (int64)
 and ``area`` as torchmetrics' ``MeanAveragePrecision`` reads them: drop ``iscrowd == 1`` rows
 before computing a loss on them. Predict batches of a ``predict_root`` folder have no targets,
-``{"images", "image_id", "file"}``, their ids numbering the sorted files from 1.
+``{"image", "index", "image_id", "file"}``, their ids numbering the sorted files from 1.
+(Before 2026-12 these keys were ``images`` and ``targets``, and there was no ``index``.)
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from datamodules.data_root import DataRoot
+from datamodules.facts import PublishesFacts
 from datamodules.coco_reading import read_coco, target_of
 from datamodules.detection_transforms import DetectionItems, StrongPhotometric, collate_lists, detection_geometry
 from datamodules.held_out import HeldOutParts
@@ -52,18 +56,20 @@ from datamodules.image_files import FolderImages, load_whole_images
 from datamodules.named_split import draw_parts, read_parts, split_record
 from datamodules.resumable import ResumableStreams
 from datamodules.views import requested_views
+from lightning_modules.core.batch import check_view_names, is_view
 
 SPLIT_FORMAT = "labelwise-coco-split/1"
 
 
-class COCODetection(HeldOutParts, ResumableStreams, LightningDataModule):
+class COCODetection(PublishesFacts, HeldOutParts, ResumableStreams, LightningDataModule):
     """Detection data from a COCO json and its image folder, split into test, labeled and unlabeled.
 
     One seeded permutation of the image ids gives ``num_test`` test images, then ``num_val``
     validation images (``0``: validation reports on the test images), then ``num_labeled`` labeled
     ones, the rest unlabeled (:mod:`datamodules.named_split`). At ``setup("fit")`` the split (by
     image id) is written atomically to ``<log_dir>/split.json``; ``split_file`` reuses one.
-    Predict runs on the test images, or on every image under ``predict_root`` (no annotations).
+    Predict runs on the test images, or on every image under ``predict_root`` (no annotations). Its facts
+    for a method (:mod:`datamodules.facts`) count labeled objects per class, and index images by ``image_ids``.
 
     Args:
         root: folder holding ``annotation_file`` and ``image_dir``.
@@ -107,7 +113,8 @@ class COCODetection(HeldOutParts, ResumableStreams, LightningDataModule):
         self.masks, self.num_labeled, self.num_test, self.seed = masks, num_labeled, num_test, seed
         self.split_file, self.batch_size, self.uratio = split_file, batch_size, uratio
         self.steps_per_epoch, self.eval_batch_size, self.num_workers = steps_per_epoch, eval_batch_size, num_workers
-        self.unlabeled_views, self.num_val, self.predict_root = unlabeled_views, num_val, predict_root
+        self.num_val, self.predict_root = num_val, predict_root
+        self.unlabeled_views = None if unlabeled_views is None else check_view_names(unlabeled_views)
         self.predict_images: FolderImages | None = None  # predict_root's images, at setup("predict")
         self.geometry, self.photometric = detection_geometry(hflip, min_size), StrongPhotometric()
         self.images: list[Tensor] = []
@@ -183,7 +190,23 @@ class COCODetection(HeldOutParts, ResumableStreams, LightningDataModule):
 
     def load_predict_folder(self) -> FolderImages:
         return load_whole_images(self.predict_root, lambda p: self._decode(p, str(p), "or remove it from predict_root"),
-                                 "COCODetection", None, image_key="images", first_id=1)
+                                 "COCODetection", None, first_id=1)
+
+    # --- facts (datamodules.facts) -----------------------------------------------------------
+    def labeled_class_counts(self) -> Tensor:
+        """Objects per class over the labeled images (crowds left out, as in training), int64 ``(num_classes,)``."""
+        self.require_split("labeled_class_counts()")
+        records = [self.coco.images[i] for i in self.split["labeled"].tolist()]
+        labels = torch.cat([torch.zeros(0, dtype=torch.long)] + [r.labels[~r.iscrowd] for r in records])
+        return torch.bincount(labels, minlength=self.num_classes)
+
+    def unlabeled_indices(self) -> Tensor:
+        self.require_split("unlabeled_indices()")
+        return self.split["unlabeled"]
+
+    @property
+    def num_indices(self) -> int:
+        return len(self.image_ids)
 
     # --- loaders ------------------------------------------------------------------------------
     def requested_unlabeled_views(self) -> tuple[str, ...]:
@@ -224,7 +247,7 @@ class COCODetection(HeldOutParts, ResumableStreams, LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         def floats(part: dict[str, list]) -> dict[str, list]:
-            images = lambda key: key == "images" or key.startswith(("weak", "strong", "plain"))  # noqa: E731
+            images = lambda key: key == "image" or is_view(key)  # noqa: E731
             return {k: [x.float().div_(255) for x in v] if images(k) else v for k, v in part.items()}
 
         if isinstance(batch, dict) and "labeled" in batch:

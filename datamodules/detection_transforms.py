@@ -13,6 +13,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from datamodules.coco_reading import CocoImage, target_of
+from lightning_modules.core.batch import check_view_names
 
 
 def detection_geometry(hflip: bool = True, min_size: int | None = None) -> v2.Transform:
@@ -45,17 +46,15 @@ class StrongPhotometric:
 
 class DetectionItems(Dataset):
     """Images ``indices`` of ``records``: whole images with evaluation targets when ``geometry`` is
-    None, else augmented training items, ``{"images", "targets"}`` (labeled, no ``views``) or
-    ``{<view>..., "targets", "image_id"}`` (unlabeled)."""
+    None, else augmented training items, ``{"image", "target"}`` (labeled, no ``views``) or
+    ``{<view>..., "target"}`` (unlabeled); every item also has ``"index"`` (its position in ``records``)
+    and ``"image_id"``."""
 
     def __init__(self, images: list[Tensor], records: list[CocoImage], indices: Tensor, masks: bool,
                  geometry: v2.Transform | None = None, views: Sequence[str] = (),
                  photometric: StrongPhotometric | None = None) -> None:
         self.images, self.records, self.indices, self.masks = images, records, indices, masks
-        self.geometry, self.views, self.photometric = geometry, tuple(views), photometric
-        unknown = [name for name in self.views if not name.startswith(("weak", "strong", "plain"))]
-        if unknown:
-            raise ValueError(f"unknown view(s) {unknown}: view names start with 'weak', 'strong' or 'plain'")
+        self.geometry, self.views, self.photometric = geometry, check_view_names(views), photometric
         self.dropped_after_transform = 0  # per loader process
 
     def __len__(self) -> int:
@@ -83,18 +82,21 @@ class DetectionItems(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         index = int(self.indices[i])
+        sample = {"index": torch.tensor(index), "image_id": self.records[index].id}
         if self.geometry is None:
-            return {"images": self.images[index], "targets": target_of(self.records[index], self.masks, crowd=True),
-                    "image_id": self.records[index].id}
+            return {"image": self.images[index], "target": target_of(self.records[index], self.masks, crowd=True),
+                    **sample}
         image, target = self._transformed(index)
         if not self.views:
-            return {"images": image, "targets": target}
+            return {"image": image, "target": target, **sample}
         item: dict[str, Any] = {}
         for name in self.views:
             item[name] = self.photometric(image) if name.startswith("strong") else image
-        return {**item, "targets": target, "image_id": self.records[index].id}
+        return {**item, "target": target, **sample}
 
 
-def collate_lists(items: list[dict[str, Any]]) -> dict[str, list]:
-    """Items of one kind into a dict of lists (images of different sizes cannot be stacked)."""
-    return {key: [item[key] for item in items] for key in items[0]}
+def collate_lists(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Items of one kind into a dict of lists (images of different sizes cannot be stacked); ``index``
+    is stacked into an int64 tensor, as in every batch."""
+    return {key: torch.stack([item[key] for item in items]) if key == "index" else [item[key] for item in items]
+            for key in items[0]}

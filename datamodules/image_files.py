@@ -102,18 +102,17 @@ def relative_names(root: str | os.PathLike, files: Sequence[Path]) -> list[str]:
 
 
 class FolderImages(Dataset):
-    """Whole images of any size, ``{image_key: uint8 (C, H, W), "index": int64 (), "file": str}``, plus
+    """Whole images of any size, ``{"image": uint8 (C, H, W), "index": int64 (), "file": str}``, plus
     ``"image_id"`` (``first_id + index``) when ``first_id`` is given."""
 
-    def __init__(self, images: Sequence[Tensor], names: Sequence[str], image_key: str = "image",
-                 first_id: int | None = None) -> None:
-        self.images, self.names, self.image_key, self.first_id = list(images), list(names), image_key, first_id
+    def __init__(self, images: Sequence[Tensor], names: Sequence[str], first_id: int | None = None) -> None:
+        self.images, self.names, self.first_id = list(images), list(names), first_id
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item = {self.image_key: self.images[i], "index": torch.tensor(i), "file": self.names[i]}
+        item = {"image": self.images[i], "index": torch.tensor(i), "file": self.names[i]}
         return item if self.first_id is None else dict(item, image_id=self.first_id + i)
 
 
@@ -148,7 +147,7 @@ def load_classification_folder(root: str | os.PathLike, channels: int, size: tup
 
 
 def load_whole_images(root: str | os.PathLike, decode: Callable[[Path], Tensor], owner: str, batch_size: int | None,
-                      suffixes: Sequence[str] = IMAGE_SUFFIXES, threads: int = 4, image_key: str = "image",
+                      suffixes: Sequence[str] = IMAGE_SUFFIXES, threads: int = 4,
                       first_id: int | None = None) -> FolderImages:
     """The images under ``root``, decoded by ``decode`` and kept at their own size; images of several
     sizes need ``batch_size`` 1 unless the batches are lists (``batch_size=None``)."""
@@ -158,4 +157,4 @@ def load_whole_images(root: str | os.PathLike, decode: Callable[[Path], Tensor],
     if len(sizes) > 1 and batch_size is not None and batch_size > 1:
         raise ValueError(f"{owner}: the images under {root} have several sizes {sizes[:3]}: pass "
                          f"--data.eval_batch_size 1 to predict them one at a time")
-    return FolderImages(images, relative_names(root, files), image_key, first_id)
+    return FolderImages(images, relative_names(root, files), first_id)

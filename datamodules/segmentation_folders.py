@@ -4,7 +4,8 @@
 by file stem. Images and masks are decoded once into memory (uint8); ``index`` in a batch is an
 image's position in ``SegmentationFolders.stems`` (stems in natural order: 0, 1, 2, ..., 10).
 
-Training batch, after ``on_after_batch_transfer`` (B = ``batch_size``, U = ``batch_size * uratio``,
+Batches follow the contract of :mod:`lightning_modules.core.batch`. Training batch, after
+``on_after_batch_transfer`` (B = ``batch_size``, U = ``batch_size * uratio``,
 h = w = ``crop_size``)::
 
     {"labeled":   {"image": float32 (B, C, h, w) normalized, "target": int64 (B, h, w), "index": int64 (B,)},
@@ -43,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.data_root import DataRoot
 from datamodules.augment import normalize
+from datamodules.facts import PublishesFacts
 from datamodules.held_out import HeldOutParts
 from datamodules.image_files import FolderImages, decode_all, decode_rgb_or_grey, load_whole_images
 from datamodules.named_split import draw_parts, read_parts, split_record
@@ -51,6 +53,7 @@ from datamodules.segmentation_reading import IMAGE_SUFFIXES, decode_mask, image_
 from datamodules.segmentation_transforms import (SegmentationCrops, WholeImages, geometric_transform,
                                                  photometric_transform)
 from datamodules.views import requested_views
+from lightning_modules.core.batch import check_view_names, is_view
 
 SPLIT_FORMAT = "labelwise-segmentation-split/1"
 
@@ -66,7 +69,7 @@ class SegmentationSplit:
     val: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
 
-class SegmentationFolders(HeldOutParts, ResumableStreams, LightningDataModule):
+class SegmentationFolders(PublishesFacts, HeldOutParts, ResumableStreams, LightningDataModule):
     """Segmentation data from ``root/<image_dir>`` + ``root/<mask_dir>``, with a seeded split.
 
     The split draws one seeded permutation of the images that have masks: the first ``num_test``
@@ -75,7 +78,8 @@ class SegmentationFolders(HeldOutParts, ResumableStreams, LightningDataModule):
     plus images without masks when ``unlabeled_without_mask`` is set, the unlabeled set
     (:mod:`datamodules.named_split`). At ``setup("fit")`` the split is saved by stem to
     ``<log_dir>/split.json``; ``split_file`` reuses such a file. Predict runs on the test images,
-    or on every image under ``predict_root`` (no masks needed; named by their path there).
+    or on every image under ``predict_root`` (no masks needed; named by their path there). Its facts for a
+    method (:mod:`datamodules.facts`) count labeled pixels per class, and index images by ``stems``.
 
     Args:
         root: folder holding ``image_dir`` and ``mask_dir``.
@@ -131,7 +135,8 @@ class SegmentationFolders(HeldOutParts, ResumableStreams, LightningDataModule):
         self.num_val, self.predict_root = num_val, predict_root
         self.batch_size, self.uratio, self.steps_per_epoch = batch_size, uratio, steps_per_epoch
         self.eval_batch_size, self.num_workers, self.decode_threads = eval_batch_size, num_workers, decode_threads
-        self.include_labeled_in_unlabeled, self.unlabeled_views = include_labeled_in_unlabeled, unlabeled_views
+        self.include_labeled_in_unlabeled = include_labeled_in_unlabeled
+        self.unlabeled_views = None if unlabeled_views is None else check_view_names(unlabeled_views)
         default_mean, default_std = ((0.5,), (0.25,)) if grayscale else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         self.mean, self.std = tuple(mean or default_mean), tuple(std or default_std)
         if len(self.mean) != self.num_channels or len(self.std) != self.num_channels:
@@ -202,6 +207,26 @@ class SegmentationFolders(HeldOutParts, ResumableStreams, LightningDataModule):
         return load_whole_images(self.predict_root, self._decode_image, "SegmentationFolders", self.eval_batch_size,
                                  IMAGE_SUFFIXES, self.decode_threads)
 
+    # --- facts (datamodules.facts) -----------------------------------------------------------
+    def labeled_class_counts(self) -> Tensor:
+        """Labeled pixels per class, int64 ``(num_classes,)``."""
+        self.require_split("labeled_class_counts()")
+        counts = torch.zeros(self.num_classes, dtype=torch.long)
+        for i in self.split.labeled.tolist():
+            counts += torch.bincount(self.masks[i].flatten().long(), minlength=self.num_classes)
+        return counts
+
+    def unlabeled_indices(self) -> Tensor:
+        self.require_split("unlabeled_indices()")
+        indices = self.split.unlabeled
+        if self.include_labeled_in_unlabeled:
+            indices = torch.cat([self.split.labeled, indices]).sort().values
+        return indices
+
+    @property
+    def num_indices(self) -> int:
+        return len(self.stems)
+
     # --- loaders ------------------------------------------------------------------------------
     def requested_unlabeled_views(self) -> tuple[str, ...]:
         return requested_views(self, default=("weak", "strong"))
@@ -215,9 +240,7 @@ class SegmentationFolders(HeldOutParts, ResumableStreams, LightningDataModule):
         loaders = {"labeled": self._stream(labeled, self.batch_size, "labeled")}
         views = self.requested_unlabeled_views()
         if views:
-            indices = self.split.unlabeled
-            if self.include_labeled_in_unlabeled:
-                indices = torch.cat([self.split.labeled, indices]).sort().values
+            indices = self.unlabeled_indices()
             if len(indices) == 0:
                 raise ValueError(f"the model asks for unlabeled views {views} but the unlabeled set is empty: lower "
                                  f"num_labeled, add images with unlabeled_without_mask, or include labeled images")
@@ -252,7 +275,6 @@ class SegmentationFolders(HeldOutParts, ResumableStreams, LightningDataModule):
         if isinstance(batch, dict) and "labeled" in batch:
             out = {"labeled": dict(batch["labeled"], image=self.to_float(batch["labeled"]["image"]))}
             if "unlabeled" in batch:
-                out["unlabeled"] = {k: v if k in ("target", "index") else self.to_float(v)
-                                    for k, v in batch["unlabeled"].items()}
+                out["unlabeled"] = {k: self.to_float(v) if is_view(k) else v for k, v in batch["unlabeled"].items()}
             return out
         return dict(batch, image=self.to_float(batch["image"]))

@@ -16,6 +16,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from lightning_modules.core.batch import check_view_names
+
 
 class RandomRot90(v2.Transform):
     """Rotate by ``k * 90`` degrees, ``k`` uniform in 0..3 (0 or 2 for non-square inputs, which keeps
@@ -73,7 +75,7 @@ class SegmentationCrops(Dataset):
     def __init__(self, images: list[Tensor], masks: list[Tensor | None], indices: Tensor, geometry: Callable,
                  photometric: Callable | None = None, views: Sequence[str] = ()) -> None:
         self.images, self.masks, self.indices = images, masks, indices
-        self.geometry, self.photometric, self.views = geometry, photometric, tuple(views)
+        self.geometry, self.photometric, self.views = geometry, photometric, check_view_names(views)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -1,7 +1,8 @@
 """The views a method asks for, made after the batch reaches its device.
 
 A LightningModule lists the unlabeled views it needs in ``unlabeled_views`` (``("weak", "strong")`` for
-FixMatch, none for ``Supervised``); a DataModule's own ``unlabeled_views`` overrides it. For the
+FixMatch, none for ``Supervised``); a DataModule's own ``unlabeled_views`` overrides it. View names and
+the batch they end up in are the contract of :mod:`lightning_modules.core.batch`. For the
 classification DataModules, :class:`AugmentedViews` turns a uint8 batch into those views on its device:
 the labeled images get the weak view, the unlabeled ones each view asked for (any name starting with
 ``weak`` or ``strong`` is an independent draw of that augmentation, ``plain`` none), then all are
@@ -16,15 +17,16 @@ import torch
 from lightning import LightningDataModule
 
 from datamodules.augment import normalize, strong_augment, weak_augment
+from lightning_modules.core.batch import check_view_names
 
 
 def requested_views(datamodule: LightningDataModule, default: tuple[str, ...]) -> tuple[str, ...]:
     """The unlabeled views a DataModule makes: its own ``unlabeled_views`` if set, else those its
     trainer's LightningModule names, else ``default`` (a model that names none)."""
     if datamodule.unlabeled_views is not None:
-        return tuple(datamodule.unlabeled_views)
+        return check_view_names(datamodule.unlabeled_views)
     model = datamodule.trainer.lightning_module if datamodule.trainer is not None else None
-    return tuple(getattr(model, "unlabeled_views", default))
+    return check_view_names(getattr(model, "unlabeled_views", default))
 
 
 class AugmentedViews:
@@ -47,9 +49,8 @@ class AugmentedViews:
             return self.weak(images)
         if name.startswith("strong"):
             return self.strong(images)
-        if name.startswith("plain"):
-            return images
-        raise ValueError(f"unknown view {name!r}: view names start with 'weak', 'strong' or 'plain'")
+        check_view_names([name])
+        return images  # plain
 
     def to_float(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.mean, self.std)

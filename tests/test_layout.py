@@ -39,10 +39,11 @@ EXCEPTIONS = {
     "lightning_modules/segmentation/semi_supervised.py": {"ssl"},
 }
 #: The core pieces callbacks/ use: files written whole, checkpoints read under the one policy, the shared
-#: weight average, BatchNorm re-estimation after averaging (SWA), metric keys of class names.
+#: weight average, BatchNorm re-estimation after averaging (SWA), metric keys of class names, the batch
+#: contract (the BatchNorm pass finds a training batch's images by it).
 CALLBACKS_IMPORT = {"lightning_modules.core.atomic", "lightning_modules.core.checkpoint_loading",
                     "lightning_modules.core.ema", "lightning_modules.core.batch_norm_estimation",
-                    "lightning_modules.core.class_keys"}
+                    "lightning_modules.core.class_keys", "lightning_modules.core.batch"}
 
 
 def _sources() -> list[Path]:
@@ -143,6 +144,69 @@ def test_the_rules_see_what_they_must_refuse():  # rule tests pass on a reader t
         "datamodules", ["_world_and_rank"])
     assert _private("lightning_modules.segmentation.networks._base", ["X"]) == (
         "lightning_modules.segmentation.networks", ["_base"])
+
+
+def _datamodule_reads(source: str) -> tuple[list[int], list[tuple[int, str]]]:
+    """Lines of ``source`` that reach a DataModule (``x.datamodule``, ``getattr(x, "datamodule")``), and the
+    private names read through one (``.datamodule._x``, or through a name bound to it: ``dm = ...datamodule``)."""
+    tree = ast.parse(source)
+
+    def reaches(node: ast.AST) -> bool:
+        if isinstance(node, ast.Attribute) and node.attr == "datamodule":
+            return True
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+                and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value == "datamodule")
+
+    aliases = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.NamedExpr)) and node.value is not None \
+                and any(reaches(n) for n in ast.walk(node.value)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            aliases |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+
+    def is_datamodule(node: ast.AST) -> bool:
+        return reaches(node) or (isinstance(node, ast.Name) and node.id in aliases)
+
+    def private(name: object) -> bool:
+        return isinstance(name, str) and name.startswith("_") and not name.startswith("__")
+
+    lines, hidden = sorted({n.lineno for n in ast.walk(tree) if reaches(n)}), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and is_datamodule(node.value) and private(node.attr):
+            hidden.append((node.lineno, node.attr))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" \
+                and len(node.args) > 1 and is_datamodule(node.args[0]) and isinstance(node.args[1], ast.Constant) \
+                and private(node.args[1].value):
+            hidden.append((node.lineno, node.args[1].value))
+    return lines, hidden
+
+
+def test_methods_learn_about_their_data_only_through_the_contract():
+    """No method reads a DataModule (docs/design.md, "Model-data contract"): they get ``data_facts`` in
+    ``setup`` (lightning_modules/core/data_contract.py), so only core reaches ``trainer.datamodule``, and
+    nobody in lightning_modules reads a DataModule's private names through it."""
+    outside_core, hidden = [], []
+    for path in sorted((REPO / "lightning_modules").rglob("*.py")):
+        lines, private = _datamodule_reads(path.read_text())
+        where = str(path.relative_to(REPO))
+        if lines and not where.startswith("lightning_modules/core/"):
+            outside_core += [f"{where}:{line}" for line in lines]
+        hidden += [f"{where}:{line} reads {name}" for line, name in private]
+    assert not outside_core and not hidden, "\n".join(
+        ["methods reach the DataModule (use self.data_facts):", *outside_core, "private names read:", *hidden])
+
+
+def test_the_datamodule_rule_sees_what_main_did():
+    remixmatch = (  # ReMixMatch.labeled_class_marginal on main (34d5f8b)
+        "trainer = getattr(self, '_trainer', None)\n"
+        "dm = getattr(trainer, 'datamodule', None) if trainer is not None else None\n"
+        "train, split = getattr(dm, '_train', None), getattr(dm, 'split', None)\n")
+    assert _datamodule_reads(remixmatch) == ([2], [(3, "_train")])
+    flexmatch = "datamodule = getattr(self.trainer, 'datamodule', None)\ndataset = datamodule.unlabeled_dataset()\n"
+    assert _datamodule_reads(flexmatch) == ([1], [])
+    assert _datamodule_reads("n = len(self.trainer.datamodule._train[0])\n") == ([1], [(1, "_train")])
+    assert _datamodule_reads("facts = self.data_facts\n") == ([], [])
 
 
 def test_lightning_modules_top_level_holds_at_most_six_files_and_no_file_is_over_300_lines():

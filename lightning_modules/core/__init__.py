@@ -14,7 +14,9 @@ import (docs/design.md, "Import rules"):
 * :mod:`~lightning_modules.core.atomic`: files written whole or not at all;
 * :mod:`~lightning_modules.core.checkpoint_loading`: every checkpoint and weight file read, as data
   (one policy: ``weights_only=True``);
-* :mod:`~lightning_modules.core.class_keys`: class names turned into metric keys.
+* :mod:`~lightning_modules.core.class_keys`: class names turned into metric keys;
+* :mod:`~lightning_modules.core.batch`, :mod:`~lightning_modules.core.data_contract`: the model-data contract
+  (the batch per task and the views a method asks for; the DataModule's facts a method receives in ``setup``).
 
 Nothing is imported here: each piece is imported from its own module.
 """

@@ -15,20 +15,19 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_modules.core.batch import training_images
+
 
 def default_bn_inputs(batch: Any) -> list[torch.Tensor]:
     """Images of a labelwise training batch that BatchNorm should see: the labeled images and every
-    unlabeled image view; an evaluation-style ``{"image": ...}`` batch or a bare tensor also works."""
+    unlabeled view (:func:`lightning_modules.core.batch.training_images`); an evaluation-style
+    ``{"image": ...}`` batch or a bare tensor also works."""
     if isinstance(batch, torch.Tensor):
         return [batch]
     if isinstance(batch, (tuple, list)):
         return [batch[0]]
     if "labeled" in batch:
-        inputs = [batch["labeled"]["image"]]
-        for name, value in (batch.get("unlabeled") or {}).items():
-            if name not in ("index", "target") and isinstance(value, torch.Tensor) and value.is_floating_point():
-                inputs.append(value)
-        return inputs
+        return training_images(batch)
     return [batch["image"]]
 
 

@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 from lightning_modules.classification.criteria import build_criterion
 from lightning_modules.classification.label_regularization import symmetric_kl
 from lightning_modules.classification.networks import build_network
+from lightning_modules.core.data_contract import ModelDataContract
 from lightning_modules.core.distributed import average_batchnorm_statistics, check_full_parameters
 from lightning_modules.core.ema import EMAModel
 from lightning_modules.core.optimization import RAMPUPS, OptimizerRecipe
@@ -33,8 +34,10 @@ from lightning_modules.core.step_state import StepState
 from lightning_modules.core.training_checks import FiniteLossCheck, check_model_fits_data
 
 
-class SemiSupervisedModule(OptimizerRecipe, LightningModule):
+class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, LightningModule):
     """Shared training, evaluation and optimization for semi-supervised classifiers.
+
+    Its side of the model-data contract (``task``, ``unlabeled_views``, ``data_facts``) is :class:`ModelDataContract`.
 
     Args:
         num_classes: classes of the data (linked from the DataModule by ``train.py``).
@@ -68,8 +71,6 @@ class SemiSupervisedModule(OptimizerRecipe, LightningModule):
     #: whether the method may forward its views together (``concat_forward=True``)
     supports_concat_forward: bool = True
 
-    #: unlabeled views the DataModule must produce for this method
-    unlabeled_views: tuple[str, ...] = ()
     #: the step's terms shown in the progress bar beside the total loss, when the method logs them
     progress_bar_terms: tuple[str, ...] = ("mask_ratio",)
 

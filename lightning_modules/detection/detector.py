@@ -5,10 +5,10 @@
 and the cosine schedule, the EMA copy used for evaluation, logging) is the classification
 base's; semi-supervised detectors (:mod:`lightning_modules.detection.unbiased_teacher`) subclass it.
 
-Batches are those of :class:`datamodules.COCODetection`: training
-``{"labeled": {"images": [(3, H, W) floats in [0, 1]], "targets": [{"boxes" xyxy, "labels"
-(1..K, 0 = background), "masks" (Mask R-CNN), "image_id"}]}, "unlabeled": {...}}``, evaluation
-``{"images": [...], "targets": [...]}``.
+Batches are the contract's detection batches (:mod:`lightning_modules.core.batch`), as
+:class:`datamodules.COCODetection` makes them: training ``{"labeled": {"image": [(3, H, W) floats in
+[0, 1]], "target": [{"boxes" xyxy, "labels" (1..K, 0 = background), "masks" (Mask R-CNN), "image_id"}],
+"index", "image_id"}, "unlabeled": {...}}``, evaluation ``{"image": [...], "target": [...], "index", "image_id"}``.
 
 Metrics: torchmetrics' ``MeanAveragePrecision`` (COCO mAP@[.5:.95], box and, for Mask R-CNN,
 mask) with the ``faster_coco_eval`` backend (pip package ``faster-coco-eval``), scored on as many
@@ -131,6 +131,7 @@ class Detector(SemiSupervisedModule):
         **kwargs: the base's other optimizer and EMA arguments.
     """
 
+    task = "detection"  # its batches (lightning_modules/core/batch.py)
     uses_criterion = False  # torchvision's models compute their own losses
     supports_rdrop = False
 
@@ -190,11 +191,11 @@ class Detector(SemiSupervisedModule):
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``{"labeled_loss": sum, "loss_classifier": ..., "loss_box_reg": ..., ...}`` on the labeled images."""
         labeled = batch["labeled"]
-        terms = self.net(labeled["images"], labeled["targets"])
+        terms = self.net(labeled["image"], labeled["target"])
         return {"labeled_loss": sum(terms.values()), **terms}
 
     def labeled_batch_size(self, batch: dict[str, Any]) -> int:
-        return len(batch["labeled"]["images"])
+        return len(batch["labeled"]["image"])
 
     # --- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -207,10 +208,10 @@ class Detector(SemiSupervisedModule):
         return detections
 
     def _evaluate(self, batch: dict[str, Any], stage: str, metric: MeanAveragePrecision) -> None:
-        detections = self.detect(batch["images"])
-        metric.update(metric_inputs(detections, self.with_masks), metric_inputs(batch["targets"], self.with_masks))
+        detections = self.detect(batch["image"])
+        metric.update(metric_inputs(detections, self.with_masks), metric_inputs(batch["target"], self.with_masks))
         if stage == "val" and self.hparams.log_images > 0 and not self._images_logged and self.logger is not None:
-            log_detections(self.logger, batch["images"], detections, batch["targets"], self.hparams.log_images,
+            log_detections(self.logger, batch["image"], detections, batch["target"], self.hparams.log_images,
                            key="val/detections", step=self.global_step)
             self._images_logged = True
 
@@ -224,7 +225,7 @@ class Detector(SemiSupervisedModule):
         self._images_logged = False
 
     def _log_map(self, stage: str, metric: MeanAveragePrecision) -> None:
-        names = getattr(self.trainer.datamodule, "class_names", None)  # per-class AP named by category
+        names = self.data_facts.class_names if self.data_facts is not None else None  # per-class AP by category
         summary = map_summary(metric.compute(), self.with_masks, metric.max_detection_thresholds,  # synchronized
                               class_keys(names) if names is not None else None)
         metric.reset()
@@ -239,11 +240,11 @@ class Detector(SemiSupervisedModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, torch.Tensor]]:
         """Per image: boxes (xyxy, input pixels), labels, scores, masks (boolean, Mask R-CNN), image_id."""
-        detections = self.detect(batch["images"])
+        detections = self.detect(batch["image"])
         if self.with_masks:
             for item in detections:
                 item["masks"] = item["masks"][:, 0] > 0.5
-        image_ids = batch.get("image_id") or [target.get("image_id") for target in batch.get("targets") or []]
+        image_ids = batch.get("image_id") or [target.get("image_id") for target in batch.get("target") or []]
         for item, image_id in zip(detections, image_ids):
             if image_id is not None:
                 item["image_id"] = torch.as_tensor(image_id)

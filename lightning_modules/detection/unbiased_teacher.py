@@ -61,6 +61,7 @@ class UnbiasedTeacher(Detector):
         return self.ema.module
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         if 0 < self.hparams.burn_in_steps == self.global_step:
             self.teacher.load_state_dict(self.net.state_dict())
 
@@ -75,7 +76,7 @@ class UnbiasedTeacher(Detector):
         unlabeled_terms = classification_terms(self.net(unlabeled["strong"], targets))
         losses["unlabeled_loss"] = sum(unlabeled_terms.values())
         losses.update({f"unlabeled_{k}": v for k, v in unlabeled_terms.items()})
-        losses.update(pseudo_label_stats(targets, unlabeled.get("targets")))
+        losses.update(pseudo_label_stats(targets, unlabeled.get("target")))
         return losses
 
 

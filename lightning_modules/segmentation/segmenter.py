@@ -8,8 +8,9 @@ Everything else (SGD and the cosine schedule, the EMA copy used for evaluation, 
 unlabeled views, logging) is the classification base's, so the semi-supervised methods apply to
 pixels unchanged (:mod:`lightning_modules.segmentation.semi_supervised`).
 
-Batches are those of :class:`datamodules.SegmentationFolders`: ``"image"`` (N, C, H, W) and a
-per-pixel ``"target"`` (N, H, W) of class indices. Binary masks are 2 classes (background,
+Batches are the contract's segmentation batches (:mod:`lightning_modules.core.batch`), as
+:class:`datamodules.SegmentationFolders` makes them: ``"image"`` (N, C, H, W) and a per-pixel
+``"target"`` (N, H, W) of class indices. Binary masks are 2 classes (background,
 foreground) with a softmax, so per-pixel pseudo-labels work as for images.
 """
 
@@ -54,6 +55,7 @@ class Segmenter(SemiSupervisedModule):
         **kwargs: the base's optimizer, EMA and ramp-up arguments.
     """
 
+    task = "segmentation"  # its batches (lightning_modules/core/batch.py)
     uses_criterion = False  # the segmentation losses replace the classification criterion
     supports_rdrop = False
 

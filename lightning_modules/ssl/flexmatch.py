@@ -44,16 +44,16 @@ class FlexMatch(FixMatch):
     lambda_u = 1, mu = 7, B = 64, SGD 0.03 Nesterov, weight decay 5e-4, cosine 7/16 over 2^20
     steps, EMA 0.999) with the convex mapping and threshold warm-up on.
 
-    State: the buffer ``memory`` (int64, one entry per training-set index), sized at fit start from
-    the DataModule's ``unlabeled_dataset()`` (or ``num_unlabeled``); indices outside the unlabeled
-    set hold ``-2`` and count neither as used nor unused. It is saved in ``state_dict``; loading a
-    checkpoint resizes it to the saved size.
+    State: the buffer ``memory`` (int64, one entry per ``index`` of the data), sized at fit start from
+    the DataModule's facts (``data_facts.num_indices``, ``data_facts.unlabeled_indices``; or from
+    ``num_unlabeled``); indices outside the unlabeled set hold ``-2`` and count neither as used nor
+    unused. It is saved in ``state_dict``; loading a checkpoint resizes it to the saved size.
 
     Args:
         threshold: tau, the upper limit of the per-class thresholds.
         temperature: softmax temperature of ``q_b``.
         threshold_warmup: include the count of unused samples in the normalization of ``beta``.
-        num_unlabeled: size of the index space when the DataModule has no ``unlabeled_dataset()``.
+        num_unlabeled: size of the index space when the DataModule publishes no facts (``data_facts()``).
         **kwargs: :class:`SemiSupervisedModule` arguments.
     """
 
@@ -71,14 +71,14 @@ class FlexMatch(FixMatch):
             self.memory = memory
 
     def _fresh_memory(self) -> torch.Tensor | None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "unlabeled_dataset"):
+        facts = self.data_facts  # received from the DataModule in setup (lightning_modules/core/data_contract.py)
+        if facts is None or facts.unlabeled_indices is None:
             if self.memory.numel() == 0:
-                raise ValueError("FlexMatch needs the unlabeled set's size: use an SSLDataModule or pass num_unlabeled")
+                raise ValueError("FlexMatch needs the unlabeled set's size: use a DataModule that publishes "
+                                 "data_facts() (every labelwise DataModule does) or pass num_unlabeled")
             return None
-        dataset = datamodule.unlabeled_dataset()
-        memory = torch.full((len(dataset.images),), OUTSIDE, dtype=torch.long, device=self.device)
-        memory[dataset.indices.to(self.device)] = UNUSED
+        memory = torch.full((facts.num_indices,), OUTSIDE, dtype=torch.long, device=self.device)
+        memory[facts.unlabeled_indices.to(self.device)] = UNUSED
         return memory
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:

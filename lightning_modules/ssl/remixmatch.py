@@ -96,7 +96,7 @@ class ReMixMatch(SemiSupervisedModule):
             not expose ``forward_features`` and ``num_features``, e.g. torchvision or timm models).
         dist_align: use distribution alignment.
         dist_align_target: ``"labeled"`` (class marginal of the DataModule's labeled targets,
-            read at fit start; uniform when there is no DataModule) or ``"uniform"``.
+            ``data_facts.labeled_marginal`` at fit start; uniform without them) or ``"uniform"``.
         dist_align_window: number of recent batches whose mean prediction forms ``p_model``.
         unlabeled_loss_weight: lambda_u (1.5 here).
         **kwargs: :class:`SemiSupervisedModule` arguments.
@@ -154,15 +154,12 @@ class ReMixMatch(SemiSupervisedModule):
             self.da_target.copy_(self.labeled_class_marginal())
 
     def labeled_class_marginal(self) -> torch.Tensor:
-        """Class frequencies of the DataModule's labeled split; uniform without one."""
-        num_classes = self.hparams.num_classes
-        trainer = getattr(self, "_trainer", None)
-        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        train, split = getattr(dm, "_train", None), getattr(dm, "split", None)
-        if train is None or split is None or len(split.labeled) == 0:
+        """Class frequencies of the DataModule's labeled split (its facts, received in ``setup``); uniform without."""
+        marginal = self.data_facts.labeled_marginal if self.data_facts is not None else None
+        if marginal is None:
+            num_classes = self.hparams.num_classes
             return torch.full((num_classes,), 1.0 / num_classes, device=self.da_target.device)
-        counts = torch.bincount(train[1][split.labeled], minlength=num_classes).float()
-        return (counts / counts.sum()).to(self.da_target.device)
+        return marginal.to(self.da_target.device)
 
     def model_marginal(self, batch_mean: torch.Tensor | None = None) -> torch.Tensor:
         """``p_model``: mean of the committed per-batch mean predictions, plus ``batch_mean`` as the newest

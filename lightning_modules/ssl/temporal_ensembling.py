@@ -43,8 +43,8 @@ class TemporalEnsembling(SemiSupervisedModule):
 
     Args:
         ensemble_momentum: alpha.
-        memory_size: number of training images (indices run ``0 .. memory_size - 1``); by default
-            read from the DataModule at fit start, and the memory grows if a larger index appears.
+        memory_size: number of training images (indices run ``0 .. memory_size - 1``); by default the
+            DataModule's ``data_facts.num_indices`` at fit start, and the memory grows if a larger index appears.
         unlabeled_loss_weight, rampup, rampup_steps: w_max and its ramp-up (defaults above).
         **kwargs: :class:`SemiSupervisedModule` arguments.
     """
@@ -77,10 +77,8 @@ class TemporalEnsembling(SemiSupervisedModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        size = 0
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "unlabeled_dataset"):
-            size = len(datamodule.unlabeled_dataset().images)
+        facts = self.data_facts  # received from the DataModule in setup (lightning_modules/core/data_contract.py)
+        size = facts.num_indices if facts is not None and facts.num_indices is not None else 0
         self._ensure_memory(size, self.device)
 
     def ensemble_targets(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -192,7 +192,7 @@ def test_flips_move_images_boxes_and_masks_together_and_views_share_geometry(loa
     seen, changed = set(), []
     for batch, _, _ in loaded.train_dataloader():
         labeled, unlabeled = batch["labeled"], batch["unlabeled"]
-        pairs = list(zip(labeled["images"], labeled["targets"])) + list(zip(unlabeled["weak"], unlabeled["targets"]))
+        pairs = list(zip(labeled["image"], labeled["target"])) + list(zip(unlabeled["weak"], unlabeled["target"]))
         for image, target in pairs:
             image_id = int(target["image_id"])
             original, raw_target = loaded.images[position[image_id]], loaded.target(image_id, crowd=False)
@@ -220,14 +220,14 @@ def test_resize_scales_boxes_and_masks_and_boxes_cut_away_are_dropped(tmp_path, 
                        num_test=0, num_labeled=2, min_size=240, hflip=False, steps_per_epoch=1)
     dm.setup("fit")
     item = dm.train_dataloader().iterables["labeled"].dataset[0]  # labeled images in id order: 9, 25
-    assert item["images"].shape == (3, 240, 320) and item["targets"]["boxes"].tolist() == [[50, 25, 150, 75]]
-    masks = item["targets"]["masks"]
+    assert item["image"].shape == (3, 240, 320) and item["target"]["boxes"].tolist() == [[50, 25, 150, 75]]
+    masks = item["target"]["masks"]
     assert masks.shape == (1, 240, 320) and _tight_box(masks[0]) == [50, 25, 100, 50] and int(masks.sum()) == 5000
     # a geometry that cuts the box away (a centre crop missing rows 50-150) leaves a zero-height box
     cropped = DetectionItems(dm.images, dm.coco.images, torch.tensor([0]), True, v2.CenterCrop(100))
     with pytest.warns(UserWarning, match="1 box.* lost their width or height"):
         item = cropped[0]
-    assert item["targets"]["boxes"].shape == (0, 4) and item["targets"]["masks"].shape == (0, 100, 100)
+    assert item["target"]["boxes"].shape == (0, 4) and item["target"]["masks"].shape == (0, 100, 100)
     assert cropped.dropped_after_transform == 1
 
 
@@ -241,9 +241,9 @@ def test_batches_train_a_mask_rcnn_and_eval_batches_keep_crowds(loaded):
     assert set(next(iter(plain.train_dataloader()))[0]) == {"labeled"}  # no views asked for: no unlabeled stream
     plain.trainer = SimpleNamespace(lightning_module=SimpleNamespace(unlabeled_views=("weak", "strong2")))
     raw_batch = next(iter(plain.train_dataloader()))[0]
-    assert set(raw_batch["unlabeled"]) == {"weak", "strong2", "targets", "image_id"}
+    assert set(raw_batch["unlabeled"]) == {"weak", "strong2", "target", "index", "image_id"}
     batch = plain.on_after_batch_transfer(raw_batch, 0)
-    images, targets = batch["labeled"]["images"], batch["labeled"]["targets"]
+    images, targets = batch["labeled"]["image"], batch["labeled"]["target"]
     assert all(x.dtype == torch.float32 and x.shape[0] == 3 and 0 <= x.min() and x.max() <= 1 for x in images)
     assert all(t["labels"].dtype == torch.int64 and t["image_id"].dtype == torch.int64 for t in targets)
     unlabeled = batch["unlabeled"]
@@ -257,8 +257,8 @@ def test_batches_train_a_mask_rcnn_and_eval_batches_keep_crowds(loaded):
     losses = model(images, targets)
     assert {"loss_mask", "loss_classifier"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
     evaluation = [plain.on_after_batch_transfer(b, 0) for b in plain.test_dataloader()]
-    assert sum(len(b["images"]) for b in evaluation) == 16
-    crowded = [t for b in evaluation for t in b["targets"] if t["iscrowd"].any()]
+    assert sum(len(b["image"]) for b in evaluation) == 16
+    crowded = [t for b in evaluation for t in b["target"] if t["iscrowd"].any()]
     expected = sum(loaded.target(loaded.image_ids[i])["iscrowd"].any().item() for i in loaded.split["test"].tolist())
     assert len(crowded) == expected and all(t["iscrowd"].dtype == torch.int64 for t in crowded)
 

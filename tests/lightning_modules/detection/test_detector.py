@@ -71,11 +71,11 @@ def rectangle_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def train_batch(coco, n: int = 2, unlabeled: bool = False) -> dict:
     images, targets, _ = coco
-    batch = {"labeled": {"images": images[:n], "targets": targets[:n]}}
+    batch = {"labeled": {"image": images[:n], "target": targets[:n], "index": torch.arange(n)}}
     if unlabeled:  # "strong" is a photometric change of "weak": same geometry
         weak = images[n:2 * n]
         batch["unlabeled"] = {"weak": weak, "strong": [(0.8 * x + 0.1).clamp(0, 1) for x in weak],
-                              "targets": targets[n:2 * n]}
+                              "target": targets[n:2 * n], "index": torch.arange(n, 2 * n)}
     return batch
 
 
@@ -112,7 +112,7 @@ def test_mask_rcnn_trains_its_mask_head_and_predicts_boolean_masks(coco, one_thr
     image = coco[0][0]
     raw = model.detect([image])[0]
     assert raw["masks"].shape == (len(raw["boxes"]), 1, *image.shape[1:]) and raw["masks"].is_floating_point()
-    predicted = model.predict_step({"images": [image], "targets": coco[1][:1]}, 0)[0]
+    predicted = model.predict_step({"image": [image], "target": coco[1][:1], "index": torch.arange(1)}, 0)[0]
     assert predicted["masks"].dtype == torch.bool and predicted["masks"].shape[1:] == image.shape[1:]
     assert predicted["image_id"] == coco[1][0]["image_id"]
 
@@ -220,7 +220,7 @@ def test_fit_and_test_through_the_trainer_log_map(coco, one_thread):
     images, targets, num_classes = coco
     model = UnbiasedTeacher(num_classes=num_classes, score_threshold=0.05, burn_in_steps=1, **SMALL)
     train = [train_batch(coco, n=1, unlabeled=True)] * 2  # step 0 burn-in (supervised), step 1 semi-supervised
-    evaluation = [{"images": images[:2], "targets": targets[:2]}]
+    evaluation = [{"image": images[:2], "target": targets[:2], "index": torch.arange(2)}]
     loader = lambda batches: DataLoader(batches, batch_size=None, collate_fn=lambda b: b)  # noqa: E731
     trainer = make_trainer(max_steps=2, limit_val_batches=1, val_check_interval=2)
     trainer.fit(model, loader(train), loader(evaluation))
