@@ -39,11 +39,10 @@ EXCEPTIONS = {
     "lightning_modules/segmentation/semi_supervised.py": {"ssl"},
 }
 #: The core pieces callbacks/ use: files written whole, checkpoints read under the one policy, the shared
-#: weight average, BatchNorm re-estimation after averaging (SWA), metric keys of class names, the batch
-#: contract (the BatchNorm pass finds a training batch's images by it).
+#: weight average, BatchNorm re-estimation after averaging (SWA), metric keys of class names.
 CALLBACKS_IMPORT = {"lightning_modules.core.atomic", "lightning_modules.core.checkpoint_loading",
                     "lightning_modules.core.ema", "lightning_modules.core.batch_norm_estimation",
-                    "lightning_modules.core.class_keys", "lightning_modules.core.batch"}
+                    "lightning_modules.core.class_keys"}
 
 
 def _sources() -> list[Path]:
