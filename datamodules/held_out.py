@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.image_files import PredictFolder
-from datamodules.split import LabeledSplit, class_balanced_split, run_split_path, stratified_kfold
+from datamodules.split import LabeledSplit, class_balanced_split, stratified_kfold
 from lightning_modules.core.atomic import write_json_atomically
 
 
@@ -94,21 +93,20 @@ class RecordsHeldOut:
         return {**super().state_dict(), "held_out": list(self.held_out_ids())}
 
 
-class HeldOutParts(PredictFolder, RecordsHeldOut):
-    """DataModule mixin for a split into the named parts of :mod:`datamodules.named_split`: positions of
-    its items (``images``) held out for ``test`` and ``val``, the rest ``labeled`` and ``unlabeled``.
+class HeldOutParts:
+    """Mixin of the segmentation and detection DataModules (before
+    :class:`~datamodules.labeled_unlabeled.LabeledUnlabeledDataModule`) for a split into the named parts of
+    :mod:`datamodules.named_split`: positions of their items (``images``) held out for ``test`` and
+    ``val``, the rest ``labeled`` and ``unlabeled``.
 
-    At set-up the items are loaded once (``load()``), the split read from ``split_file``
-    (``load_split``) or drawn (``draw_split``) once, and at ``setup("fit")`` written to the run's
-    ``split.json`` (``split_record()``); predict on ``predict_root`` needs none of it. Validation runs
-    on the ``val`` images, else on the test images (``num_val`` 0), through the DataModule's
-    ``eval_loader(part)``. ``split_ids()`` names the items as ``split.json`` does; ``split_part(name)``
-    reads one part of ``split`` (a dict of sorted positions unless overridden).
+    The items are read once (``load()``); the split, whatever the stage, is drawn (``draw_split``) or read
+    from ``split_file`` (``load_split``) and written as ``split_record()``. Validation runs on the ``val``
+    images, else on the test images (``num_val`` 0). ``split_ids()`` names the items as ``split.json``
+    does; ``split_part(name)`` reads one part of ``split`` (a dict of sorted positions unless overridden).
     """
 
     images: list
     split: Any
-    split_path: Path | None
     num_val: int
     split_file: str | None
 
@@ -124,17 +122,19 @@ class HeldOutParts(PredictFolder, RecordsHeldOut):
         """The validation images as ``split.json`` records them (``val``, by ``split_ids()``), after ``setup``."""
         return [self.split_ids()[i] for i in self.split_part("val").tolist()] if self.split is not None else []
 
-    def setup(self, stage: str) -> None:
-        if self.setup_predict_folder(stage):
-            return
+    def read_data(self, stage: str) -> None:
         if not self.images:
             self.load()
-        if self.split is None:
-            self.split = self.load_split(self.split_file) if self.split_file else self.draw_split()
-        if stage == "fit" and self.trainer is not None:
-            path = run_split_path(self.trainer)
-            if path is not None:
-                self.split_path = write_json_atomically(path, self.split_record(), indent=1)
+
+    def write_split(self, path: Path) -> Path:
+        return write_json_atomically(path, self.split_record(), indent=1)
+
+    def held_out_part(self, part: str) -> Tensor:
+        """The positions of ``part`` (``test``, ``val``); a ValueError if there are none to evaluate on."""
+        indices = self.split_part(part)
+        if len(indices) == 0:
+            raise ValueError("num_test=0: there are no held-out images to evaluate on")
+        return indices
 
     def val_dataloader(self) -> DataLoader | list:
         if len(self.split_part("val")):

@@ -236,3 +236,36 @@ def test_an_old_class_path_on_the_command_line_builds_the_class(capsys):
     cli = cli_main(["--model", "lightning_modules.fixmatch.FixMatch", "--data", "DigitsSSL", "--model.network", "wrn10_1"],
                    run=False)
     assert type(cli.model) is lightning_modules.FixMatch
+
+
+#: The labeled/unlabeled skeleton, defined only by the base (datamodules/labeled_unlabeled.py, issue 16).
+DATAMODULE_SKELETON = {"setup", "_stream", "train_dataloader", "test_dataloader", "on_after_batch_transfer",
+                       "requested_unlabeled_views"}
+
+
+def test_the_datamodule_skeleton_is_written_once():
+    import datamodules
+    from datamodules.labeled_unlabeled import LabeledUnlabeledDataModule
+
+    assert all(issubclass(getattr(datamodules, name), LabeledUnlabeledDataModule) for name in datamodules.DATAMODULES)
+    written = {}
+    for path in (REPO / "datamodules").rglob("*.py"):
+        defined = {node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
+        if defined & DATAMODULE_SKELETON:
+            written[str(path.relative_to(REPO))] = sorted(defined & DATAMODULE_SKELETON)
+    assert written == {"datamodules/labeled_unlabeled.py": sorted(DATAMODULE_SKELETON)}
+
+
+def test_old_datamodule_paths_name_the_same_classes(capsys):
+    # LightningCLI saves a DataModule chosen by name with its module's path (a run's config.yaml, a checkpoint).
+    import datamodules
+
+    for old, new in datamodules.MOVED_MODULES.items():
+        assert import_module(f"datamodules.{old}") is import_module(f"datamodules.{new}")
+    for old, name in (("torchvision_sets", "CIFAR10SSL"), ("digits", "DigitsSSL"), ("image_folder", "ImageFolderSSL"),
+                      ("segmentation_folders", "SegmentationFolders"), ("coco_detection", "COCODetection"),
+                      ("base", "SSLDataModule")):
+        assert getattr(import_module(f"datamodules.{old}"), name) is getattr(datamodules, name)
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model", "Supervised", "--data", "datamodules.digits.DigitsSSL", "--print_config"])
+    assert "class_path: datamodules.digits.DigitsSSL" in capsys.readouterr().out

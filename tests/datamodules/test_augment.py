@@ -1,4 +1,4 @@
-"""Behaviour of the batched FixMatch augmentations in datamodules/augment.py.
+"""Behaviour of the batched FixMatch augmentations in datamodules/classification/augment.py.
 
 Colour ops are checked against PIL (what the FixMatch reference implementation uses)
 on real images: 8x8 grayscale scikit-learn digits and 32x32 CIFAR-10 photos.
@@ -16,7 +16,7 @@ from PIL import ImageEnhance, ImageOps
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms.functional import to_pil_image
 
-from datamodules.augment import (
+from datamodules.classification.augment import (
     RANDAUGMENT_OPS,
     apply_ops,
     cutout,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.coco_detection import COCODetection
+from datamodules.detection.coco import COCODetection
 from lightning_modules.detection.detector import detection_metric, map_summary, metric_inputs
 
 pytestmark = [pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),

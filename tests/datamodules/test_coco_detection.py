@@ -18,8 +18,8 @@ from torch import nn
 
 from torchvision.transforms import v2
 
-from datamodules.coco_detection import COCODetection, DetectionItems
-from datamodules.coco_masks import decode_masks
+from datamodules.detection.coco import COCODetection, DetectionItems
+from datamodules.detection.coco_masks import decode_masks
 
 pytestmark = [pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:.*crowd regions:UserWarning"),  # coco128's 10, asserted once

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torchvision
 
-from datamodules.base import SSLDataModule
+from datamodules.classification.base import SSLDataModule
 
 
 class TorchvisionSSL(SSLDataModule):

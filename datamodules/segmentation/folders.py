@@ -24,7 +24,7 @@ of image and mask. Validation and test batches are whole images of the validatio
 ``{"image": float32 (B, C, H, W), "target": int64 (B, H, W), "index": int64 (B,)}``; predict
 batches are whole images without targets, ``{"image", "index", "file": [str]}``.
 
-Augmentation runs per sample in the loader (``datamodules.segmentation_transforms``); only
+Augmentation runs per sample in the loader (``datamodules.segmentation.transforms``); only
 normalization runs after the transfer to the device. The model turns what it learned on crops into
 whole-image logits (``lightning_modules.segmentation.sliding_window``).
 """
@@ -34,26 +34,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from lightning import LightningDataModule
-from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from datamodules.classification.augment import normalize
 from datamodules.data_root import DataRoot
-from datamodules.augment import normalize
-from datamodules.facts import PublishesFacts
 from datamodules.held_out import HeldOutParts
 from datamodules.image_files import FolderImages, decode_all, decode_rgb_or_grey, load_whole_images
+from datamodules.labeled_unlabeled import LabeledUnlabeledDataModule
 from datamodules.named_split import draw_parts, read_parts, split_record
-from datamodules.resumable import ResumableStreams
-from datamodules.segmentation_reading import IMAGE_SUFFIXES, decode_mask, image_mask_pairs
-from datamodules.segmentation_transforms import (SegmentationCrops, WholeImages, geometric_transform,
+from datamodules.segmentation.reading import IMAGE_SUFFIXES, decode_mask, image_mask_pairs
+from datamodules.segmentation.transforms import (SegmentationCrops, WholeImages, geometric_transform,
                                                  photometric_transform)
-from datamodules.views import requested_views
-from lightning_modules.core.batch import check_view_names, is_view
 
 SPLIT_FORMAT = "labelwise-segmentation-split/1"
 
@@ -69,7 +63,7 @@ class SegmentationSplit:
     val: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
 
-class SegmentationFolders(PublishesFacts, HeldOutParts, ResumableStreams, LightningDataModule):
+class SegmentationFolders(HeldOutParts, LabeledUnlabeledDataModule):
     """Segmentation data from ``root/<image_dir>`` + ``root/<mask_dir>``, with a seeded split.
 
     The split draws one seeded permutation of the images that have masks: the first ``num_test``
@@ -115,28 +109,20 @@ class SegmentationFolders(PublishesFacts, HeldOutParts, ResumableStreams, Lightn
                  unlabeled_views: list[str] | None = None, mean: list[float] | None = None,
                  std: list[float] | None = None, num_workers: int = 0, decode_threads: int = 4, num_val: int = 0,
                  predict_root: DataRoot | None = None) -> None:
-        super().__init__()
         if mask_mode not in ("binary", "index"):
             raise ValueError(f"mask_mode must be 'binary' or 'index', got {mask_mode!r}")
         if mask_mode == "binary" and num_classes not in (None, 2):
             raise ValueError(f"mask_mode='binary' has 2 classes, got num_classes={num_classes}: use mask_mode='index'")
         if mask_mode == "index" and (num_classes is None or num_classes < 2):
             raise ValueError(f"mask_mode='index' needs num_classes of at least 2, got {num_classes}")
-        for name, value in (("batch_size", batch_size), ("uratio", uratio), ("steps_per_epoch", steps_per_epoch),
-                            ("eval_batch_size", eval_batch_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        self.root = Path(root).expanduser()
+        super().__init__(root, batch_size, uratio, steps_per_epoch, eval_batch_size, seed, split_file, unlabeled_views,
+                         num_workers, predict_root, include_labeled_in_unlabeled)
         self.image_dir, self.mask_dir, self.mask_mode, self.threshold = image_dir, mask_dir, mask_mode, threshold
         self.num_classes = 2 if mask_mode == "binary" else num_classes
         self.num_channels = 1 if grayscale else 3
         self.unlabeled_without_mask = unlabeled_without_mask
-        self.num_labeled, self.num_test, self.seed, self.split_file = num_labeled, num_test, seed, split_file
-        self.num_val, self.predict_root = num_val, predict_root
-        self.batch_size, self.uratio, self.steps_per_epoch = batch_size, uratio, steps_per_epoch
-        self.eval_batch_size, self.num_workers, self.decode_threads = eval_batch_size, num_workers, decode_threads
-        self.include_labeled_in_unlabeled = include_labeled_in_unlabeled
-        self.unlabeled_views = None if unlabeled_views is None else check_view_names(unlabeled_views)
+        self.num_labeled, self.num_test, self.num_val = num_labeled, num_test, num_val
+        self.decode_threads = decode_threads
         default_mean, default_std = ((0.5,), (0.25,)) if grayscale else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         self.mean, self.std = tuple(mean or default_mean), tuple(std or default_std)
         if len(self.mean) != self.num_channels or len(self.std) != self.num_channels:
@@ -148,8 +134,6 @@ class SegmentationFolders(PublishesFacts, HeldOutParts, ResumableStreams, Lightn
         self.images: list[Tensor] = []
         self.masks: list[Tensor | None] = []
         self.split: SegmentationSplit | None = None
-        self.split_path: Path | None = None
-        self.predict_images: FolderImages | None = None
 
     # --- reading the folders ----------------------------------------------------------------
     def _decode_image(self, path: Path) -> Tensor:
@@ -216,65 +200,33 @@ class SegmentationFolders(PublishesFacts, HeldOutParts, ResumableStreams, Lightn
             counts += torch.bincount(self.masks[i].flatten().long(), minlength=self.num_classes)
         return counts
 
-    def unlabeled_indices(self) -> Tensor:
-        self.require_split("unlabeled_indices()")
-        indices = self.split.unlabeled
-        if self.include_labeled_in_unlabeled:
-            indices = torch.cat([self.split.labeled, indices]).sort().values
-        return indices
-
     @property
     def num_indices(self) -> int:
         return len(self.stems)
 
     # --- loaders ------------------------------------------------------------------------------
-    def requested_unlabeled_views(self) -> tuple[str, ...]:
-        return requested_views(self, default=("weak", "strong"))
+    def labeled_dataset(self) -> SegmentationCrops:
+        return SegmentationCrops(self.images, self.masks, self.split.labeled, self.geometry)
 
-    def _stream(self, dataset: Dataset, batch_size: int, stream: str) -> DataLoader:
-        # Permutation after permutation, sharded across DDP ranks, resumable exactly (datamodules.resumable).
-        return self.training_stream(dataset, batch_size, stream, num_workers=self.num_workers)
+    def unlabeled_dataset(self, views: tuple[str, ...] = ()) -> SegmentationCrops:
+        return SegmentationCrops(self.images, self.masks, self.unlabeled_indices(), self.geometry, self.photometric,
+                                 views)
 
-    def train_dataloader(self) -> CombinedLoader:
-        labeled = SegmentationCrops(self.images, self.masks, self.split.labeled, self.geometry)
-        loaders = {"labeled": self._stream(labeled, self.batch_size, "labeled")}
-        views = self.requested_unlabeled_views()
-        if views:
-            indices = self.unlabeled_indices()
-            if len(indices) == 0:
-                raise ValueError(f"the model asks for unlabeled views {views} but the unlabeled set is empty: lower "
-                                 f"num_labeled, add images with unlabeled_without_mask, or include labeled images")
-            unlabeled = SegmentationCrops(self.images, self.masks, indices, self.geometry, self.photometric, views)
-            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio, "unlabeled")
-        return CombinedLoader(loaders, mode="max_size_cycle")
+    def empty_unlabeled_message(self, views: tuple[str, ...]) -> str:
+        return (f"the model asks for unlabeled views {views} but the unlabeled set is empty: lower "
+                f"num_labeled, add images with unlabeled_without_mask, or include labeled images")
 
-    def eval_loader(self, part: str = "test") -> DataLoader:
-        indices = getattr(self.split, part)
-        if len(indices) == 0:
-            raise ValueError("num_test=0: there are no held-out images to evaluate on")
-        return DataLoader(WholeImages(self.images, self.masks, indices), batch_size=self.eval_batch_size,
-                          shuffle=False, num_workers=self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_loader()
+    def eval_dataset(self, part: str) -> WholeImages:
+        return WholeImages(self.images, self.masks, self.held_out_part(part))
 
     def predict_dataloader(self) -> DataLoader:
         """Whole images (``{"image", "index", "file"}``) under ``predict_root``, else the test images."""
-        images = self.predict_images
-        if images is None:
+        if self.predict_images is None:
             if len(self.split.test) == 0:
                 raise ValueError("num_test=0: there are no test images to predict; pass predict_root")
             test = self.split.test.tolist()
-            images = FolderImages([self.images[i] for i in test], [self.image_names[i] for i in test])
-        return DataLoader(images, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+            return self.loader(FolderImages([self.images[i] for i in test], [self.image_names[i] for i in test]))
+        return super().predict_dataloader()
 
     def to_float(self, images: Tensor) -> Tensor:
         return normalize(images, self.mean, self.std)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, dict) and "labeled" in batch:
-            out = {"labeled": dict(batch["labeled"], image=self.to_float(batch["labeled"]["image"]))}
-            if "unlabeled" in batch:
-                out["unlabeled"] = {k: self.to_float(v) if is_view(k) else v for k, v in batch["unlabeled"].items()}
-            return out
-        return dict(batch, image=self.to_float(batch["image"]))

@@ -16,25 +16,20 @@ import logging
 from pathlib import Path
 
 import torch
-from lightning import LightningDataModule
-from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from datamodules import held_out, split
+from datamodules.classification.views import AugmentedViews
 from datamodules.data_root import DataRoot
-from datamodules.facts import PublishesFacts
-from datamodules.held_out import RecordsHeldOut, check_held_out_arguments, check_loaded_split, draw_split
 from datamodules.in_memory import IndexedImages, keep_batch
-from datamodules.image_files import PredictFolder, load_classification_folder
-from datamodules.resumable import ResumableStreams
-from datamodules.split import LabeledSplit, load_split, run_split_path, save_split
-from datamodules.views import AugmentedViews
-from lightning_modules.core.batch import check_view_names
+from datamodules.image_files import load_classification_folder
+from datamodules.labeled_unlabeled import LabeledUnlabeledDataModule
+from datamodules.split import LabeledSplit
 
 log = logging.getLogger(__name__)
 
 
-class SSLDataModule(PublishesFacts, PredictFolder, RecordsHeldOut, ResumableStreams, AugmentedViews,
-                    LightningDataModule):
+class SSLDataModule(AugmentedViews, LabeledUnlabeledDataModule):
     """Base for labeled/unlabeled classification data.
 
     Subclasses set ``num_classes``, ``num_channels``, ``mean``, ``std`` and implement
@@ -81,6 +76,7 @@ class SSLDataModule(PublishesFacts, PredictFolder, RecordsHeldOut, ResumableStre
     mean: tuple[float, ...]
     std: tuple[float, ...]
     default_hflip: bool = True
+    collate_fn = staticmethod(keep_batch)  # whole batches gathered by one indexing op (IndexedImages)
 
     def __init__(
         self,
@@ -105,27 +101,15 @@ class SSLDataModule(PublishesFacts, PredictFolder, RecordsHeldOut, ResumableStre
         val_labeled_per_class: int | None = None,
         predict_root: DataRoot | None = None,
     ) -> None:
-        super().__init__()
-        for name, value in (("batch_size", batch_size), ("uratio", uratio), ("steps_per_epoch", steps_per_epoch)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        self.root = Path(root).expanduser()
+        super().__init__(root, batch_size, uratio, steps_per_epoch, eval_batch_size, seed, split_file, unlabeled_views,
+                         num_workers, predict_root, include_labeled_in_unlabeled)
         self.download = download
         self.num_labeled = num_labeled
-        self.batch_size, self.uratio = batch_size, uratio
-        self.steps_per_epoch, self.eval_batch_size = steps_per_epoch, eval_batch_size
-        self.seed, self.split_file = seed, split_file
-        self.include_labeled_in_unlabeled = include_labeled_in_unlabeled
         self.hflip = self.default_hflip if hflip is None else hflip
         self.pad_fraction, self.randaugment_ops, self.cutout_fraction = pad_fraction, randaugment_ops, cutout_fraction
-        self.unlabeled_views = None if unlabeled_views is None else check_view_names(unlabeled_views)
-        self.num_workers = num_workers
-        check_held_out_arguments(num_folds, fold, val_labeled_per_class)
+        held_out.check_held_out_arguments(num_folds, fold, val_labeled_per_class)
         self.num_folds, self.fold, self.val_labeled_per_class = num_folds, fold, val_labeled_per_class
-        self.predict_root = predict_root
-        self.predict_images: IndexedImages | None = None
         self.split: LabeledSplit | None = None
-        self.split_path: Path | None = None
         self._train: tuple[torch.Tensor, torch.Tensor] | None = None
         self._test: tuple[torch.Tensor, torch.Tensor] | None = None
         self._extra: torch.Tensor | None = None
@@ -169,19 +153,15 @@ class SSLDataModule(PublishesFacts, PredictFolder, RecordsHeldOut, ResumableStre
         return load_classification_folder(self.predict_root, self.num_channels, self.training_image_size(),
                                           self.dataset_name)
 
-    def setup(self, stage: str) -> None:
-        if self.setup_predict_folder(stage):
-            return
+    def needs_split(self, stage: str) -> bool:
         # validate needs the split too when validation runs on held-out training images
-        held_out = self.num_folds is not None or self.val_labeled_per_class is not None or self.split_file is not None
-        needs_split = stage == "fit" or (stage == "validate" and held_out)
-        if needs_split:
-            if self._train is None:
-                self._train = self._checked("train", self.load_train())
-                self._extra = self.load_extra_unlabeled()
-            self.split = self._make_split(self._train[1])
-            if stage == "fit":
-                self._save_split()
+        holds_out = self.num_folds is not None or self.val_labeled_per_class is not None or self.split_file is not None
+        return stage == "fit" or (stage == "validate" and holds_out)
+
+    def read_data(self, stage: str) -> None:
+        if self._train is None and self.needs_split(stage):
+            self._train = self._checked("train", self.load_train())
+            self._extra = self.load_extra_unlabeled()
         if self._test is None and stage in ("fit", "validate", "test", "predict"):
             self._test = self._checked("test", self.load_test())
 
@@ -198,26 +178,17 @@ class SSLDataModule(PublishesFacts, PredictFolder, RecordsHeldOut, ResumableStre
                              f"too small for this data, or its labels are wrong")
         return data
 
-    def _make_split(self, targets: torch.Tensor) -> LabeledSplit:
-        if self.split_file is None:
-            return draw_split(targets, self.num_labeled, self.num_classes, self.seed, self.num_folds, self.fold,
-                              self.val_labeled_per_class)
-        split = load_split(self.split_file, targets, self.dataset_name)
-        log.info("loaded the labeled/unlabeled split from %s", self.split_file)
-        return check_loaded_split(split, self.split_file, self.num_folds, self.fold, self.val_labeled_per_class)
+    def draw_split(self) -> LabeledSplit:
+        return held_out.draw_split(self._train[1], self.num_labeled, self.num_classes, self.seed, self.num_folds,
+                                   self.fold, self.val_labeled_per_class)
 
-    def _save_split(self) -> None:
-        trainer = self.trainer
-        if trainer is None:
-            return
-        path = run_split_path(trainer)
-        if path is not None:
-            self.split_path = save_split(path, self.split, self._train[1], self.dataset_name)
+    def load_split(self, path: str) -> LabeledSplit:
+        loaded = split.load_split(path, self._train[1], self.dataset_name)
+        log.info("loaded the labeled/unlabeled split from %s", path)
+        return held_out.check_loaded_split(loaded, path, self.num_folds, self.fold, self.val_labeled_per_class)
 
-    # --- loaders ---------------------------------------------------------------------------
-    def _stream(self, dataset: Dataset, batch_size: int, stream: str) -> DataLoader:
-        # Permutation after permutation, sharded across DDP ranks, resumable exactly (datamodules.resumable).
-        return self.training_stream(dataset, batch_size, stream, collate_fn=keep_batch, num_workers=self.num_workers)
+    def write_split(self, path: Path) -> Path:
+        return split.save_split(path, self.split, self._train[1], self.dataset_name)
 
     # --- facts (datamodules.facts) -----------------------------------------------------------
     def labeled_class_counts(self) -> torch.Tensor:
@@ -228,52 +199,32 @@ class SSLDataModule(PublishesFacts, PredictFolder, RecordsHeldOut, ResumableStre
     def unlabeled_indices(self) -> torch.Tensor:
         """The unlabeled stream's indices: the unlabeled split (with the labeled images when they are included),
         then the extra unlabeled images, numbered after the training set."""
-        self.require_split("unlabeled_indices()")
-        indices = self.split.unlabeled
-        if self.include_labeled_in_unlabeled:
-            indices = torch.cat([self.split.labeled, indices]).sort().values
-        return torch.cat([indices, torch.arange(len(self._train[0]), self.num_indices)])
+        return torch.cat([super().unlabeled_indices(), torch.arange(len(self._train[0]), self.num_indices)])
 
     @property
     def num_indices(self) -> int:
         self.require_split("num_indices")
         return len(self._train[0]) + (len(self._extra) if self._extra is not None else 0)
 
-    def unlabeled_dataset(self) -> IndexedImages:
+    def unlabeled_dataset(self, views: tuple[str, ...] = ()) -> IndexedImages:
+        """Every unlabeled image, uint8; the views are made on the device (``AugmentedViews``)."""
         images, targets = self._train
         if self._extra is not None:  # extra images carry target -1 and indices after the training set
             images = torch.cat([images, self._extra])
             targets = torch.cat([targets, torch.full((len(self._extra),), -1, dtype=targets.dtype)])
         return IndexedImages(images, targets, self.unlabeled_indices())
 
-    def train_dataloader(self) -> CombinedLoader:
-        images, targets = self._train
-        labeled = IndexedImages(images, targets, self.split.labeled)
-        loaders = {"labeled": self._stream(labeled, self.batch_size, "labeled")}
-        if self.requested_unlabeled_views():
-            unlabeled = self.unlabeled_dataset()
-            if len(unlabeled) == 0:
-                raise ValueError(f"{self.dataset_name}: the unlabeled set is empty; lower num_labeled or include labeled images")
-            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio, "unlabeled")
-        return CombinedLoader(loaders, mode="max_size_cycle")
+    def labeled_dataset(self) -> IndexedImages:
+        return IndexedImages(*self._train, self.split.labeled)
 
-    def _eval_loader(self) -> DataLoader:
-        return DataLoader(IndexedImages(*self._test), batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=keep_batch, num_workers=self.num_workers)
+    def empty_unlabeled_message(self, views: tuple[str, ...]) -> str:
+        return f"{self.dataset_name}: the unlabeled set is empty; lower num_labeled or include labeled images"
+
+    def eval_dataset(self, part: str) -> IndexedImages:
+        # the held-out fold or validation images of the training set with their labels, else the test set
+        return IndexedImages(*self._test) if part == "test" else IndexedImages(*self._train, self.split.val)
 
     def val_dataloader(self) -> DataLoader:
-        if self.split is not None and self.split.val is not None:
-            # the held-out fold or validation images of the training set, with their labels
-            return DataLoader(IndexedImages(*self._train, self.split.val), batch_size=self.eval_batch_size,
-                              shuffle=False, collate_fn=keep_batch, num_workers=self.num_workers)
-        # Like USB and TorchSSL, validation reports on the test set; nothing is selected by it.
-        return self._eval_loader()
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader()
-
-    def predict_dataloader(self) -> DataLoader:
-        if self.predict_images is None:
-            return self._eval_loader()
-        return DataLoader(self.predict_images, batch_size=self.eval_batch_size, shuffle=False, collate_fn=keep_batch,
-                          num_workers=self.num_workers)
+        # Like USB and TorchSSL, validation reports on the test set unless images are held out; nothing is
+        # selected by it then.
+        return self.eval_loader("val" if self.split is not None and self.split.val is not None else "test")

@@ -1,7 +1,7 @@
 """COCO-format detection and instance segmentation data for torchvision's detectors, labeled and
 unlabeled (semi-supervised detection in the style of Unbiased Teacher), with a seeded split.
 
-The json is read in ``__init__`` (``datamodules.coco_reading``: checks, label remapping, box
+The json is read in ``__init__`` (``datamodules.detection.coco_reading``: checks, label remapping, box
 clipping, one warning counting dropped, crowd and clipped boxes), so ``num_classes`` (categories +
 background) is known when the CLI links it into the model. ``setup`` decodes every image once with
 ``torchvision.io.decode_image`` (RGB) and keeps them in memory as uint8 (fine for coco128's 128
@@ -38,30 +38,24 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
-from lightning import LightningDataModule
-from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from datamodules.data_root import DataRoot
-from datamodules.facts import PublishesFacts
-from datamodules.coco_reading import read_coco, target_of
-from datamodules.detection_transforms import DetectionItems, StrongPhotometric, collate_lists, detection_geometry
+from datamodules.detection.coco_reading import read_coco, target_of
+from datamodules.detection.transforms import DetectionItems, StrongPhotometric, collate_lists, detection_geometry
 from datamodules.held_out import HeldOutParts
 from datamodules.image_files import FolderImages, load_whole_images
+from datamodules.labeled_unlabeled import LabeledUnlabeledDataModule
 from datamodules.named_split import draw_parts, read_parts, split_record
-from datamodules.resumable import ResumableStreams
-from datamodules.views import requested_views
-from lightning_modules.core.batch import check_view_names, is_view
 
 SPLIT_FORMAT = "labelwise-coco-split/1"
 
 
-class COCODetection(PublishesFacts, HeldOutParts, ResumableStreams, LightningDataModule):
+class COCODetection(HeldOutParts, LabeledUnlabeledDataModule):
     """Detection data from a COCO json and its image folder, split into test, labeled and unlabeled.
 
     One seeded permutation of the image ids gives ``num_test`` test images, then ``num_val``
@@ -89,6 +83,8 @@ class COCODetection(PublishesFacts, HeldOutParts, ResumableStreams, LightningDat
     """
 
     num_channels = 3
+    default_views = ()  # a plain detector asks for none
+    collate_fn = staticmethod(collate_lists)  # images of many sizes: lists, not stacked tensors
 
     def __init__(self, root: DataRoot = "data/coco128", annotation_file: str = "annotations/instances_train2017.json",
                  image_dir: str = "train2017", masks: bool = False, num_labeled: int | None = None,
@@ -96,12 +92,8 @@ class COCODetection(PublishesFacts, HeldOutParts, ResumableStreams, LightningDat
                  uratio: int = 1, steps_per_epoch: int = 100, eval_batch_size: int = 2, min_size: int | None = None,
                  hflip: bool = True, unlabeled_views: list[str] | None = None, num_workers: int = 0,
                  num_val: int = 0, predict_root: DataRoot | None = None) -> None:
-        super().__init__()
-        for name, value in (("batch_size", batch_size), ("uratio", uratio), ("steps_per_epoch", steps_per_epoch),
-                            ("eval_batch_size", eval_batch_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        self.root = Path(root).expanduser()
+        super().__init__(root, batch_size, uratio, steps_per_epoch, eval_batch_size, seed, split_file, unlabeled_views,
+                         num_workers, predict_root)
         self.annotation_path = self.root / annotation_file
         self.image_dir = self.root / image_dir
         self.coco = read_coco(self.annotation_path, self.image_dir)
@@ -110,16 +102,10 @@ class COCODetection(PublishesFacts, HeldOutParts, ResumableStreams, LightningDat
         self.num_classes = len(self.category_ids)
         self.image_ids = [record.id for record in self.coco.images]
         self._position = {image_id: i for i, image_id in enumerate(self.image_ids)}
-        self.masks, self.num_labeled, self.num_test, self.seed = masks, num_labeled, num_test, seed
-        self.split_file, self.batch_size, self.uratio = split_file, batch_size, uratio
-        self.steps_per_epoch, self.eval_batch_size, self.num_workers = steps_per_epoch, eval_batch_size, num_workers
-        self.num_val, self.predict_root = num_val, predict_root
-        self.unlabeled_views = None if unlabeled_views is None else check_view_names(unlabeled_views)
-        self.predict_images: FolderImages | None = None  # predict_root's images, at setup("predict")
+        self.masks, self.num_labeled, self.num_test, self.num_val = masks, num_labeled, num_test, num_val
         self.geometry, self.photometric = detection_geometry(hflip, min_size), StrongPhotometric()
         self.images: list[Tensor] = []
         self.split: dict[str, Tensor] | None = None  # positions in image_ids, sorted: labeled, unlabeled, test, val
-        self.split_path: Path | None = None
 
     @property
     def category_names(self) -> list[str]:
@@ -200,56 +186,24 @@ class COCODetection(PublishesFacts, HeldOutParts, ResumableStreams, LightningDat
         labels = torch.cat([torch.zeros(0, dtype=torch.long)] + [r.labels[~r.iscrowd] for r in records])
         return torch.bincount(labels, minlength=self.num_classes)
 
-    def unlabeled_indices(self) -> Tensor:
-        self.require_split("unlabeled_indices()")
-        return self.split["unlabeled"]
-
     @property
     def num_indices(self) -> int:
         return len(self.image_ids)
 
     # --- loaders ------------------------------------------------------------------------------
-    def requested_unlabeled_views(self) -> tuple[str, ...]:
-        return requested_views(self, default=())  # a plain detector asks for none
+    def labeled_dataset(self) -> DetectionItems:
+        return DetectionItems(self.images, self.coco.images, self.split["labeled"], self.masks, self.geometry)
 
-    def _stream(self, dataset: Dataset, batch_size: int, stream: str) -> DataLoader:
-        # Permutation after permutation, sharded across DDP ranks, resumable exactly (datamodules.resumable).
-        return self.training_stream(dataset, batch_size, stream, collate_fn=collate_lists, num_workers=self.num_workers)
+    def unlabeled_dataset(self, views: tuple[str, ...] = ()) -> DetectionItems:
+        return DetectionItems(self.images, self.coco.images, self.unlabeled_indices(), self.masks, self.geometry,
+                              views, self.photometric)
 
-    def train_dataloader(self) -> CombinedLoader:
-        labeled = DetectionItems(self.images, self.coco.images, self.split["labeled"], self.masks, self.geometry)
-        loaders = {"labeled": self._stream(labeled, self.batch_size, "labeled")}
-        views = self.requested_unlabeled_views()
-        if views:
-            if len(self.split["unlabeled"]) == 0:
-                raise ValueError(f"the model asks for unlabeled views {views} but the unlabeled set is empty: "
-                                 f"set num_labeled below {len(self.split['labeled'])}")
-            unlabeled = DetectionItems(self.images, self.coco.images, self.split["unlabeled"], self.masks,
-                                       self.geometry, views, self.photometric)
-            loaders["unlabeled"] = self._stream(unlabeled, self.batch_size * self.uratio, "unlabeled")
-        return CombinedLoader(loaders, mode="max_size_cycle")
+    def empty_unlabeled_message(self, views: tuple[str, ...]) -> str:
+        return (f"the model asks for unlabeled views {views} but the unlabeled set is empty: "
+                f"set num_labeled below {len(self.split['labeled'])}")
 
-    def eval_loader(self, part: str = "test") -> DataLoader:
-        if len(self.split[part]) == 0:
-            raise ValueError("num_test=0: there are no held-out images to evaluate on")
-        return DataLoader(DetectionItems(self.images, self.coco.images, self.split[part], self.masks),
-                          batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_lists,
-                          num_workers=self.num_workers)
+    def eval_dataset(self, part: str) -> DetectionItems:
+        return DetectionItems(self.images, self.coco.images, self.held_out_part(part), self.masks)
 
-    def test_dataloader(self) -> DataLoader:
-        return self.eval_loader()
-
-    def predict_dataloader(self) -> DataLoader:
-        if self.predict_images is None:
-            return self.eval_loader()
-        return DataLoader(self.predict_images, batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=collate_lists, num_workers=self.num_workers)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        def floats(part: dict[str, list]) -> dict[str, list]:
-            images = lambda key: key == "image" or is_view(key)  # noqa: E731
-            return {k: [x.float().div_(255) for x in v] if images(k) else v for k, v in part.items()}
-
-        if isinstance(batch, dict) and "labeled" in batch:
-            return {name: floats(part) for name, part in batch.items()}
-        return floats(batch)
+    def to_float(self, images: list[Tensor]) -> list[Tensor]:
+        return [x.float().div_(255) for x in images]

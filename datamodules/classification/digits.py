@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from datamodules.base import SSLDataModule
+from datamodules.classification.base import SSLDataModule
 
 
 class DigitsSSL(SSLDataModule):

@@ -14,28 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning import LightningDataModule
 
-from datamodules.augment import normalize, strong_augment, weak_augment
+from datamodules.classification.augment import normalize, strong_augment, weak_augment
+from datamodules.labeled_unlabeled import requested_views  # noqa: F401  (defined here until the base took it)
 from lightning_modules.core.batch import check_view_names
 
 
-def requested_views(datamodule: LightningDataModule, default: tuple[str, ...]) -> tuple[str, ...]:
-    """The unlabeled views a DataModule makes: its own ``unlabeled_views`` if set, else those its
-    trainer's LightningModule names, else ``default`` (a model that names none)."""
-    if datamodule.unlabeled_views is not None:
-        return check_view_names(datamodule.unlabeled_views)
-    model = datamodule.trainer.lightning_module if datamodule.trainer is not None else None
-    return check_view_names(getattr(model, "unlabeled_views", default))
-
-
 class AugmentedViews:
-    """Mixin of :class:`~datamodules.base.SSLDataModule` (before ``LightningDataModule``): the
-    ``on_after_batch_transfer`` hook that makes the views. Reads ``hflip``, ``pad_fraction``,
+    """Mixin of :class:`~datamodules.classification.base.SSLDataModule` (before its base): the labeled
+    and unlabeled parts of a batch made into views on the device. Reads ``hflip``, ``pad_fraction``,
     ``randaugment_ops``, ``cutout_fraction``, ``mean`` and ``std`` from the DataModule."""
-
-    def requested_unlabeled_views(self) -> tuple[str, ...]:
-        return requested_views(self, default=("weak", "strong"))
 
     def weak(self, images: torch.Tensor) -> torch.Tensor:
         return weak_augment(images, hflip=self.hflip, pad_fraction=self.pad_fraction)
@@ -55,14 +43,11 @@ class AugmentedViews:
     def to_float(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.mean, self.std)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, dict) and "labeled" in batch:
-            labeled = dict(batch["labeled"], image=self.to_float(self.weak(batch["labeled"]["image"])))
-            out = {"labeled": labeled}
-            if "unlabeled" in batch:
-                raw = batch["unlabeled"]
-                out["unlabeled"] = {"index": raw["index"], "target": raw["target"]}
-                for name in self.requested_unlabeled_views():
-                    out["unlabeled"][name] = self.to_float(self.view(name, raw["image"]))
-            return out
-        return dict(batch, image=self.to_float(batch["image"]))
+    def labeled_on_device(self, part: dict[str, Any]) -> dict[str, Any]:
+        return dict(part, image=self.to_float(self.weak(part["image"])))
+
+    def unlabeled_on_device(self, part: dict[str, Any]) -> dict[str, Any]:
+        out = {"index": part["index"], "target": part["target"]}
+        for name in self.requested_unlabeled_views():
+            out[name] = self.to_float(self.view(name, part["image"]))
+        return out

@@ -9,7 +9,7 @@ left after clipping is dropped (it would raise inside torchvision's detectors). 
 them, flagged, in evaluation targets. One warning per read counts what was dropped, clipped and
 flagged.
 
-``target_of(..., masks=True)`` decodes each image's masks at once (``datamodules.coco_masks``).
+``target_of(..., masks=True)`` decodes each image's masks at once (``datamodules.detection.coco_masks``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from datamodules.coco_masks import decode_masks
+from datamodules.detection.coco_masks import decode_masks
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from datamodules.data_root import DataRoot
-from datamodules.base import SSLDataModule
+from datamodules.classification.base import SSLDataModule
 from datamodules.image_files import IMAGE_SUFFIXES, decode_all, decode_rgb_or_grey, image_paths, resized
 
 

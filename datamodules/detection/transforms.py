@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from datamodules.coco_reading import CocoImage, target_of
+from datamodules.detection.coco_reading import CocoImage, target_of
 from lightning_modules.core.batch import check_view_names
 
 

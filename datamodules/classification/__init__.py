@@ -1,0 +1,1 @@
+"""The classification DataModules on the labeled/unlabeled base (datamodules.labeled_unlabeled)."""
