@@ -27,13 +27,14 @@ from torch import nn
 
 from lightning_modules.core.task import accept_retired_arguments
 from lightning_modules.core.training_module import TrainingModule
-# detection_metric, map_summary and metric_inputs lived here until 2026-12-02: still importable from here
-from lightning_modules.detection.metrics import detection_metric, map_summary, metric_inputs  # noqa: F401
+from lightning_modules.detection.metrics import detection_metric, map_summary, metric_inputs
 from lightning_modules.detection.networks import build_detection_network, load_network_weights
 from lightning_modules.detection.task import DetectionTask
 
 #: arguments of the classification base that Detector had until 2026-12-02, at the values its checkpoints hold
 RETIRED = {"criterion": "ce", "criterion_kwargs": None, "rdrop_weight": 0.0}
+# the metric's helpers lived here until 2026-12-02 (now detection/metrics.py): still importable from here
+__all__ = ["Detector", "detection_metric", "map_summary", "metric_inputs"]
 
 
 class Detector(TrainingModule):
