@@ -22,6 +22,8 @@ names listed by ``logged_names``) and ``predict``, and return it from a module's
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,7 +45,7 @@ class Task:
 
     name: str = ""
     labeled_passes: int = 1
-    loss_weights: dict[str, float] = {}
+    loss_weights: Mapping[str, float] = MappingProxyType({})  # read-only: a task sets its own
 
     def modules(self) -> dict[str, nn.Module]:
         """The pieces registered on the module under these names (checkpoint keys, logged metrics)."""
