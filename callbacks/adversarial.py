@@ -8,7 +8,7 @@ one and put the parameters back bit for bit. The optimizer then steps on
 ``grad L(theta) + grad L(theta + r_adv)``.
 
 The module exposes its loss for the extra passes through the ``training_loss(batch) -> Tensor``
-protocol (see :class:`lightning_modules.core.semi_supervised.SemiSupervisedModule`): the step's total
+protocol (see :class:`lightning_modules.core.training_module.TrainingModule`): the step's total
 loss, computed from the batch exactly as ``training_step`` does, without logging and without
 proposing running state, so a method's thresholds, memories and marginals move once per optimizer
 step whatever the passes here (docs/design.md, "Running state"). See ``docs/callbacks_adversarial.md``.

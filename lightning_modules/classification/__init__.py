@@ -1,10 +1,10 @@
-"""Image classification: the supervised baseline (:mod:`~lightning_modules.classification.supervised`),
-the labeled-loss criteria by name (:mod:`~lightning_modules.classification.criteria`: label smoothing and
-its relatives in :mod:`~lightning_modules.classification.label_regularization`, the imbalance losses in
+"""Image classification: the task (:mod:`~lightning_modules.classification.task`), the classification base
+(:mod:`~lightning_modules.classification.semi_supervised`: the core given that task), the supervised baseline
+(:mod:`~lightning_modules.classification.supervised`), the labeled-loss criteria by name
+(:mod:`~lightning_modules.classification.criteria`: label smoothing and its relatives in :mod:`~lightning_modules.classification.label_regularization`, the imbalance losses in
 :mod:`~lightning_modules.classification.imbalance_losses`) and the backbones by name
 (:mod:`~lightning_modules.classification.networks`).
 
-Nothing is imported here: the base in ``lightning_modules.core`` still builds its criterion and network
-from this package (docs/design.md, "Import rules"), so importing ``Supervised`` here would close a cycle.
-``lightning_modules.Supervised`` is the public name.
+Nothing is imported here: each piece is imported from its own module. ``lightning_modules.Supervised`` and
+``lightning_modules.SemiSupervisedModule`` are the public names.
 """

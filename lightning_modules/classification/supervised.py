@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 
 
 class Supervised(SemiSupervisedModule):

@@ -1,8 +1,10 @@
 """The task-neutral core every method builds on, and the pieces ``datamodules/`` and ``callbacks/`` may
 import (docs/design.md, "Import rules"):
 
-* :mod:`~lightning_modules.core.semi_supervised`: the base module (network, optimizer and schedule,
-  evaluation EMA, finite-loss check, checkpoint hooks, logging);
+* :mod:`~lightning_modules.core.training_module`: the task-neutral base module (network by a hook, optimizer
+  and schedule, evaluation EMA, finite-loss check, checkpoint hooks, logging);
+* :mod:`~lightning_modules.core.task`: the ``Task`` protocol a module is given (labeled loss, evaluation,
+  prediction: ``classification/``, ``segmentation/``, ``detection/`` each have one);
 * :mod:`~lightning_modules.core.optimization`: parameter groups, SGD and the cosine schedule
   (:class:`~lightning_modules.core.optimization.OptimizerRecipe`), loss-weight ramp-ups;
 * :mod:`~lightning_modules.core.ema`: ``EMAModel``, the weight average the base and the ``EMA``/``SWA``

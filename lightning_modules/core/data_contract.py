@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.core.batch import check_training_batch
+from lightning_modules.core.task import Task
 
 
 @dataclass(frozen=True, eq=False)  # no field-wise ==: tensors compare element-wise
@@ -81,15 +82,16 @@ def facts_of(datamodule: Any) -> DataFacts | None:
 class ModelDataContract:
     """Mixin of the base module (before ``LightningModule``): its side of the model-data contract.
 
-    ``task`` names the batch contract the module reads (``classification``, ``segmentation``,
-    ``detection``); ``unlabeled_views`` the views it asks the DataModule for. ``setup`` receives the
+    ``task.name`` names the batch contract the module reads (``classification``, ``segmentation``,
+    ``detection``; the task is the module's, :mod:`lightning_modules.core.task`); ``unlabeled_views`` the
+    views it asks the DataModule for. ``setup`` receives the
     DataModule's facts into ``data_facts``; the first training batch of each epoch is checked against
     the contract, so a DataModule that breaks it fails naming the entry instead of a ``KeyError`` deep
     inside a loss. A subclass overriding ``setup`` or ``on_train_batch_start`` calls ``super()``.
     """
 
-    #: the batch contract this module reads (lightning_modules/core/batch.py)
-    task: str = "classification"
+    #: the module's task; its ``name`` is the batch contract the module reads (lightning_modules/core/batch.py)
+    task: Task
     #: unlabeled views the DataModule must produce for this method
     unlabeled_views: tuple[str, ...] = ()
     #: the DataModule's facts, received in ``setup`` (None before, or without a DataModule that has them)
@@ -100,4 +102,4 @@ class ModelDataContract:
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if batch_idx == 0:  # shapes and keys only: no device synchronization
-            check_training_batch(batch, self.task, self.unlabeled_views)
+            check_training_batch(batch, self.task.name, self.unlabeled_views)

@@ -1,9 +1,11 @@
-"""Object detection and instance segmentation (torchvision's R-CNN family) on the shared base.
+"""Object detection and instance segmentation (torchvision's R-CNN family): the training core given the detection task.
 
 ``Detector`` trains a torchvision Faster R-CNN or Mask R-CNN built by name, offline by default
-(``weights=None``, ``weights_backbone=None``). Everything that is not detection-specific (SGD
-and the cosine schedule, the EMA copy used for evaluation, logging) is the classification
-base's; semi-supervised detectors (:mod:`lightning_modules.detection.unbiased_teacher`) subclass it.
+(``weights=None``, ``weights_backbone=None``), with :class:`~lightning_modules.detection.task.DetectionTask`
+(torchvision's own loss terms, mAP, detections). Everything that is not detection-specific (SGD and the
+cosine schedule, the EMA copy used for evaluation, logging) is the task-neutral core's
+(:class:`~lightning_modules.core.training_module.TrainingModule`); semi-supervised detectors
+(:mod:`lightning_modules.detection.unbiased_teacher`) subclass it.
 
 Batches are the contract's detection batches (:mod:`lightning_modules.core.batch`), as
 :class:`datamodules.COCODetection` makes them: training ``{"labeled": {"image": [(3, H, W) floats in
@@ -18,97 +20,29 @@ when it keeps more), per class under the category's name when the DataModule nam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torchmetrics.detection import MeanAveragePrecision
 
-from lightning_modules.core.class_keys import class_keys
+from lightning_modules.core.task import accept_retired_arguments
+from lightning_modules.core.training_module import TrainingModule
+from lightning_modules.detection.metrics import detection_metric, map_summary, metric_inputs
 from lightning_modules.detection.networks import build_detection_network, load_network_weights
-from lightning_modules.detection.overlays import log_detections
-from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.detection.task import DetectionTask
 
-MAP_SUMMARY = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
-COCO_MAX_DETECTIONS = 100  # COCO's limit per image; crowded images (the membrane cells) hold more objects
-
-
-def detection_metric(with_masks: bool, backend: str = "faster_coco_eval",
-                     max_detections: int = COCO_MAX_DETECTIONS) -> MeanAveragePrecision:
-    """COCO-style mAP with per-class AP, for boxes and (Mask R-CNN) masks, on up to ``max_detections``
-    per image (give the network's ``detections_per_img``: a lower limit would score a detector that
-    finds every object of a crowded image below 1). Above COCO's 100 the limits are (10, 100,
-    ``max_detections``), and the extended summary keeps the precision table that AP at 100 is read from.
-    """
-    if max_detections < 1:
-        raise ValueError(f"max_detections must be at least 1, got {max_detections}")
-    beyond = max_detections > COCO_MAX_DETECTIONS
-    thresholds = [10, COCO_MAX_DETECTIONS, max_detections] if beyond else [1, 10, COCO_MAX_DETECTIONS]
-    return MeanAveragePrecision(iou_type=("bbox", "segm") if with_masks else "bbox", class_metrics=True,
-                                backend=backend, max_detection_thresholds=thresholds, extended_summary=beyond)
+#: arguments of the classification base that Detector had until 2026-12-02, at the values its checkpoints hold
+RETIRED = {"criterion": "ce", "criterion_kwargs": None, "rdrop_weight": 0.0}
+# the metric's helpers lived here until 2026-12-02 (now detection/metrics.py): still importable from here
+__all__ = ["Detector", "detection_metric", "map_summary", "metric_inputs"]
 
 
-def metric_inputs(detections: list[dict[str, torch.Tensor]], with_masks: bool) -> list[dict[str, torch.Tensor]]:
-    """Predictions or targets as the metric wants them: masks boolean (N, H, W), probabilities cut at 0.5.
-
-    Targets keep ``iscrowd`` and ``area`` when the data gives them, so crowd regions are matched as
-    COCO does (never counted as missed objects) and object sizes follow the json's areas.
-    """
-    inputs = []
-    for item in detections:
-        entry = {k: item[k] for k in ("boxes", "labels", "scores", "iscrowd", "area") if k in item}
-        if with_masks:
-            masks = item["masks"][:, 0] if item["masks"].ndim == 4 else item["masks"]
-            entry["masks"] = masks > 0.5 if masks.is_floating_point() else masks.bool()
-        inputs.append(entry)
-    return inputs
-
-
-def map_summary(values: dict[str, torch.Tensor], with_masks: bool,
-                max_detection_thresholds: Sequence[int] = (1, 10, COCO_MAX_DETECTIONS),
-                label_keys: Sequence[str] | None = None) -> dict[str, torch.Tensor | float]:
-    """``map``, ``map_50``, ..., ``mar_100``, ``ap_<class>`` (masks: ``segm_`` prefix).
-
-    All are scored on the metric's last detection limit. Above COCO's 100, ``mar_<limit>`` and
-    ``map_maxdets100`` (AP at 100 detections per image) come too, and ``map``, ``map_maxdets100``
-    and per-class AP are read from the precision table as COCO's summary reads it: pycocotools'
-    summary takes its overall AP at a fixed 100 whatever the limits. Per-class AP is
-    ``ap_<label_keys[label]>`` (:func:`lightning_modules.core.class_keys.class_keys`), ``ap_class<label>``
-    without names. -1 (no such objects) is dropped, except for ``map`` itself.
-    """
-    thresholds = list(max_detection_thresholds)
-    recalls = tuple(f"mar_{t}" for t in thresholds if t >= COCO_MAX_DETECTIONS)
-    summary: dict[str, torch.Tensor | float] = {}
-    for iou_type, prefix in (("bbox", ""), ("segm", "segm_"))[: 2 if with_masks else 1]:
-        source = f"{iou_type}_" if with_masks else ""
-        for name in MAP_SUMMARY + recalls:
-            if name == "map" or values[source + name] >= 0:
-                summary[prefix + name] = values[source + name]
-        per_class = values[source + "map_per_class"].reshape(-1).tolist()
-        table = values.get(source + "precision")  # (IoU, recall, class, area, limit); area 0 is "all"
-        if thresholds[-1] > COCO_MAX_DETECTIONS and table is not None:
-            summary[prefix + "map"] = _coco_mean(table[:, :, :, 0, -1])
-            summary[prefix + "map_maxdets100"] = _coco_mean(table[:, :, :, 0, thresholds.index(COCO_MAX_DETECTIONS)])
-            per_class = [float(_coco_mean(table[:, :, k, 0, -1])) for k in range(table.shape[2])]
-        for label, ap in zip(values["classes"].reshape(-1).tolist(), per_class):
-            if ap >= 0:
-                name = label_keys[label] if label_keys is not None and 0 <= label < len(label_keys) else f"class{label}"
-                summary[f"{prefix}ap_{name}"] = ap
-    return summary
-
-
-def _coco_mean(precision: torch.Tensor) -> torch.Tensor:
-    """COCO's summary of a precision table: the mean of its defined entries (-1 marks none), else -1."""
-    defined = precision[precision > -1]
-    return (defined.mean() if defined.numel() else torch.tensor(-1.0)).float()
-
-
-class Detector(SemiSupervisedModule):
+class Detector(TrainingModule):
     """A torchvision Faster R-CNN / Mask R-CNN trained on labeled images.
 
     Loss: torchvision's sum ``L = L_cls + L_box + L_obj + L_rpn_box (+ L_mask)`` (RoI-head
-    cross-entropy and smooth-L1, RPN binary cross-entropy and smooth-L1, per-pixel mask BCE).
+    cross-entropy and smooth-L1, RPN binary cross-entropy and smooth-L1, per-pixel mask BCE;
+    :mod:`lightning_modules.detection.task`).
 
     Args:
         network: one of :data:`lightning_modules.detection.networks.NETWORKS`.
@@ -128,12 +62,8 @@ class Detector(SemiSupervisedModule):
         log_images: how many validation images to log with predicted (red) and true (green) boxes.
         lr, weight_decay, nesterov: SGD as in torchvision's detection reference recipe (lr 0.01 here
             for small batches, weight decay 1e-4, plain momentum).
-        **kwargs: the base's other optimizer and EMA arguments.
+        **kwargs: the core's other optimizer and EMA arguments.
     """
-
-    task = "detection"  # its batches (lightning_modules/core/batch.py)
-    uses_criterion = False  # torchvision's models compute their own losses
-    supports_rdrop = False
 
     def __init__(
         self,
@@ -157,11 +87,9 @@ class Detector(SemiSupervisedModule):
         nesterov: bool = False,
         **kwargs: Any,
     ) -> None:
+        accept_retired_arguments(kwargs, RETIRED, type(self).__name__)
         super().__init__(num_classes=num_classes, network=network, network_kwargs=network_kwargs, lr=lr,
                          weight_decay=weight_decay, nesterov=nesterov, **kwargs)
-        limit = self.net.roi_heads.detections_per_img  # score every detection the network keeps
-        self.val_map = detection_metric(self.with_masks, map_backend, limit)
-        self.test_map = detection_metric(self.with_masks, map_backend, limit)
 
     def build_net(self) -> nn.Module:
         hp = self.hparams
@@ -174,6 +102,10 @@ class Detector(SemiSupervisedModule):
             load_network_weights(net, hp.weights_path)
         return net
 
+    def build_task(self) -> DetectionTask:
+        limit = self.net.roi_heads.detections_per_img  # score every detection the network keeps
+        return DetectionTask(self.with_masks, self.hparams.map_backend, limit, self.hparams.log_images)
+
     @property
     def with_masks(self) -> bool:
         return self.hparams.network.startswith("maskrcnn")
@@ -184,70 +116,17 @@ class Detector(SemiSupervisedModule):
         evaluates it without ``--ckpt_path``."""
         return self.hparams.weights is not None or self.hparams.weights_path is not None
 
-    def trainable_modules(self) -> list[nn.Module]:
-        return [self.net]
-
     # --- training --------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``{"labeled_loss": sum, "loss_classifier": ..., "loss_box_reg": ..., ...}`` on the labeled images."""
         labeled = batch["labeled"]
         terms = self.net(labeled["image"], labeled["target"])
-        return {"labeled_loss": sum(terms.values()), **terms}
+        return {"labeled_loss": self.labeled_loss(terms, labeled["target"]), **terms}
 
     def labeled_batch_size(self, batch: dict[str, Any]) -> int:
         return len(batch["labeled"]["image"])
 
-    # --- evaluation ------------------------------------------------------------------------
-    @torch.no_grad()
+    # --- evaluation: the task's (detection/task.py) ----------------------------------------
     def detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Detections of the evaluation (EMA) network: boxes, labels, scores (and mask probabilities)."""
-        net = self.eval_net
-        training = net.training
-        detections = net.eval()(images)
-        net.train(training)
-        return detections
-
-    def _evaluate(self, batch: dict[str, Any], stage: str, metric: MeanAveragePrecision) -> None:
-        detections = self.detect(batch["image"])
-        metric.update(metric_inputs(detections, self.with_masks), metric_inputs(batch["target"], self.with_masks))
-        if stage == "val" and self.hparams.log_images > 0 and not self._images_logged and self.logger is not None:
-            log_detections(self.logger, batch["image"], detections, batch["target"], self.hparams.log_images,
-                           key="val/detections", step=self.global_step)
-            self._images_logged = True
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_map)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_map)
-
-    def on_validation_epoch_start(self) -> None:
-        self._images_logged = False
-
-    def _log_map(self, stage: str, metric: MeanAveragePrecision) -> None:
-        names = self.data_facts.class_names if self.data_facts is not None else None  # per-class AP by category
-        summary = map_summary(metric.compute(), self.with_masks, metric.max_detection_thresholds,  # synchronized
-                              class_keys(names) if names is not None else None)
-        metric.reset()
-        self.log(f"{stage}/map", summary.pop("map"), prog_bar=stage == "val")
-        self.log_dict({f"{stage}/{k}": v for k, v in summary.items()})
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_map("val", self.val_map)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_map("test", self.test_map)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, torch.Tensor]]:
-        """Per image: boxes (xyxy, input pixels), labels, scores, masks (boolean, Mask R-CNN), image_id."""
-        detections = self.detect(batch["image"])
-        if self.with_masks:
-            for item in detections:
-                item["masks"] = item["masks"][:, 0] > 0.5
-        image_ids = batch.get("image_id") or [target.get("image_id") for target in batch.get("target") or []]
-        for item, image_id in zip(detections, image_ids):
-            if image_id is not None:
-                item["image_id"] = torch.as_tensor(image_id)
-        return detections
-
-    _images_logged = False
+        return self.task.detect(self.eval_net, images)

@@ -32,7 +32,8 @@ from torch import nn
 from lightning_modules.distillation import losses as kd_losses
 from lightning_modules.distillation.feature_hooks import FeatureHooks
 from lightning_modules.distillation.teacher_loading import load_teacher
-from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.task import refuse_rdrop
 
 RELATION_TERMS = ("rkd_distance", "rkd_angle", "sp", "cskd")
 
@@ -62,7 +63,6 @@ class KDStudent(SemiSupervisedModule):
             ``rdrop_weight`` is refused: this module trains through its own ``compute_losses``).
     """
 
-    supports_rdrop = False  # its own compute_losses: no second dropout pass of the labeled batch
     progress_bar_terms = ("kd_loss",)
 
     def __init__(
@@ -88,6 +88,7 @@ class KDStudent(SemiSupervisedModule):
         test_teacher: bool = True,
         **kwargs: Any,
     ) -> None:
+        refuse_rdrop(type(self).__name__, kwargs.get("rdrop_weight", 0.0))  # its own forward: no second labeled pass
         super().__init__(**kwargs)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")

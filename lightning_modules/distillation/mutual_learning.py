@@ -24,7 +24,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.distillation.losses import mutual_learning_loss
 from lightning_modules.classification.networks import build_network
-from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.task import refuse_rdrop
 
 
 class MutualLearning(SemiSupervisedModule):
@@ -39,8 +40,6 @@ class MutualLearning(SemiSupervisedModule):
         **kwargs: the base's network, optimizer, EMA and criterion arguments.
     """
 
-    supports_rdrop = False
-
     def __init__(
         self,
         peer_networks: list[str] | None = None,
@@ -49,6 +48,7 @@ class MutualLearning(SemiSupervisedModule):
         distill_unlabeled: bool = False,
         **kwargs: Any,
     ) -> None:
+        refuse_rdrop(type(self).__name__, kwargs.get("rdrop_weight", 0.0))  # its own forward over the peers
         super().__init__(**kwargs)
         hp = self.hparams
         names = peer_networks if peer_networks is not None else [hp.network]

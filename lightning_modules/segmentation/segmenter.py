@@ -1,11 +1,12 @@
-"""Semantic segmentation on the shared semi-supervised base.
+"""Semantic segmentation: the training core given the segmentation task.
 
 ``Segmenter`` trains any network of :func:`lightning_modules.segmentation.networks.build_segmentation_network`
 (UNet 3+, RefineNet, Light-Weight RefineNet, or any segmentation-models-pytorch architecture by
-name) with a weighted sum of segmentation losses, deep supervision when the network returns side
-outputs, the UNet 3+ classification-guided module's presence loss, and dataset-level metrics.
-Everything else (SGD and the cosine schedule, the EMA copy used for evaluation, ramp-ups,
-unlabeled views, logging) is the classification base's, so the semi-supervised methods apply to
+name) with :class:`~lightning_modules.segmentation.task.SegmentationTask`: a weighted sum of segmentation
+losses, deep supervision when the network returns side outputs, the UNet 3+ classification-guided module's
+presence loss, and dataset-level metrics. Everything else (SGD and the cosine schedule, the EMA copy used for
+evaluation, ramp-ups, unlabeled views, logging) is the task-neutral core's
+(:class:`~lightning_modules.core.training_module.TrainingModule`), so the semi-supervised methods apply to
 pixels unchanged (:mod:`lightning_modules.segmentation.semi_supervised`).
 
 Batches are the contract's segmentation batches (:mod:`lightning_modules.core.batch`), as
@@ -22,16 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.segmentation.sliding_window import sliding_window_inference
+from lightning_modules.core.task import accept_retired_arguments
+from lightning_modules.core.training_module import TrainingModule
 from lightning_modules.segmentation.networks import build_segmentation_network
-from lightning_modules.segmentation.networks.unet3plus import cgm_sliding_window_inference, uses_cgm
-from lightning_modules.segmentation.losses import SegmentationLoss, deep_supervision_loss
-from lightning_modules.segmentation.metrics import SegmentationMetrics
-from lightning_modules.segmentation.overlays import log_overlays
-from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.segmentation.task import SegmentationTask
+
+#: arguments of the classification base that Segmenter had until 2026-12-02, at the values its checkpoints hold
+RETIRED = {"criterion": "ce", "criterion_kwargs": None, "rdrop_weight": 0.0}
 
 
-class Segmenter(SemiSupervisedModule):
+class Segmenter(TrainingModule):
     """A segmentation network trained and evaluated per pixel.
 
     Args:
@@ -52,12 +53,8 @@ class Segmenter(SemiSupervisedModule):
             (W&B and TensorBoard loggers); 0 turns it off.
         num_classes, in_channels: default a binary mask of grayscale images (linked from the data by
             ``train.py``).
-        **kwargs: the base's optimizer, EMA and ramp-up arguments.
+        **kwargs: the core's optimizer, EMA and ramp-up arguments.
     """
-
-    task = "segmentation"  # its batches (lightning_modules/core/batch.py)
-    uses_criterion = False  # the segmentation losses replace the classification criterion
-    supports_rdrop = False
 
     def __init__(
         self,
@@ -73,16 +70,19 @@ class Segmenter(SemiSupervisedModule):
         in_channels: int = 1,
         **kwargs: Any,
     ) -> None:
+        accept_retired_arguments(kwargs, RETIRED, type(self).__name__)
         super().__init__(network=network, network_kwargs=network_kwargs, num_classes=num_classes,
                          in_channels=in_channels, **kwargs)
-        self.seg_loss = SegmentationLoss(loss_terms)
-        self.val_metrics = SegmentationMetrics(self.hparams.num_classes)
-        self.test_metrics = SegmentationMetrics(self.hparams.num_classes)
 
     def build_net(self) -> nn.Module:
         hp = self.hparams
         return build_segmentation_network(hp.network, in_channels=hp.in_channels, classes=hp.num_classes,
                                           **(hp.network_kwargs or {}))
+
+    def build_task(self) -> SegmentationTask:
+        hp = self.hparams
+        return SegmentationTask(hp.num_classes, hp.loss_terms, hp.deep_supervision_weights, hp.presence_loss_weight,
+                                hp.sliding_window, hp.window_overlap, hp.log_images)
 
     # --- training --------------------------------------------------------------------------
     def forward_views(self, images: list[torch.Tensor]) -> list[torch.Tensor | list[torch.Tensor]]:
@@ -105,11 +105,6 @@ class Segmenter(SemiSupervisedModule):
             self._views_presence = torch.cat(presences) if presences[0] is not None else None
         return [view if i == 0 and len(view) > 1 else view[0] for i, view in enumerate(per_view)]
 
-    def labeled_loss(self, logits: torch.Tensor | list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        if isinstance(logits, list):
-            return deep_supervision_loss(logits, targets, self.seg_loss, self.hparams.deep_supervision_weights)
-        return self.seg_loss(logits, targets)
-
     def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         self._views_presence = None  # set by this step's forward_views
         losses = super().compute_losses(batch)
@@ -120,62 +115,11 @@ class Segmenter(SemiSupervisedModule):
             losses["presence_loss"] = F.cross_entropy(presence[: len(targets)].float(), has_foreground)
         return losses
 
-    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = super().total_loss(losses)
-        if "presence_loss" in losses:
-            loss = loss + self.hparams.presence_loss_weight * losses["presence_loss"]
-        return loss
-
-    # --- evaluation ------------------------------------------------------------------------
+    # --- evaluation: the task's (segmentation/task.py) -------------------------------------
     def segment(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (N, classes, H, W) of the evaluation (EMA) network, by windows if configured
-        (UNet 3+'s CGM then gates the stitched image, not each window)."""
-        net = self.eval_net
-        if self.hparams.sliding_window is None:
-            return net(images)
-        tiled = cgm_sliding_window_inference if uses_cgm(net) else sliding_window_inference
-        return tiled(net, images, window=self.hparams.sliding_window, overlap=self.hparams.window_overlap,
-                     num_classes=self.hparams.num_classes)
+        """Logits (N, classes, H, W) of the evaluation (EMA) network, by windows if configured."""
+        return self.task.segment(self.eval_net, images)
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metrics: SegmentationMetrics) -> None:
-        logits = self.segment(batch["image"])
-        predictions = logits.argmax(dim=1)
-        metrics.update(predictions, batch["target"])
-        self.log(f"{stage}/loss", self.seg_loss(logits, batch["target"]), batch_size=len(logits))
-        if stage == "val" and self._log_images_now():
-            log_overlays(self.logger, batch["image"], batch["target"], predictions, self.hparams.log_images,
-                         key="val/overlays", step=self.global_step)
-            self._images_logged_this_epoch = True
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_metrics)
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_metrics)
-
-    def _log_images_now(self) -> bool:
-        return self.hparams.log_images > 0 and not self._images_logged_this_epoch and self.logger is not None
-
-    def on_validation_epoch_start(self) -> None:
-        self._images_logged_this_epoch = False
-
-    def _epoch_metrics(self, stage: str, metrics: SegmentationMetrics) -> None:
-        values = metrics.compute()  # synchronized across processes: the same numbers on every rank
-        self.log(f"{stage}/miou", values.pop("miou"), prog_bar=stage == "val")
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
-        metrics.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._epoch_metrics("val", self.val_metrics)
-
-    def on_test_epoch_end(self) -> None:
-        self._epoch_metrics("test", self.test_metrics)
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        probs = torch.softmax(self.segment(batch["image"]).float(), dim=1)
-        return {"index": batch["index"], "probs": probs, "prediction": probs.argmax(dim=1)}
-
-    _images_logged_this_epoch = False
     _views_presence: torch.Tensor | None = None
 
 

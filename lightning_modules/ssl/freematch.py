@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lightning_modules.ssl.fixmatch import FixMatch
-from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.losses import masked_accuracy, masked_cross_entropy
 from lightning_modules.ssl.threshold_state import class_histogram, ema_step, gather_rows
 

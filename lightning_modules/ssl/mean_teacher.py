@@ -9,7 +9,8 @@ import torch
 
 from lightning_modules.core.batch_norm import frozen_buffers
 from lightning_modules.ssl.pi_model import softmax_mse
-from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.task import refuse_rdrop
 from lightning_modules.ssl.losses import RAMPUP_STEPS_40_PERCENT
 
 
@@ -55,13 +56,13 @@ class MeanTeacher(SemiSupervisedModule):
     """
 
     unlabeled_views = ("weak", "weak2")
-    supports_rdrop = False  # its own forward: student and teacher on two views
 
     def __init__(self, teacher_train_mode: bool = True, unlabeled_loss_weight: float = 50.0,
                  rampup: str | None = "sigmoid", rampup_steps: int = RAMPUP_STEPS_40_PERCENT,
                  ema_decay: float | None = 0.999, **kwargs: Any) -> None:
         if ema_decay is None:
             raise ValueError("MeanTeacher needs ema_decay: its teacher is the EMA of the student")
+        refuse_rdrop(type(self).__name__, kwargs.get("rdrop_weight", 0.0))  # its own forward: student and teacher
         super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps,
                          ema_decay=ema_decay, **kwargs)
         self.teacher_train_mode = teacher_train_mode

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.core.batch_norm import frozen_buffers
-from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.task import refuse_criterion, refuse_rdrop
 from lightning_modules.ssl.losses import RAMPUP_STEPS_1_OF_64, masked_accuracy, mixup, sharpen
 
 
@@ -54,8 +55,6 @@ class MixMatch(SemiSupervisedModule):
     """
 
     unlabeled_views = ("weak", "weak2")
-    uses_criterion = False  # mixed soft targets
-    supports_rdrop = False
 
     def __init__(
         self,
@@ -66,6 +65,9 @@ class MixMatch(SemiSupervisedModule):
         rampup_steps: int = RAMPUP_STEPS_1_OF_64,
         **kwargs: Any,
     ) -> None:
+        # its labeled loss is the cross-entropy to mixed soft targets, in its own forward
+        refuse_criterion(type(self).__name__, kwargs.get("criterion", "ce"))
+        refuse_rdrop(type(self).__name__, kwargs.get("rdrop_weight", 0.0))
         super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps, **kwargs)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.losses import (RAMPUP_STEPS_40_PERCENT, confident_pseudo_labels, masked_accuracy,
                                           masked_cross_entropy)
 

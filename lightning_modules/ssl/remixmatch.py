@@ -12,7 +12,8 @@ from torch import nn
 
 from lightning_modules.core.batch_norm import frozen_buffers
 from lightning_modules.core.optimization import RAMPUPS
-from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.task import refuse_criterion, refuse_rdrop
 from lightning_modules.ssl.losses import RAMPUP_STEPS_1_OF_64, distribution_alignment, masked_accuracy, mixup, sharpen
 
 
@@ -103,8 +104,6 @@ class ReMixMatch(SemiSupervisedModule):
     """
 
     unlabeled_views = ("weak", "strong", "strong2")
-    uses_criterion = False  # mixed soft targets
-    supports_rdrop = False
 
     def __init__(
         self,
@@ -120,6 +119,9 @@ class ReMixMatch(SemiSupervisedModule):
         rampup_steps: int = RAMPUP_STEPS_1_OF_64,  # USB remixmatch_cifar10 unsup_warm_up 0.015625
         **kwargs: Any,
     ) -> None:
+        # its labeled loss is the cross-entropy to mixed soft targets, in its own forward
+        refuse_criterion(type(self).__name__, kwargs.get("criterion", "ce"))
+        refuse_rdrop(type(self).__name__, kwargs.get("rdrop_weight", 0.0))
         super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup, rampup_steps=rampup_steps, **kwargs)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from lightning_modules.ssl.fixmatch import FixMatch
-from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.losses import distribution_alignment, masked_accuracy, masked_cross_entropy
 from lightning_modules.ssl.threshold_state import ema_step, gather_rows
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.losses import RAMPUP_STEPS_80_OF_300_EPOCHS
 
 

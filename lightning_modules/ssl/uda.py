@@ -8,7 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.task import refuse_criterion
 from lightning_modules.ssl.losses import masked_accuracy
 
 #: alpha(t) of Training Signal Annealing for training progress ``t`` in [0, 1]
@@ -70,9 +71,9 @@ class UDA(SemiSupervisedModule):
     """
 
     unlabeled_views = ("weak", "strong")
-    uses_criterion = False  # the TSA-masked cross-entropy is UDA's labeled loss
 
     def __init__(self, temperature: float = 0.4, threshold: float = 0.8, tsa: str | None = None, **kwargs: Any) -> None:
+        refuse_criterion(type(self).__name__, kwargs.get("criterion", "ce"))  # its labeled loss is the TSA-masked CE
         super().__init__(**kwargs)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {threshold}")

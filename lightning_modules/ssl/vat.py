@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.core.batch_norm import frozen_buffers
-from lightning_modules.core.semi_supervised import SemiSupervisedModule
+from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.losses import RAMPUP_STEPS_40_PERCENT
 
 

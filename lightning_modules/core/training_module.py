@@ -1,14 +1,14 @@
-"""The base every semi-supervised classifier (and the supervised baseline) builds on.
+"""The task-neutral training core every method builds on.
 
-It owns what methods share: the network, the labeled loss, SGD with Nesterov momentum and FixMatch's
-cosine schedule, an EMA copy of the weights used for validation, test and predict, logging, and the
-commit of running state once per optimizer step (:mod:`lightning_modules.core.step_state`). A method
-subclass says only what makes it different: the unlabeled views it needs (``unlabeled_views``) and its
-``unlabeled_loss``; a method whose forward is not a plain pass over the views (MixMatch's mixup)
-overrides ``compute_losses``. The labeled loss is a criterion by name
-(:mod:`lightning_modules.classification.criteria`: label smoothing and its relatives, focal, OHEM, class
-weights, multi-label BCE or sigmoid-F1); R-Drop adds a second dropout pass of the labeled batch with a
-symmetric-KL penalty, for any method that uses the base's forward.
+It owns what methods share whatever the task: the network (built by the ``build_net`` hook), SGD with
+Nesterov momentum and FixMatch's cosine schedule, an EMA copy of the weights used for validation, test and
+predict, the finite-loss check, logging, and the commit of running state once per optimizer step
+(:mod:`lightning_modules.core.step_state`). What the labeled loss, evaluation and prediction are is the
+*task* the module is given by its ``build_task`` hook (:mod:`lightning_modules.core.task`): classification
+(``lightning_modules.classification.semi_supervised.SemiSupervisedModule`` is this core with a
+``ClassificationTask``), segmentation or detection. A method subclass says only what makes it different: the
+unlabeled views it needs (``unlabeled_views``) and its ``unlabeled_loss``; a method whose forward is not a
+plain pass over the views (MixMatch's mixup, a detector) overrides ``compute_losses``.
 """
 
 from __future__ import annotations
@@ -16,34 +16,29 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning import LightningModule
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
 
-# The classification task the base still is (docs/design.md, "Import rules": the one exception to core <- tasks)
-from lightning_modules.classification.criteria import build_criterion
-from lightning_modules.classification.label_regularization import symmetric_kl
-from lightning_modules.classification.networks import build_network
 from lightning_modules.core.data_contract import ModelDataContract
 from lightning_modules.core.distributed import average_batchnorm_statistics, check_full_parameters
 from lightning_modules.core.ema import EMAModel
 from lightning_modules.core.optimization import RAMPUPS, OptimizerRecipe
 from lightning_modules.core.progress_values import HostValues
 from lightning_modules.core.step_state import StepState
+from lightning_modules.core.task import Task
 from lightning_modules.core.training_checks import FiniteLossCheck, check_model_fits_data
 
 
-class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, LightningModule):
-    """Shared training, evaluation and optimization for semi-supervised classifiers.
+class TrainingModule(ModelDataContract, OptimizerRecipe, LightningModule):
+    """Shared training, evaluation and optimization for every method, given its task.
 
-    Its side of the model-data contract (``task``, ``unlabeled_views``, ``data_facts``) is :class:`ModelDataContract`.
+    Its side of the model-data contract (``unlabeled_views``, ``data_facts``; the batch contract is
+    ``task.name``) is :class:`ModelDataContract`. Subclasses implement :meth:`build_net` and :meth:`build_task`.
 
     Args:
         num_classes: classes of the data (linked from the DataModule by ``train.py``).
         in_channels: image channels (linked from the DataModule by ``train.py``).
-        network: a name for :func:`lightning_modules.classification.networks.build_network` (``wrn28_2``,
-            ``wrn28_8``, ``resnet18``, ``timm:<name>``, ...).
+        network: the network's name, read by the subclass's :meth:`build_net`.
         network_kwargs: extra arguments for the network constructor.
         lr, momentum, nesterov, weight_decay: SGD; weight decay skips biases and norm weights.
         cosine_fraction: ``lr = lr0 * cos(pi * cosine_fraction * k / K)``, 7/16 in FixMatch.
@@ -55,19 +50,8 @@ class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, LightningModule):
         concat_forward: one forward over labeled and unlabeled images together (BatchNorm sees
             the whole step's batch, as in FixMatch) instead of one forward per view; methods with
             ``supports_concat_forward = False`` (VAT) refuse it.
-        criterion: the labeled loss by name (``ce``, ``label_smoothing``, ``online_label_smoothing``, ``disturb_label``,
-            ``tfkd_reg``, ``knowledge_refinery``, ``focal``, ``ohem``, ``weighted_ce``; multi-label: ``bce``,
-            ``sigmoid_f1``, which also switch evaluation to macro and micro F1).
-        criterion_kwargs: arguments of the criterion (e.g. ``{"smoothing": 0.1}``).
-        rdrop_weight: R-Drop (Liang et al., 2021): the labeled batch goes through the network
-            twice (two dropout masks) and ``rdrop_weight * symmetric_kl`` of the two passes is
-            added; 0 turns it off. Needs a network with dropout.
     """
 
-    #: whether the method's labeled loss goes through ``criterion`` (mixup methods use soft targets)
-    uses_criterion: bool = True
-    #: whether the method trains through the base's ``compute_losses`` (needed by R-Drop)
-    supports_rdrop: bool = True
     #: whether the method may forward its views together (``concat_forward=True``)
     supports_concat_forward: bool = True
 
@@ -91,50 +75,31 @@ class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, LightningModule):
         rampup: str | None = None,
         rampup_steps: int = 0,
         concat_forward: bool = True,
-        criterion: str = "ce",
-        criterion_kwargs: dict[str, Any] | None = None,
-        rdrop_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if rampup is not None and rampup not in RAMPUPS:
             raise ValueError(f"rampup must be one of {sorted(RAMPUPS)} or None, got {rampup!r}")
-        if criterion != "ce" and not self.uses_criterion:
-            raise ValueError(f"{type(self).__name__} trains on its own soft targets and ignores criterion="
-                             f"{criterion!r}: leave criterion at 'ce' or pick a method that uses it")
-        if rdrop_weight < 0 or (rdrop_weight > 0 and not self.supports_rdrop):
-            raise ValueError(f"rdrop_weight={rdrop_weight} is not possible for {type(self).__name__}: it must be "
-                             ">= 0, and R-Drop needs a method that trains through the base's forward")
         if concat_forward and not self.supports_concat_forward:
             raise ValueError(f"{type(self).__name__} cannot use concat_forward=True (one forward over labeled and "
                              "unlabeled views; its docstring says why): pass concat_forward=False")
         self.save_hyperparameters()
         self.net = self.build_net()
-        self.criterion = build_criterion(criterion, num_classes, **(criterion_kwargs or {}))
+        self.task = self.build_task()
+        for name, piece in self.task.modules().items():  # under their own names: checkpoint keys, logged metrics
+            self.add_module(name, piece)
         # A plain attribute, not a submodule: DDP never wraps it and it gets no gradient.
         self.ema = EMAModel(self.net, decay=ema_decay) if ema_decay is not None else None
         self.finite_loss_check = FiniteLossCheck()  # stops at a NaN/inf loss, naming the term and step
         self.progress_values = HostValues()  # the progress bar's values, read without a GPU sync
         self.step_state = StepState()  # running state: proposed by the loss, committed after the optimizer step
-        self.val_acc, self.test_acc = self._metric(), self._metric()
-        if self.multilabel:
-            self.val_micro_f1 = MultilabelF1Score(num_classes, average="micro")
-            self.test_micro_f1 = MultilabelF1Score(num_classes, average="micro")
 
     def build_net(self) -> nn.Module:
-        """The trained network, from the ``network`` hyper-parameters (segmenters build theirs otherwise)."""
-        hp = self.hparams
-        return build_network(hp.network, num_classes=hp.num_classes, in_channels=hp.in_channels, **(hp.network_kwargs or {}))
+        """The trained network, from the ``network`` hyper-parameters."""
+        raise NotImplementedError(f"{type(self).__name__} must build its network in build_net()")
 
-    @property
-    def multilabel(self) -> bool:
-        """Sigmoid outputs and F1 metrics, set by a multi-label criterion (``bce``, ``sigmoid_f1``)."""
-        return bool(getattr(self.criterion, "multilabel", False))
-
-    def _metric(self) -> MulticlassAccuracy | MultilabelF1Score:
-        num_classes = self.hparams.num_classes
-        if self.multilabel:
-            return MultilabelF1Score(num_classes, average="macro")
-        return MulticlassAccuracy(num_classes, average="micro")
+    def build_task(self) -> Task:
+        """The task (labeled loss, evaluation, prediction), built after the network (``self.net`` exists)."""
+        raise NotImplementedError(f"{type(self).__name__} must return its task from build_task() (core/task.py)")
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -159,9 +124,9 @@ class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, LightningModule):
         return list(self.net(torch.cat(images)).split([len(x) for x in images]))
 
     # --- training --------------------------------------------------------------------------
-    def labeled_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        self.step_state.observe(self.criterion, logits, targets)  # a criterion's running state (online label smoothing)
-        return self.criterion(logits, targets)
+    def labeled_loss(self, logits: Any, targets: Any) -> torch.Tensor:
+        """The task's labeled loss (a criterion with running state proposes it through ``step_state``)."""
+        return self.task.labeled_loss(logits, targets, self.step_state)
 
     def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return ``{"unlabeled_loss": ..., <diagnostics>...}`` from the logits of each unlabeled view."""
@@ -177,23 +142,23 @@ class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, LightningModule):
     def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         labeled, unlabeled = batch["labeled"], batch.get("unlabeled")
         views = self.unlabeled_views if unlabeled is not None else ()
-        passes = 2 if self.hparams.rdrop_weight > 0 else 1
+        passes = self.task.labeled_passes
         logits = self.forward_views([labeled["image"]] * passes + [unlabeled[v] for v in views])
         labeled_logits, logits = logits[:passes], logits[passes:]
         loss = sum(self.labeled_loss(x, labeled["target"]) for x in labeled_logits) / passes
-        losses = {"labeled_loss": loss}
-        if passes == 2:
-            losses["rdrop_loss"] = symmetric_kl(*labeled_logits)
+        losses = {"labeled_loss": loss, **self.task.pass_losses(labeled_logits)}
         if views:
             losses.update(self.unlabeled_loss(dict(zip(views, logits)), unlabeled))
         return losses
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``labeled + lambda_u * unlabeled + sum_k w_k * term_k`` over the task's weighted terms present."""
         loss = losses["labeled_loss"]
         if "unlabeled_loss" in losses:
             loss = loss + self.unlabeled_weight() * losses["unlabeled_loss"]
-        if "rdrop_loss" in losses:
-            loss = loss + self.hparams.rdrop_weight * losses["rdrop_loss"]
+        for name, weight in self.task.loss_weights.items():
+            if name in losses:
+                loss = loss + weight * losses[name]
         return loss
 
     def training_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -229,8 +194,7 @@ class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, LightningModule):
         self.finite_loss_check.flush()
 
     def on_train_epoch_end(self) -> None:
-        if hasattr(self.criterion, "epoch_end"):  # online label smoothing swaps in its epoch's soft labels
-            self.criterion.epoch_end()
+        self.task.train_epoch_end()
 
     # --- evaluation ------------------------------------------------------------------------
     def _sync_ema_device(self) -> None:
@@ -250,45 +214,32 @@ class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, LightningModule):
             # After DDP's broadcast of rank 0's weights (the copy made in __init__ holds this rank's own).
             self.ema.restart(self.net)
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> None:
-        logits = self.eval_net(batch["image"])
-        if self.multilabel:
-            self._evaluate_multilabel(logits, batch["target"], stage, metric)
-            return
-        metric.update(logits.argmax(dim=1), batch["target"])
-        self.log(f"{stage}/loss", F.cross_entropy(logits, batch["target"]), batch_size=len(logits))
-        self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=stage == "val", batch_size=len(logits))
+    # The task scores and predicts (core/task.py); the module hands it the stage.
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.task.evaluate(self, batch, "val")
 
-    def _evaluate_multilabel(self, logits: torch.Tensor, targets: torch.Tensor, stage: str,
-                             macro_f1: MultilabelF1Score) -> None:
-        if targets.ndim == 1:  # single-label data scored as multi-hot
-            targets = F.one_hot(targets, self.hparams.num_classes)
-        micro_f1 = getattr(self, f"{stage}_micro_f1")
-        macro_f1.update(logits, targets.long())
-        micro_f1.update(logits, targets.long())
-        size = len(logits)
-        self.log(f"{stage}/loss", F.binary_cross_entropy_with_logits(logits.float(), targets.float()), batch_size=size)
-        self.log(f"{stage}/macro_f1", macro_f1, on_epoch=True, prog_bar=stage == "val", batch_size=size)
-        self.log(f"{stage}/micro_f1", micro_f1, on_epoch=True, batch_size=size)
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.task.evaluate(self, batch, "test")
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_acc)
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        return self.task.predict(self, batch)
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_acc)
+    def on_validation_epoch_start(self) -> None:
+        self.task.evaluation_epoch_start(self, "val")
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        logits = self.eval_net(batch["image"]).float()
-        if self.multilabel:
-            probs = torch.sigmoid(logits)
-            return {"index": batch["index"], "probs": probs, "prediction": (probs > 0.5).long()}
-        probs = torch.softmax(logits, dim=1)
-        return {"index": batch["index"], "probs": probs, "prediction": probs.argmax(dim=1)}
+    def on_test_epoch_start(self) -> None:
+        self.task.evaluation_epoch_start(self, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.task.evaluation_epoch_end(self, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self.task.evaluation_epoch_end(self, "test")
 
     # --- optimization: OptimizerRecipe (core/optimization.py) trains these ------------------
     def trainable_modules(self) -> list[nn.Module]:
-        """Modules whose parameters the optimizer trains: the network, plus a learnable criterion's."""
-        return [self.net, self.criterion]
+        """Modules whose parameters the optimizer trains: the network, plus the task's (a learnable criterion)."""
+        return [self.net, *self.task.trainable_modules()]
 
     # --- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
