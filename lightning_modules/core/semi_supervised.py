@@ -28,13 +28,14 @@ from lightning_modules.classification.networks import build_network
 from lightning_modules.core.data_contract import ModelDataContract
 from lightning_modules.core.distributed import average_batchnorm_statistics, check_full_parameters
 from lightning_modules.core.ema import EMAModel
+from lightning_modules.core.fast_path import FastForward, FastPath
 from lightning_modules.core.optimization import RAMPUPS, OptimizerRecipe
 from lightning_modules.core.progress_values import HostValues
 from lightning_modules.core.step_state import StepState
 from lightning_modules.core.training_checks import FiniteLossCheck, check_model_fits_data
 
 
-class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, LightningModule):
+class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, FastForward, LightningModule):
     """Shared training, evaluation and optimization for semi-supervised classifiers.
 
     Its side of the model-data contract (``task``, ``unlabeled_views``, ``data_facts``) is :class:`ModelDataContract`.
@@ -62,6 +63,7 @@ class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, LightningModule):
         rdrop_weight: R-Drop (Liang et al., 2021): the labeled batch goes through the network
             twice (two dropout masks) and ``rdrop_weight * symmetric_kl`` of the two passes is
             added; 0 turns it off. Needs a network with dropout.
+        channels_last, compile, compile_mode, no_grad_target_views: the fast path (:mod:`lightning_modules.core.fast_path`).
     """
 
     #: whether the method's labeled loss goes through ``criterion`` (mixup methods use soft targets)
@@ -94,6 +96,10 @@ class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, LightningModule):
         criterion: str = "ce",
         criterion_kwargs: dict[str, Any] | None = None,
         rdrop_weight: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: str = "default",
+        no_grad_target_views: bool = False,
     ) -> None:
         super().__init__()
         if rampup is not None and rampup not in RAMPUPS:
@@ -104,11 +110,9 @@ class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, LightningModule):
         if rdrop_weight < 0 or (rdrop_weight > 0 and not self.supports_rdrop):
             raise ValueError(f"rdrop_weight={rdrop_weight} is not possible for {type(self).__name__}: it must be "
                              ">= 0, and R-Drop needs a method that trains through the base's forward")
-        if concat_forward and not self.supports_concat_forward:
-            raise ValueError(f"{type(self).__name__} cannot use concat_forward=True (one forward over labeled and "
-                             "unlabeled views; its docstring says why): pass concat_forward=False")
         self.save_hyperparameters()
         self.net = self.build_net()
+        self.fast_path = FastPath(self)  # core/fast_path.py; before the EMA copies the network
         self.criterion = build_criterion(criterion, num_classes, **(criterion_kwargs or {}))
         # A plain attribute, not a submodule: DDP never wraps it and it gets no gradient.
         self.ema = EMAModel(self.net, decay=ema_decay) if ema_decay is not None else None
@@ -152,12 +156,6 @@ class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, LightningModule):
             return "raw weights"
         return f"EMA weights (decay {self.ema.decay}, {self.ema.num_updates} updates)"
 
-    def forward_views(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Logits of each batch in ``images``: one concatenated forward, or one forward each."""
-        if not self.hparams.concat_forward:
-            return [self.net(x) for x in images]
-        return list(self.net(torch.cat(images)).split([len(x) for x in images]))
-
     # --- training --------------------------------------------------------------------------
     def labeled_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.step_state.observe(self.criterion, logits, targets)  # a criterion's running state (online label smoothing)
@@ -178,7 +176,8 @@ class SemiSupervisedModule(ModelDataContract, OptimizerRecipe, LightningModule):
         labeled, unlabeled = batch["labeled"], batch.get("unlabeled")
         views = self.unlabeled_views if unlabeled is not None else ()
         passes = 2 if self.hparams.rdrop_weight > 0 else 1
-        logits = self.forward_views([labeled["image"]] * passes + [unlabeled[v] for v in views])
+        images = [labeled["image"]] * passes + [unlabeled[v] for v in views]
+        logits = self.forward_views(images, **self.fast_path.no_grad_argument(passes, views))  # {} unless no_grad_target_views
         labeled_logits, logits = logits[:passes], logits[passes:]
         loss = sum(self.labeled_loss(x, labeled["target"]) for x in labeled_logits) / passes
         losses = {"labeled_loss": loss}
