@@ -161,6 +161,11 @@ def profile_row(args, data, precision: str, options: dict) -> tuple[dict, str]:
     return marks.phases(), profile.table()
 
 
+def write(out: Path, lines: list[str], header: str, rows: list[dict], **extra) -> None:
+    (out / "speed.md").write_text("\n".join(lines) + "\n")
+    (out / "speed.json").write_text(json.dumps({"header": header, "rows": rows, **extra}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("/tmp/labelwise-cifar10-speed"),
@@ -204,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append({"row": label, "precision": precision, "options": options, "error": repr(error)[:300]})
             lines.append(f"| {label} | failed: {type(error).__name__} | | |")
         print(lines[-1], flush=True)
+        write(args.out, lines, header, results)  # row by row: a run stopped by its time limit keeps its rows
     timed = [r for r in results if "ms_per_step" in r]
     best = min(timed, key=lambda r: r["ms_per_step"])
     phases, table = profile_row(args, data, best["precision"], best["options"])
@@ -213,9 +219,7 @@ def main(argv: list[str] | None = None) -> None:
               "| phase | ms | share |", "|---|---:|---:|"]
     lines += [f"| {k} | {phases[k]:.2f} | {phases[k] / total:.0%} |" for k in PHASES if k in phases]
     lines.append(f"| total | {total:.2f} | |")
-    (args.out / "speed.md").write_text("\n".join(lines) + "\n")
-    (args.out / "speed.json").write_text(json.dumps({"header": header, "rows": results, "best": best["row"],
-                                                     "phases": phases}, indent=1))
+    write(args.out, lines, header, results, best=best["row"], phases=phases)
     (args.out / "profile.txt").write_text(f"{header}\nbest row: {best['row']}\n\n{table}\n")
     print("\n".join(lines))
 
