@@ -18,7 +18,7 @@ OUT=${OUT:-$REPO/benchmarks/.cache/device_suite}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/suite.log") 2>&1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/labelwise-inductor}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/labelwise-inductor-$$}  # fresh: a killed compile leaves a cache that fails the next
 TMP=${TMPDIR:-/tmp}
 DEADLINE=570  # seconds: 9.5 of the call's 10 minutes
 if (( SMOKE )); then
