@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def trainer(max_steps: int, precision: str, callbacks: list, max_time: float | N
     return L.Trainer(max_steps=max_steps, precision=precision, callbacks=callbacks, accelerator="auto", devices=1,
                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                      num_sanity_val_steps=0, limit_val_batches=0, max_epochs=-1,
+                     default_root_dir=Path(tempfile.gettempdir()) / "labelwise-benchmark-run",  # split.json, not in the checkout
                      max_time=None if max_time is None else {"seconds": max_time})
 
 
