@@ -13,7 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from faster_coco_eval.core import mask as coco_mask
+
+
+def _mask_api() -> Any:
+    """faster-coco-eval's mask API, imported when a mask is decoded: classification data (the GPU benchmarks,
+    docs/performance.md) imports ``datamodules`` on machines without it."""
+    from faster_coco_eval.core import mask
+
+    return mask
 
 
 def _is_flat_numbers(polygon: Any) -> bool:
@@ -40,7 +47,7 @@ def _to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
         _check_polygons(segmentation, height, width)
         # the API gives an empty polygon list a 0 x 0 mask; ours is the image's size
         empty = {"counts": [height * width], "size": [height, width]}
-        return coco_mask.segmToRle(segmentation or empty, width, height)
+        return _mask_api().segmToRle(segmentation or empty, width, height)
     if not (isinstance(segmentation, dict) and "counts" in segmentation):
         raise ValueError(f"unknown COCO segmentation {str(segmentation)[:80]}: expected polygons or an RLE dict")
     if list(segmentation.get("size", [])) != [height, width]:
@@ -52,7 +59,7 @@ def _to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
             raise ValueError(f"RLE runs sum to {sum(counts)} (smallest {min(counts, default=0)}), but the image has "
                              f"{height * width} pixels: the counts are corrupt")
     try:
-        return coco_mask.segmToRle({"counts": counts, "size": [height, width]}, width, height)
+        return _mask_api().segmToRle({"counts": counts, "size": [height, width]}, width, height)
     except ValueError as err:
         raise _corrupt(counts, height, width, err) from None
 
@@ -68,11 +75,11 @@ def decode_masks(segmentations: list, height: int, width: int) -> np.ndarray:
     if not rles:
         return np.zeros((0, height, width), dtype=np.uint8)
     try:
-        masks = coco_mask.decode(rles)  # (height, width, n), column-major
+        masks = _mask_api().decode(rles)  # (height, width, n), column-major
     except ValueError:  # find the corrupt one
         for rle in rles:
             try:
-                coco_mask.decode([rle])
+                _mask_api().decode([rle])
             except ValueError as err:
                 raise _corrupt(rle["counts"], height, width, err) from None
         raise

@@ -55,12 +55,17 @@ class SemiSupervisedModule(TrainingModule):
         criterion: str = "ce",
         criterion_kwargs: dict[str, Any] | None = None,
         rdrop_weight: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: str = "default",
+        no_grad_target_views: bool = False,
     ) -> None:
         super().__init__(num_classes=num_classes, in_channels=in_channels, network=network,
                          network_kwargs=network_kwargs, lr=lr, momentum=momentum, nesterov=nesterov,
                          weight_decay=weight_decay, cosine_fraction=cosine_fraction, warmup_steps=warmup_steps,
                          ema_decay=ema_decay, unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup,
-                         rampup_steps=rampup_steps, concat_forward=concat_forward)
+                         rampup_steps=rampup_steps, concat_forward=concat_forward, channels_last=channels_last,
+                         compile=compile, compile_mode=compile_mode, no_grad_target_views=no_grad_target_views)
 
     def build_net(self) -> nn.Module:
         hp = self.hparams

@@ -35,7 +35,9 @@ class HostValues:
             return {}
         names = tuple(values)
         stacked = torch.stack([value.detach().float().reshape(()) for value in values.values()])
-        if not stacked.is_cuda:
+        if stacked.device.type == "cpu":
+            return dict(zip(names, stacked.unbind()))
+        if not stacked.is_cuda:  # MPS, XLA: read at once
             return dict(zip(names, stacked.cpu().unbind()))
         host = stacked.to("cpu", non_blocking=True)  # pinned destination: the host does not wait
         event = torch.cuda.Event()

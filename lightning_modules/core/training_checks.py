@@ -8,7 +8,8 @@ assert on a GPU).
 :class:`FiniteLossCheck` is called by the base's ``training_step`` with the step's total loss and
 its logged terms (``labeled_loss``, ``unlabeled_loss``, ``kd_loss``, a detector's ``loss_classifier``
 ...) and stops training at the first NaN or infinite total, naming the non-finite terms and the
-step. On the CPU it tests the total at once. On a CUDA device ``if not torch.isfinite(loss)`` would
+step. On the CPU it tests the total at once with ``torch._assert_async`` (no Python read of a tensor in
+the step, so a test can forbid those: tests/lightning_modules/core/test_fast_path_sync.py). On a CUDA device ``if not torch.isfinite(loss)`` would
 make the host wait for the GPU every step; instead the finiteness flag is copied to pinned host
 memory without blocking, a CUDA event marks it, and later steps read the flags whose events have
 completed. The error therefore comes a step or two after the bad one (as far as the GPU is
@@ -95,7 +96,13 @@ class FiniteLossCheck:
     def __call__(self, total: torch.Tensor, terms: Mapping[str, torch.Tensor], step: int, epoch: int) -> None:
         total = total.detach()
         terms = {name: value.detach() for name, value in terms.items() if isinstance(value, torch.Tensor)}
-        if not total.is_cuda:
+        if total.device.type == "cpu":
+            try:
+                torch._assert_async(torch.isfinite(total).all(), "non-finite loss")
+            except RuntimeError:
+                raise non_finite_loss_error(total, terms, step, epoch) from None
+            return
+        if not total.is_cuda:  # MPS, XLA: one host read per step
             if not bool(torch.isfinite(total).all()):
                 raise non_finite_loss_error(total, terms, step, epoch)
             return

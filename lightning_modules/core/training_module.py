@@ -22,6 +22,7 @@ from torch import nn
 from lightning_modules.core.data_contract import ModelDataContract
 from lightning_modules.core.distributed import average_batchnorm_statistics, check_full_parameters
 from lightning_modules.core.ema import EMAModel
+from lightning_modules.core.fast_path import FastForward, FastPath
 from lightning_modules.core.optimization import RAMPUPS, OptimizerRecipe
 from lightning_modules.core.progress_values import HostValues
 from lightning_modules.core.step_state import StepState
@@ -29,7 +30,7 @@ from lightning_modules.core.task import Task
 from lightning_modules.core.training_checks import FiniteLossCheck, check_model_fits_data
 
 
-class TrainingModule(ModelDataContract, OptimizerRecipe, LightningModule):
+class TrainingModule(ModelDataContract, OptimizerRecipe, FastForward, LightningModule):
     """Shared training, evaluation and optimization for every method, given its task.
 
     Its side of the model-data contract (``unlabeled_views``, ``data_facts``; the batch contract is
@@ -50,6 +51,7 @@ class TrainingModule(ModelDataContract, OptimizerRecipe, LightningModule):
         concat_forward: one forward over labeled and unlabeled images together (BatchNorm sees
             the whole step's batch, as in FixMatch) instead of one forward per view; methods with
             ``supports_concat_forward = False`` (VAT) refuse it.
+        channels_last, compile, compile_mode, no_grad_target_views: the fast path (:mod:`lightning_modules.core.fast_path`).
     """
 
     #: whether the method may forward its views together (``concat_forward=True``)
@@ -75,15 +77,17 @@ class TrainingModule(ModelDataContract, OptimizerRecipe, LightningModule):
         rampup: str | None = None,
         rampup_steps: int = 0,
         concat_forward: bool = True,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: str = "default",
+        no_grad_target_views: bool = False,
     ) -> None:
         super().__init__()
         if rampup is not None and rampup not in RAMPUPS:
             raise ValueError(f"rampup must be one of {sorted(RAMPUPS)} or None, got {rampup!r}")
-        if concat_forward and not self.supports_concat_forward:
-            raise ValueError(f"{type(self).__name__} cannot use concat_forward=True (one forward over labeled and "
-                             "unlabeled views; its docstring says why): pass concat_forward=False")
         self.save_hyperparameters()
         self.net = self.build_net()
+        self.fast_path = FastPath(self)  # core/fast_path.py; before the EMA copies the network
         self.task = self.build_task()
         for name, piece in self.task.modules().items():  # under their own names: checkpoint keys, logged metrics
             self.add_module(name, piece)
@@ -117,12 +121,6 @@ class TrainingModule(ModelDataContract, OptimizerRecipe, LightningModule):
             return "raw weights"
         return f"EMA weights (decay {self.ema.decay}, {self.ema.num_updates} updates)"
 
-    def forward_views(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Logits of each batch in ``images``: one concatenated forward, or one forward each."""
-        if not self.hparams.concat_forward:
-            return [self.net(x) for x in images]
-        return list(self.net(torch.cat(images)).split([len(x) for x in images]))
-
     # --- training --------------------------------------------------------------------------
     def labeled_loss(self, logits: Any, targets: Any) -> torch.Tensor:
         """The task's labeled loss (a criterion with running state proposes it through ``step_state``)."""
@@ -143,7 +141,8 @@ class TrainingModule(ModelDataContract, OptimizerRecipe, LightningModule):
         labeled, unlabeled = batch["labeled"], batch.get("unlabeled")
         views = self.unlabeled_views if unlabeled is not None else ()
         passes = self.task.labeled_passes
-        logits = self.forward_views([labeled["image"]] * passes + [unlabeled[v] for v in views])
+        images = [labeled["image"]] * passes + [unlabeled[v] for v in views]
+        logits = self.forward_views(images, **self.fast_path.no_grad_argument(passes, views))  # {} unless no_grad_target_views
         labeled_logits, logits = logits[:passes], logits[passes:]
         loss = sum(self.labeled_loss(x, labeled["target"]) for x in labeled_logits) / passes
         losses = {"labeled_loss": loss, **self.task.pass_losses(labeled_logits)}

@@ -65,6 +65,8 @@ class Detector(TrainingModule):
         **kwargs: the core's other optimizer and EMA arguments.
     """
 
+    trains_through_forward_views = False  # torchvision's model computes the losses: compile acts nowhere here
+
     def __init__(
         self,
         network: str = "fasterrcnn_resnet50_fpn",

@@ -29,6 +29,7 @@ class FixMatch(SemiSupervisedModule):
     """
 
     unlabeled_views = ("weak", "strong")
+    target_views = ("weak",)  # pseudo-labels only, detached: no_grad_target_views may forward it without gradient
 
     def __init__(self, threshold: float = 0.95, temperature: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
