@@ -78,9 +78,9 @@ class FastPath:
         self.compile_mode, no_grad_views = compile_mode, bool(hp.get("no_grad_target_views"))
         if (owner.forward_views is not FastForward.forward_views or not owner.trains_through_forward_views) and (
                 self.compile or no_grad_views):
-            raise ValueError(f"{name} forwards its views itself (its own forward_views), so compile and "
-                             f"no_grad_target_views, which act in the base's forward_views, would do nothing: "
-                             f"leave them false (channels_last works)")
+            raise ValueError(f"{name} does not train through the base's forward_views (it forwards its views itself, "
+                             f"or its network computes its own losses), so compile and no_grad_target_views, which "
+                             f"act there, would do nothing: leave them false")
         if no_grad_views and not owner.target_views:
             raise ValueError(f"{name} has no view used only as a target (target_views is empty): every view it "
                              f"forwards needs a gradient; leave no_grad_target_views false")

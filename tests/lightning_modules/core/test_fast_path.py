@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from datamodules import DigitsSSL
-from datamodules.augment import normalize, strong_augment, weak_augment
-from lightning_modules import FixMatch, Supervised, SegFixMatch, VAT
+from datamodules.classification.augment import normalize, strong_augment, weak_augment
+from lightning_modules import Detector, FixMatch, Supervised, SegFixMatch, VAT
 
 CIFAR = dict(num_classes=10, in_channels=3, network="wrn10_1", network_kwargs={"bn_momentum": 0.1})
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
@@ -175,8 +175,11 @@ def test_the_views_do_not_depend_on_the_options(one_thread):
     (Supervised, {"no_grad_target_views": True}, "no view used only as a target"),
     (VAT, {"no_grad_target_views": True, "concat_forward": False}, "no view used only as a target"),
     (SegFixMatch, {"compile": True}, "forwards its views itself"),
+    (Detector, {"compile": True}, "computes its own losses"),
 ])
 def test_options_that_would_do_nothing_or_are_unsafe_are_refused(method, options, match):
     kwargs = dict(num_classes=2, in_channels=1, network="Unet", network_kwargs={"encoder_name": "resnet18"}) if method is SegFixMatch else CIFAR
+    if method is Detector:
+        kwargs = dict(num_classes=3, network="fasterrcnn_mobilenet_v3_large_fpn")
     with pytest.raises(ValueError, match=match):
         method(**kwargs, **options)
