@@ -37,35 +37,13 @@ class SemiSupervisedModule(TrainingModule):
 
     def __init__(
         self,
-        num_classes: int = 10,
-        in_channels: int = 3,
         network: str = "wrn28_2",
-        network_kwargs: dict[str, Any] | None = None,
-        lr: float = 0.03,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 5e-4,
-        cosine_fraction: float = 7 / 16,
-        warmup_steps: int = 0,
-        ema_decay: float | None = 0.999,
-        unlabeled_loss_weight: float = 1.0,
-        rampup: str | None = None,
-        rampup_steps: int = 0,
-        concat_forward: bool = True,
         criterion: str = "ce",
         criterion_kwargs: dict[str, Any] | None = None,
         rdrop_weight: float = 0.0,
-        channels_last: bool = False,
-        compile: bool = False,
-        compile_mode: str = "default",
-        no_grad_target_views: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes=num_classes, in_channels=in_channels, network=network,
-                         network_kwargs=network_kwargs, lr=lr, momentum=momentum, nesterov=nesterov,
-                         weight_decay=weight_decay, cosine_fraction=cosine_fraction, warmup_steps=warmup_steps,
-                         ema_decay=ema_decay, unlabeled_loss_weight=unlabeled_loss_weight, rampup=rampup,
-                         rampup_steps=rampup_steps, concat_forward=concat_forward, channels_last=channels_last,
-                         compile=compile, compile_mode=compile_mode, no_grad_target_views=no_grad_target_views)
+        super().__init__(network=network, **kwargs)
 
     def build_net(self) -> nn.Module:
         hp = self.hparams
