@@ -39,7 +39,8 @@ RAMPUP_FRACTION = 0.4
 URATIO = {"FixMatch": 7, "FlexMatch": 7, "FreeMatch": 7, "SoftMatch": 7, "UDA": 7, "AdaMatch": 7, "Dash": 7}
 # Schedules counted in steps of a 2^20-step recipe, shortened with the budget as in benchmarks/digits_ssl.py:
 # Dash's supervised warm-up over 5 % of the run and an update of its threshold every 1 % (USB: every 10 epochs).
-SCHEDULES = {"Dash": lambda steps: dict(supervised_warmup_steps=max(1, steps // 20), rho_update_steps=max(1, steps // 100))}
+SCHEDULES = {"Dash": lambda steps: dict(supervised_warmup_steps=max(1, steps // 20),
+                                        rho_update_steps=max(1, steps // 100))}
 
 
 def unpack(shared: Path, into: Path) -> Path:

@@ -70,7 +70,8 @@ class AdaMatch(SemiSupervisedModule):
 
     # --- state -----------------------------------------------------------------------------
     @torch.no_grad()
-    def next_marginals(self, unlabeled_probs: torch.Tensor, labeled_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_marginals(self, unlabeled_probs: torch.Tensor,
+                       labeled_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(p_model, p_target)`` after one step with these probabilities (every rank's); writes nothing."""
         return (marginal_step(self.da_model_marginal, unlabeled_probs, self.ema_momentum),
                 marginal_step(self.da_target_marginal, labeled_probs, self.ema_momentum))

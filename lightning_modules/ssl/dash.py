@@ -88,7 +88,8 @@ class Dash(SemiSupervisedModule):
     # --- state -----------------------------------------------------------------------------
     def estimating_rho(self, step: int) -> bool:
         """Whether step ``step``'s labeled losses go into ``rho^`` (the last ``rho_window`` warm-up steps)."""
-        return self.rho_init is None and self.supervised_warmup_steps - self.rho_window <= step < self.supervised_warmup_steps
+        end = self.supervised_warmup_steps
+        return self.rho_init is None and end - self.rho_window <= step < end
 
     @torch.no_grad()
     def update_rho_estimate(self, losses: torch.Tensor) -> None:

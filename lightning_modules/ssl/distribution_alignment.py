@@ -13,7 +13,7 @@ stepped with :func:`marginal_step` once per optimizer step (docs/design.md, "Run
 |---|---|---|
 | ReMixMatch | mean of the last 128 batch means (a ring) | labeled class frequencies, fixed |
 | SoftMatch | EMA of the batch means, started at the first batch | uniform |
-| AdaMatch | EMA of the unlabeled weak-view batch means, started at the first batch | EMA of the labeled batch means, started at uniform |
+| AdaMatch | EMA of the unlabeled (weak) batch means, from the first batch | EMA of the labeled batch means, from uniform |
 
 USB keeps the same two variants as hooks (``semilearn/algorithms/hooks/dist_align.py``: ``DistAlignEMAHook``
 lines 10-72, ``DistAlignQueueHook`` lines 77-155).
