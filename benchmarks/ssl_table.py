@@ -36,7 +36,11 @@ BUDGETS = {
 }
 RAMPUP_FRACTION = 0.4
 # The published unlabeled ratio of each method (ANCHORS.md): 7 for the FixMatch line, 1 for the classics.
-URATIO = {"FixMatch": 7, "FlexMatch": 7, "FreeMatch": 7, "SoftMatch": 7, "UDA": 7}
+URATIO = {"FixMatch": 7, "FlexMatch": 7, "FreeMatch": 7, "SoftMatch": 7, "UDA": 7, "AdaMatch": 7, "Dash": 7}
+# Schedules counted in steps of a 2^20-step recipe, shortened with the budget as in benchmarks/digits_ssl.py:
+# Dash's supervised warm-up over 5 % of the run and an update of its threshold every 1 % (USB: every 10 epochs).
+SCHEDULES = {"Dash": lambda steps: dict(supervised_warmup_steps=max(1, steps // 20),
+                                        rho_update_steps=max(1, steps // 100))}
 
 
 def unpack(shared: Path, into: Path) -> Path:
@@ -54,7 +58,8 @@ def run_method(name: str, datamodule: ImageFolderSSL, budget: dict, seed: int, a
     # (VAT's 400k, MixMatch's 16k steps) would keep the unlabeled weight near 0 in a short budget.
     model = getattr(lightning_modules, name)(
         num_classes=10, in_channels=3, network=budget["network"], rampup_steps=int(RAMPUP_FRACTION * budget["steps"]),
-        network_kwargs={"bn_momentum": budget["bn_momentum"]}, ema_decay=budget["ema_decay"])
+        network_kwargs={"bn_momentum": budget["bn_momentum"]}, ema_decay=budget["ema_decay"],
+        **SCHEDULES.get(name, lambda steps: {})(budget["steps"]))
     trainer, seconds = timed_fit(model, datamodule, budget["steps"], accelerator, datamodule.root)
     return float(trainer.test(model, datamodule, verbose=False)[0]["test/acc"]), seconds
 

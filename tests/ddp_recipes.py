@@ -30,12 +30,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import DigitsSSL, SegmentationFolders  # noqa: E402
-from lightning_modules import (FixMatch, FlexMatch, FreeMatch, KDStudent, MeanTeacher, MutualLearning,  # noqa: E402
-                               Segmenter, SoftMatch, TemporalEnsembling)
+from lightning_modules import (AdaMatch, Dash, FixMatch, FlexMatch, FreeMatch, KDStudent, MeanTeacher,  # noqa: E402
+                               MutualLearning, Segmenter, SoftMatch, TemporalEnsembling)
 from lightning_modules.classification.networks import available_networks, register_network  # noqa: E402
 
 METHODS = ("FixMatch", "MeanTeacher", "TemporalEnsembling", "FlexMatch", "KDStudent", "Segmenter",
-           "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN", "FreeMatch", "SoftMatch")
+           "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN", "FreeMatch", "SoftMatch", "AdaMatch", "Dash")
 STEPS = 4
 RANK_BATCH = 2  # labeled images per rank and step; one process gets 2 * RANK_BATCH
 SEED = 100  # rank r seeds SEED + r
@@ -88,6 +88,10 @@ def build(method: str, batch_size: int, teacher: Path, membrane: Path) -> tuple[
         # moving averages of every rank's weak-view probabilities, used in the loss and committed after the step
         "FreeMatch": lambda: FreeMatch(ema_momentum=0.5, **net),
         "SoftMatch": lambda: SoftMatch(ema_momentum=0.5, **net),
+        # class marginals and the relative threshold from every rank's batch, gathered in the loss
+        "AdaMatch": lambda: AdaMatch(ema_momentum=0.5, **net),
+        # rho^ from every rank's labeled losses of the warm-up (gathered in the commit), then the threshold
+        "Dash": lambda: Dash(supervised_warmup_steps=2, rho_window=2, rho_update_steps=1, gamma=4.0, **net),
     }
     return models[method](), TinyDigits(batch_size=batch_size)
 

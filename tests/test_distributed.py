@@ -114,6 +114,10 @@ def test_two_ranks_match_one_process_on_the_global_batch(ranks, inputs, method, 
     if method == "OnlineLabelSmoothing":
         initial = 0.9 * torch.eye(10) + 0.01
         assert not torch.allclose(single["criterion"]["soft_labels"], initial), "no soft label was learned: vacuous"
+    if method == "Dash":  # two warm-up steps of the global labeled batch made rho^ on both ranks
+        assert int(single["method_buffers"]["rho_loss_count"]) == 2 * 2 * RANK_BATCH
+    if method == "AdaMatch":
+        assert single["method_buffers"]["da_model_marginal"].sum() > 0, "the marginal never moved: a vacuous test"
     if "update_counts" in single:
         assert int(single["update_counts"].max()) >= 2, "no sample was revisited: Temporal Ensembling's targets untested"
     print(f"{method}: max |DDP - one process| = {max(worst.values()):.2e} over {len(worst)} tensors")

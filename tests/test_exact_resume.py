@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from datamodules import COCODetection, DigitsSSL, SegmentationFolders
-from lightning_modules import (Detector, FixMatch, FlexMatch, KDStudent, SegFixMatch, Supervised,
+from lightning_modules import (AdaMatch, Dash, Detector, FixMatch, FlexMatch, KDStudent, SegFixMatch, Supervised,
                                TemporalEnsembling)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`", "ignore:Checkpoint directory")
@@ -166,6 +166,20 @@ def test_flexmatch_memory_and_thresholds_resume_exactly_mid_epoch(tmp_path):
     full = assert_resume_is_exact(lambda: FlexMatch(threshold=0.3, **NET), digits(), tmp_path, stop=4,
                                   checkpoint=dict(every_n_train_steps=4), max_epochs=2)
     assert (full["state_dict"]["memory"] >= 0).any(), "no confident prediction was recorded: a vacuous test"
+
+
+def test_adamatch_marginals_resume_exactly_mid_epoch(tmp_path):
+    full = assert_resume_is_exact(lambda: AdaMatch(ema_momentum=0.5, **NET), digits(), tmp_path, stop=2,
+                                  checkpoint=dict(every_n_train_steps=2), max_steps=4)
+    assert full["state_dict"]["da_model_marginal"].sum() > 0, "the marginal never moved: a vacuous test"
+
+
+def test_dash_rho_estimate_resumes_exactly_inside_its_window(tmp_path):
+    # stopped after 2 of the 3 warm-up steps that make rho^: the resumed run must carry the partial sum
+    make = lambda: Dash(supervised_warmup_steps=3, rho_window=3, rho_update_steps=1, gamma=2.0, **NET)  # noqa: E731
+    full = assert_resume_is_exact(make, digits(), tmp_path, stop=2, checkpoint=dict(every_n_train_steps=2),
+                                  max_steps=5)
+    assert int(full["state_dict"]["rho_loss_count"]) == 3 * 8
 
 
 def test_online_label_smoothing_resumes_exactly_across_epoch_ends(tmp_path):

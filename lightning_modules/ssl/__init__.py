@@ -1,7 +1,10 @@
 """Semi-supervised classification: one file per method over the shared base, their losses
-(:mod:`~lightning_modules.ssl.losses`) and the adaptive-threshold state they keep
+(:mod:`~lightning_modules.ssl.losses`), distribution alignment
+(:mod:`~lightning_modules.ssl.distribution_alignment`) and the adaptive-threshold state they keep
 (:mod:`~lightning_modules.ssl.threshold_state`)."""
 
+from lightning_modules.ssl.adamatch import AdaMatch
+from lightning_modules.ssl.dash import Dash
 from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.ssl.flexmatch import FlexMatch
 from lightning_modules.ssl.freematch import FreeMatch
@@ -16,4 +19,4 @@ from lightning_modules.ssl.uda import UDA
 from lightning_modules.ssl.vat import VAT
 
 __all__ = ["PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch", "UDA", "ReMixMatch",
-           "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch"]
+           "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash"]

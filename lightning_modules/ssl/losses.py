@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# moved to its own module (AdaMatch, ReMixMatch and SoftMatch share it); importable from here as before
+from lightning_modules.ssl.distribution_alignment import distribution_alignment  # noqa: F401
+
 
 def confident_pseudo_labels(logits: torch.Tensor, threshold: float, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard pseudo-labels ``argmax softmax(logits / T)`` and the mask ``max softmax >= threshold``.
@@ -63,14 +66,3 @@ def mixup(inputs: torch.Tensor, targets: torch.Tensor, alpha: float,
     mixed_inputs = lam * inputs + (1 - lam) * inputs[perm]
     mixed_targets = lam * targets + (1 - lam) * targets[perm]
     return mixed_inputs, mixed_targets, lam
-
-
-def distribution_alignment(probs: torch.Tensor, model_marginal: torch.Tensor, target_marginal: torch.Tensor) -> torch.Tensor:
-    """``normalize(p * (target + 1e-6) / (model + 1e-6))`` over dimension 1 (ReMixMatch's distribution alignment).
-
-    The 1e-6 on both marginals is the authors' guard (google-research/remixmatch
-    ``remixmatch_no_cta.py`` line 52; USB ``semilearn/algorithms/hooks/dist_align.py`` lines 31, 105).
-    """
-    shape = (1, -1) + (1,) * (probs.ndim - 2)
-    aligned = probs * ((target_marginal + 1e-6) / (model_marginal + 1e-6)).view(shape)
-    return aligned / aligned.sum(dim=1, keepdim=True)

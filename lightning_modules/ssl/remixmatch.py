@@ -14,7 +14,8 @@ from lightning_modules.core.batch_norm import frozen_buffers
 from lightning_modules.core.optimization import RAMPUPS
 from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 from lightning_modules.classification.task import refuse_criterion, refuse_rdrop
-from lightning_modules.ssl.losses import RAMPUP_STEPS_1_OF_64, distribution_alignment, masked_accuracy, mixup, sharpen
+from lightning_modules.ssl.distribution_alignment import distribution_alignment
+from lightning_modules.ssl.losses import RAMPUP_STEPS_1_OF_64, masked_accuracy, mixup, sharpen
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

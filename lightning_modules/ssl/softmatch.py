@@ -9,7 +9,8 @@ import torch
 
 from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.classification.semi_supervised import SemiSupervisedModule
-from lightning_modules.ssl.losses import distribution_alignment, masked_accuracy, masked_cross_entropy
+from lightning_modules.ssl.distribution_alignment import distribution_alignment, marginal_step
+from lightning_modules.ssl.losses import masked_accuracy, masked_cross_entropy
 from lightning_modules.ssl.threshold_state import ema_step, gather_rows
 
 
@@ -92,9 +93,7 @@ class SoftMatch(SemiSupervisedModule):
         rank's); writes nothing."""
         m, prob_mean = self.ema_momentum, self.prob_mean
         if self.uniform_alignment:
-            batch_mean = probs.mean(dim=0)
-            started = prob_mean.sum() > 0  # a tensor condition: no host synchronization
-            prob_mean = torch.where(started, m * prob_mean + (1 - m) * batch_mean, batch_mean)
+            prob_mean = marginal_step(prob_mean, probs, m)  # the first batch's mean, then an EMA
         confidence = self.aligned_confidence(probs, prob_mean)
         var = confidence.var() if confidence.numel() > 1 else torch.zeros_like(confidence.sum())
         return prob_mean, ema_step(self.conf_mean, confidence.mean(), m), ema_step(self.conf_var, var, m)

@@ -25,7 +25,8 @@ from lightning import Callback
 
 from callbacks import FGM, PGD
 from datamodules import DigitsSSL
-from lightning_modules import FlexMatch, FreeMatch, ReMixMatch, SoftMatch, Supervised, TemporalEnsembling
+from lightning_modules import (AdaMatch, Dash, FlexMatch, FreeMatch, ReMixMatch, SoftMatch, Supervised,
+                               TemporalEnsembling)
 from tests.ssl_helpers import SMALL_NET, make_trainer
 
 STEPS = 3
@@ -38,6 +39,8 @@ METHODS = {
     "FreeMatch": (lambda: FreeMatch(ema_momentum=0.5, **NET), ("global_threshold", "class_model", "label_hist")),
     "SoftMatch": (lambda: SoftMatch(ema_momentum=0.5, **NET), ("conf_mean", "conf_var", "prob_mean")),
     "ReMixMatch": (lambda: ReMixMatch(**NET), ("da_history", "da_count")),
+    "AdaMatch": (lambda: AdaMatch(ema_momentum=0.5, **NET), ("da_model_marginal", "da_target_marginal")),
+    "Dash": (lambda: Dash(supervised_warmup_steps=STEPS, rho_window=STEPS, **NET), ("rho_loss_sum", "rho_loss_count")),
     "TemporalEnsembling": (lambda: TemporalEnsembling(**NET), ("ensemble", "update_counts")),
     "OnlineLabelSmoothing": (lambda: Supervised(criterion="online_label_smoothing", **NET),
                              ("criterion.accumulated", "criterion.counts", "criterion.soft_labels")),
