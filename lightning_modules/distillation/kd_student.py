@@ -2,11 +2,16 @@
 
 Response knowledge (Hinton et al., 2015), feature knowledge (FitNets, Romero et al., 2015;
 attention transfer, Zagoruyko & Komodakis, 2017) and relation knowledge (RKD, Park et al., 2019;
-similarity-preserving KD, Tung & Mori, 2019; category-structure KD, Chen et al., 2020), each
-with its own weight:
+similarity-preserving KD, Tung & Mori, 2019; category-structure KD, Chen et al., 2020; PKT, Passalis
+& Tefas, 2018), each with its own weight:
 
-    L = w_ce CE(s, y) + w_kd T^2 KL(p_t^T || p_s^T) + w_hint ||r(f_s) - f_t||^2 + w_at sum ||a_s - a_t||^2
-        + w_d L_RKD-D + w_a L_RKD-A + w_sp L_SP + w_cs (L_intra + L_inter)
+    L = w_ce CE(s, y) + w_kd u(k) L_logit + w_hint ||r(f_s) - f_t||^2 + w_at sum ||a_s - a_t||^2
+        + w_d L_RKD-D + w_a L_RKD-A + w_sp L_SP + w_cs (L_intra + L_inter) + w_pkt L_PKT
+
+The response term ``L_logit`` is chosen by name (``logit_loss``): Hinton's ``T^2 KL(p_t^T || p_s^T)``
+(``kd``), decoupled KD (``dkd``, Zhao et al., 2022) or DIST (``dist``, Huang et al., 2022), see
+:mod:`~lightning_modules.distillation.logit_losses`; ``u(k) = min((k + 1) / kd_warmup_steps, 1)`` at
+optimizer step ``k`` warms it up (DKD's recipe), 1 by default.
 
 Intermediate features come from forward hooks addressed by module path (``groups.2``,
 ``layer3``, ``fc:input`` for the input of the head), never from an edited ``forward``. With
@@ -19,11 +24,13 @@ T 6, multiplier 50 on a class-averaged KL) is ``temperature=6, ce_weight=0.05, k
 (``configs/tfkd_self_cifar10.yaml``). Tf-KD's virtual teacher is the ``tfkd_reg`` criterion of any module.
 
 Defaults follow RepDistiller's CIFAR recipe (../shared/guide/ANCHORS.md): T = 4, CE weight 0.1,
-KD weight 0.9; FitNets weight 100 and AT weight 1000 when those are switched on.
+KD weight 0.9; FitNets weight 100 and AT weight 1000 when those are switched on. The DKD, DIST
+and PKT recipes are ``configs/{dkd,dist,pkt}_cifar10.yaml``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -31,10 +38,13 @@ from torch import nn
 
 from lightning_modules.distillation import losses as kd_losses
 from lightning_modules.distillation.feature_hooks import FeatureHooks
+from lightning_modules.distillation.logit_losses import LOGIT_LOSSES, NEEDS_LABELS
+from lightning_modules.distillation.probabilistic_losses import pkt_loss
 from lightning_modules.distillation.teacher_loading import load_teacher
+from lightning_modules.core.optimization import linear_rampup
 from lightning_modules.core.semi_supervised import SemiSupervisedModule
 
-RELATION_TERMS = ("rkd_distance", "rkd_angle", "sp", "cskd")
+RELATION_TERMS = ("rkd_distance", "rkd_angle", "sp", "cskd", "pkt")
 
 
 class KDStudent(SemiSupervisedModule):
@@ -45,7 +55,11 @@ class KDStudent(SemiSupervisedModule):
             ``state_dict`` file (then ``teacher_network`` is required). See :func:`load_teacher`.
         teacher_network, teacher_network_kwargs: the teacher's architecture for a plain state_dict
             (for a checkpoint, a given name must match the stored one).
-        ce_weight, kd_weight, temperature: Hinton KD, ``w_ce CE + w_kd T^2 KL``.
+        ce_weight, kd_weight, temperature: ``w_ce CE + w_kd L_logit`` at temperature ``T``.
+        logit_loss: the response term by name: ``kd`` (Hinton), ``dkd`` (needs labels, so not with
+            ``distill_unlabeled``) or ``dist``.
+        logit_loss_kwargs: its options, e.g. ``{"alpha": 1, "beta": 8}`` (DKD), ``{"beta": 1, "gamma": 1}`` (DIST).
+        kd_warmup_steps: linear warm-up of the response term over this many optimizer steps (0: none).
         hint_layers, hint_weight: FitNets; pairs ``[student_path, teacher_path]`` of feature maps.
             A connector (conv + BN + ReLU, strided or transposed when sizes differ) maps each
             student map to its teacher's shape; it is built from a probe of ``image_size`` pixels.
@@ -54,7 +68,7 @@ class KDStudent(SemiSupervisedModule):
         at_layers, at_weight: attention transfer over pairs ``[student_path, teacher_path]``.
         relation_layer: ``[student_path, teacher_path]`` of the embeddings that the relation
             losses compare (default: the inputs of the ``fc`` heads, i.e. pooled features).
-        rkd_distance_weight, rkd_angle_weight, sp_weight, cskd_weight: relation-loss weights.
+        rkd_distance_weight, rkd_angle_weight, sp_weight, cskd_weight, pkt_weight: relation-loss weights.
         distill_unlabeled: also distil on the DataModule's unlabeled (weak view) images.
         image_size: side of the training images, used to size the FitNets connectors.
         test_teacher: also log the teacher's accuracy on the test images (``test/teacher_acc``).
@@ -73,6 +87,9 @@ class KDStudent(SemiSupervisedModule):
         ce_weight: float = 0.1,
         kd_weight: float = 0.9,
         temperature: float = 4.0,
+        logit_loss: str = "kd",
+        logit_loss_kwargs: dict[str, Any] | None = None,
+        kd_warmup_steps: int = 0,
         hint_layers: list[list[str]] | None = None,
         hint_weight: float = 100.0,
         connector_relu: bool = True,
@@ -83,6 +100,7 @@ class KDStudent(SemiSupervisedModule):
         rkd_angle_weight: float = 0.0,
         sp_weight: float = 0.0,
         cskd_weight: float = 0.0,
+        pkt_weight: float = 0.0,
         distill_unlabeled: bool = False,
         image_size: int = 32,
         test_teacher: bool = True,
@@ -91,6 +109,9 @@ class KDStudent(SemiSupervisedModule):
         super().__init__(**kwargs)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        self._check_logit_loss(logit_loss, logit_loss_kwargs or {}, distill_unlabeled)
+        if kd_warmup_steps < 0:
+            raise ValueError(f"kd_warmup_steps must be >= 0 (0 turns the warm-up off), got {kd_warmup_steps}")
         self.teacher = load_teacher(teacher, self.hparams.num_classes, self.hparams.in_channels,
                                     teacher_network, teacher_network_kwargs)
         self.unlabeled_views = ("weak",) if distill_unlabeled else ()
@@ -98,13 +119,26 @@ class KDStudent(SemiSupervisedModule):
         self.at_pairs = [tuple(p) for p in at_layers or []]
         self.relation_pair = tuple(relation_layer or ("fc:input", "fc:input"))
         self.relation_weights = {"rkd_distance": rkd_distance_weight, "rkd_angle": rkd_angle_weight,
-                                 "sp": sp_weight, "cskd": cskd_weight}
+                                 "sp": sp_weight, "cskd": cskd_weight, "pkt": pkt_weight}
         for pair in self.hint_pairs + self.at_pairs + [self.relation_pair]:
             if len(pair) != 2:
                 raise ValueError(f"layer pairs are [student_path, teacher_path], got {list(pair)}")
         self.connectors = self._build_connectors(image_size)
 
     # --- set-up ----------------------------------------------------------------------------
+    @staticmethod
+    def _check_logit_loss(name: str, options: dict[str, Any], distill_unlabeled: bool) -> None:
+        if name not in LOGIT_LOSSES:
+            raise ValueError(f"logit_loss={name!r} is not one of {sorted(LOGIT_LOSSES)}")
+        accepted = set(inspect.signature(LOGIT_LOSSES[name]).parameters) - {"student_logits", "teacher_logits",
+                                                                             "targets", "temperature"}
+        if set(options) - accepted:
+            raise ValueError(f"logit_loss_kwargs {sorted(set(options) - accepted)} are not options of "
+                             f"logit_loss={name!r}, which takes {sorted(accepted)} (set the temperature with temperature)")
+        if name in NEEDS_LABELS and distill_unlabeled:
+            raise ValueError(f"logit_loss={name!r} decouples around the ground-truth class, which unlabeled images "
+                             "lack: use logit_loss='kd' or 'dist' with distill_unlabeled=True")
+
     def _paths(self) -> tuple[list[str], list[str]]:
         pairs = self.hint_pairs + self.at_pairs
         if any(self.relation_weights.values()):
@@ -157,7 +191,8 @@ class KDStudent(SemiSupervisedModule):
         num_labeled = len(labeled["image"])
         losses = {
             "labeled_loss": self.labeled_loss(student_logits[:num_labeled], labeled["target"]),
-            "kd_loss": kd_losses.kd_loss(student_logits, teacher_logits, self.hparams.temperature),
+            "kd_loss": LOGIT_LOSSES[self.hparams.logit_loss](student_logits, teacher_logits, torch.cat(targets),
+                                                             self.hparams.temperature, **(self.hparams.logit_loss_kwargs or {})),
         }
         if self.hint_pairs:
             losses["hint_loss"] = sum(kd_losses.hint_loss(connector(student[s]), teacher[t])
@@ -181,11 +216,14 @@ class KDStudent(SemiSupervisedModule):
         if weights["cskd"]:
             intra, inter = kd_losses.category_structure_loss(s, t, targets)
             losses["cskd_loss"] = intra + inter
+        if weights["pkt"]:
+            losses["pkt_loss"] = pkt_loss(s, t)
         return losses
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         hp = self.hparams
-        loss = hp.ce_weight * losses["labeled_loss"] + hp.kd_weight * losses["kd_loss"]
+        warmup = linear_rampup(self.global_step + 1, hp.kd_warmup_steps)  # mdistiller's epoch 1 is already 1/20
+        loss = hp.ce_weight * losses["labeled_loss"] + hp.kd_weight * warmup * losses["kd_loss"]
         if "hint_loss" in losses:
             loss = loss + hp.hint_weight * losses["hint_loss"]
         if "at_loss" in losses:
