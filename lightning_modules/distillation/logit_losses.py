@@ -8,7 +8,8 @@ accepts to these functions; each takes ``(student_logits, teacher_logits, target
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -110,3 +111,18 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
 LOGIT_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"kd": hinton_kd_loss, "dkd": dkd_loss, "dist": dist_loss}
 #: losses that decouple around the ground-truth class, so cannot use unlabeled images
 NEEDS_LABELS = frozenset({"dkd"})
+
+
+def check_logit_loss(name: str, options: dict[str, Any], distill_unlabeled: bool) -> None:
+    """Refuse, with the fix in the message, a name not in :data:`LOGIT_LOSSES`, an option its function does
+    not take, or a loss that needs labels on unlabeled images."""
+    if name not in LOGIT_LOSSES:
+        raise ValueError(f"logit_loss={name!r} is not one of {sorted(LOGIT_LOSSES)}")
+    accepted = set(inspect.signature(LOGIT_LOSSES[name]).parameters) - {"student_logits", "teacher_logits",
+                                                                         "targets", "temperature"}
+    if set(options) - accepted:
+        raise ValueError(f"logit_loss_kwargs {sorted(set(options) - accepted)} are not options of "
+                         f"logit_loss={name!r}, which takes {sorted(accepted)} (set the temperature with temperature)")
+    if name in NEEDS_LABELS and distill_unlabeled:
+        raise ValueError(f"logit_loss={name!r} decouples around the ground-truth class, which unlabeled images "
+                         "lack: use logit_loss='kd' or 'dist' with distill_unlabeled=True")

@@ -1,19 +1,23 @@
-"""DKD, DIST and PKT against torchdistill 1.1.5 where it has the method, else against the authors' code.
+"""DKD, DIST, PKT and VID against torchdistill 1.1.5 where it has the method, else against the authors' code.
 
-torchdistill 1.1.5 has ``DISTLoss`` and ``PKTLoss`` (``torchdistill/losses/mid_level.py``) but no DKD; DKD
+torchdistill 1.1.5 has ``DISTLoss``, ``PKTLoss`` and ``VIDLoss`` (``torchdistill/losses/mid_level.py``) but no DKD; DKD
 is checked against mdistiller's ``dkd_loss`` (megvii-research/mdistiller ``mdistiller/distillers/DKD.py:8-51``)
 written out in plain tensor arithmetic below, and against the paper's decomposition of Hinton KD
-through torchdistill's ``KDLoss``.
+through torchdistill's ``KDLoss``. VID is also written out as RepDistiller's ``distiller_zoo/VID.py:38-54``
+(pooling the larger map, the softplus variance), with our regressor's weights.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from torchdistill.losses.mid_level import DISTLoss, KDLoss, PKTLoss
+import torch.nn.functional as F
+from torchdistill.losses.mid_level import DISTLoss, KDLoss, PKTLoss, VIDLoss
 
 from lightning_modules.distillation.logit_losses import dist_loss, dkd_loss
-from lightning_modules.distillation.probabilistic_losses import pkt_loss
+from lightning_modules.distillation.probabilistic_losses import VIDRegressor, pkt_loss, vid_loss
 
 
 def io(tensor: torch.Tensor, path: str = "x", kind: str = "output") -> dict[str, dict[str, torch.Tensor]]:
@@ -128,3 +132,52 @@ def test_pkt_of_non_negative_features_matches_reference_torchdistill():
     reference = PKTLoss("fc", "input", "fc", "input")(io(student, "fc", "input"), io(teacher, "fc", "input"))
     close(pkt_loss(student, teacher), reference)
     assert pkt_loss(teacher, teacher) < 1e-12  # no loss when the geometries agree
+
+
+# ---- VID ------------------------------------------------------------------------------------------
+
+
+def _torchdistill_vid(mean: torch.Tensor, variance: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    # torchdistill reads (pred_mean, pred_var) from the student's io (its VariationalDistributor4VID's output)
+    pairs = {"pair1": {"student": {"io": "output", "path": "regressor"}, "teacher": {"io": "output", "path": "layer1"},
+                       "weight": 1}}
+    return VIDLoss(pairs)(io((mean, variance.view(1, -1, 1, 1)), "regressor"), io(teacher, "layer1"))
+
+
+def test_vid_loss_matches_reference_torchdistill():
+    mean, teacher, variance = randn(4, 6, 3, 3, seed=18), randn(4, 6, 3, 3, seed=19), randn(6, seed=20).exp()
+    close(vid_loss(mean, variance, teacher), _torchdistill_vid(mean, variance, teacher))
+
+
+def _repdistiller_vid(head: VIDRegressor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """VID.py:38-54 by hand: pool the larger map, 1x1 convs as channel products, softplus variance + eps."""
+    s_h, t_h = student.shape[2], teacher.shape[2]
+    if s_h > t_h:
+        student = F.adaptive_avg_pool2d(student, (t_h, t_h))
+    elif s_h < t_h:
+        teacher = F.adaptive_avg_pool2d(teacher, (s_h, s_h))
+    w1, w2, w3 = (conv.weight.detach().double()[:, :, 0, 0] for conv in head.mean if isinstance(conv, torch.nn.Conv2d))
+    hidden = torch.einsum("oc,nchw->nohw", w1, student).relu()
+    hidden = torch.einsum("oc,nchw->nohw", w2, hidden).relu()
+    mean = torch.einsum("oc,nchw->nohw", w3, hidden)
+    variance = (torch.log(1.0 + torch.exp(head.alpha.detach().double())) + 1e-5).view(1, -1, 1, 1)
+    return (0.5 * ((mean - teacher) ** 2 / variance + variance.log())).mean()
+
+
+@pytest.mark.parametrize(("student_size", "teacher_size"), [(4, 4), (8, 4), (2, 4)])
+def test_vid_regressor_matches_reference_repdistiller_and_torchdistill(student_size, teacher_size):
+    torch.manual_seed(21)
+    head = VIDRegressor(student_channels=3, teacher_channels=5).double()
+    with torch.no_grad():
+        head.alpha.normal_()  # a learned variance per channel, not the initial 5
+    student, teacher = randn(4, 3, student_size, student_size, seed=22), randn(4, 5, teacher_size, teacher_size, seed=23)
+    close(head(student, teacher), _repdistiller_vid(head, student, teacher))
+    if student_size == teacher_size:
+        close(head(student, teacher), _torchdistill_vid(head.mean(student), head.variance(), teacher))
+
+
+def test_vid_variance_starts_at_the_authors_initial_value():
+    # VID.py:33-35: log_scale = log(exp(5 - eps) - 1), so softplus(log_scale) + eps = 5
+    head = VIDRegressor(3, 4)
+    torch.testing.assert_close(head.variance(), torch.full((4,), 5.0))
+    assert head.alpha[0].item() == pytest.approx(math.log(math.exp(5.0 - 1e-5) - 1.0))

@@ -41,24 +41,29 @@ ALONE = {
     "dkd": dict(logit_loss="dkd", ce_weight=0.0, kd_weight=1.0, kd_warmup_steps=2),
     "dist": dict(logit_loss="dist", ce_weight=0.0, kd_weight=2.0, distill_unlabeled=True),
     "pkt": dict(ce_weight=0.0, kd_weight=0.0, pkt_weight=30000.0),
+    "vid": dict(ce_weight=0.0, kd_weight=0.0, vid_layers=[[f"groups.{k}", f"groups.{k}"] for k in range(3)]),
 }
+# the parameters after the distilled features get no gradient from the term: the head for PKT (on its
+# input), the final BatchNorm and the head for VID (on the group outputs)
+DOWNSTREAM = {"pkt": ("fc.",), "vid": ("bn.", "fc.")}
 
 
 @pytest.mark.parametrize("method", sorted(ALONE))
 def test_each_term_alone_trains_the_student_and_never_the_teacher(method, teacher_ckpt):  # noqa: F811
     model = student(teacher_ckpt, **ALONE[method])
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    heads_before = [p.detach().clone() for p in model.vid_heads.parameters()]
     recorder = GradientRecorder()
     trainer = make_trainer(max_steps=3, callbacks=[recorder])
     trainer.fit(model, DigitsSSL(num_labeled=100, batch_size=16, uratio=1, steps_per_epoch=3))
     assert len(recorder.student) == 3
     for student_grads, teacher_grads in zip(recorder.student, recorder.teacher):
         assert not any(teacher_grads)
-        # PKT acts on the pooled features, before the head: every layer but fc learns from it
-        reached = {n: g for n, g in student_grads.items() if not (method == "pkt" and n.startswith("fc."))}
+        reached = {n: g for n, g in student_grads.items() if not n.startswith(DOWNSTREAM.get(method, ()))}
         assert all(reached.values()), [n for n, g in reached.items() if not g]
     assert all(torch.equal(v, teacher_before[k]) for k, v in model.teacher.state_dict().items())  # BN stats too
-    term = "pkt_loss" if method == "pkt" else "kd_loss"
+    assert all(not torch.equal(a, b) for a, b in zip(heads_before, model.vid_heads.parameters()))  # VID's regressors learn
+    term = f"{method}_loss" if method in DOWNSTREAM else "kd_loss"
     assert torch.isfinite(trainer.callback_metrics[f"train/{term}"])
 
 
