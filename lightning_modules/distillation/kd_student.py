@@ -30,7 +30,7 @@ PKT and VID recipes are ``configs/{dkd,dist,pkt,vid}_cifar10.yaml``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -127,9 +127,8 @@ class KDStudent(SemiSupervisedModule):
         for pair in self.hint_pairs + self.at_pairs + self.vid_pairs + [self.relation_pair]:
             if len(pair) != 2:
                 raise ValueError(f"layer pairs are [student_path, teacher_path], got {list(pair)}")
-        relu = connector_relu
         self.connectors = self._build_heads(self.hint_pairs, image_size,
-                                            lambda s, t: kd_losses.build_connector(s, t, relu=relu))
+                                            lambda s, t: kd_losses.build_connector(s, t, relu=connector_relu))
         self.vid_heads = self._build_heads(self.vid_pairs, image_size, lambda s, t: VIDRegressor(s.shape[1], t.shape[1]))
 
     # --- set-up ----------------------------------------------------------------------------
@@ -139,7 +138,8 @@ class KDStudent(SemiSupervisedModule):
             pairs = pairs + [self.relation_pair]
         return list(dict.fromkeys(s for s, _ in pairs)), list(dict.fromkeys(t for _, t in pairs))
 
-    def _build_heads(self, pairs: list[tuple[str, str]], image_size: int, make) -> nn.ModuleList:
+    def _build_heads(self, pairs: list[tuple[str, str]], image_size: int,
+                     make: Callable[[torch.Tensor, torch.Tensor], nn.Module]) -> nn.ModuleList:
         """One trained module per pair (FitNets connectors, VID regressors), sized from a probe of the features."""
         if not pairs:
             return nn.ModuleList()
