@@ -11,9 +11,10 @@ training images (JPEG copies from ../shared/data/cifar10) and is tested, EMA wei
 10,000 test images. Writes ``docs/results/kd_cifar10.md`` with the command, machine and date.
 
 Rows: vanilla CE; label smoothing; Tf-KD reg (virtual teacher); R-Drop; Hinton KD; FitNets;
-attention transfer; RKD; similarity-preserving KD; category-structure KD; Deep Mutual Learning
-(two student peers); Tf-KD self (the CE row's student as its own teacher). Feature and relation
-rows use CE plus their own term, as RepDistiller does; weights are the published ones. The Tf-KD rows
+attention transfer; RKD; similarity-preserving KD; category-structure KD; DKD; DIST; PKT; VID;
+Deep Mutual Learning (two student peers); Tf-KD self (the CE row's student as its own teacher).
+Feature and relation rows use CE plus their own term, as RepDistiller does; weights are the published ones. DKD's warm-up
+keeps its published share of training: 20 of 240 epochs, so 1/12 of the student steps. The Tf-KD rows
 use the authors' CIFAR-100 ResNet-18 strengths carried to 10 classes, as configs/tfkd_*_cifar10.yaml.
 """
 
@@ -55,7 +56,13 @@ CE_ONLY = dict(ce_weight=1.0, kd_weight=0.0)
 # self: alpha 0.95, T 6, multiplier 50 -> CE 0.05, batch-mean KD 0.475.
 TFKD_REG = dict(criterion="tfkd_reg")
 TFKD_SELF = dict(temperature=6.0, ce_weight=0.05, kd_weight=0.475)
-# row name -> (module, extra arguments); "teacher" / "self" mark the rows that distil from a checkpoint
+# DKD: mdistiller's CIFAR-100 recipe (CE 1, alpha 1, beta 8, T 4, warm-up 20 of 240 epochs); DIST: the
+# authors' CIFAR-100 recipe (CE 1, DIST weight 2, beta = gamma = 1, T 4); PKT and VID: RepDistiller's
+# (CE 1 + PKT 30000 on the pooled features; CE 1 + VID 1 on every group, as AT's layers).
+DKD = dict(logit_loss="dkd", logit_loss_kwargs={"alpha": 1.0, "beta": 8.0}, temperature=4.0, ce_weight=1.0, kd_weight=1.0)
+DIST = dict(logit_loss="dist", logit_loss_kwargs={"beta": 1.0, "gamma": 1.0}, temperature=4.0, ce_weight=1.0, kd_weight=2.0)
+# row name -> (module, extra arguments or a function of the student steps that gives them); "teacher" /
+# "self" mark the rows that distil from a checkpoint
 METHODS = {
     "CE": (Supervised, {}),
     "label smoothing": (Supervised, dict(criterion="label_smoothing", criterion_kwargs={"smoothing": 0.1})),
@@ -67,6 +74,10 @@ METHODS = {
     "RKD": ("teacher", dict(CE_ONLY, rkd_distance_weight=25.0, rkd_angle_weight=50.0)),
     "SP": ("teacher", dict(CE_ONLY, sp_weight=3000.0)),
     "CSKD": ("teacher", dict(cskd_weight=1.0)),
+    "DKD": ("teacher", lambda steps: dict(DKD, kd_warmup_steps=round(steps * 20 / 240))),
+    "DIST": ("teacher", DIST),
+    "PKT": ("teacher", dict(CE_ONLY, pkt_weight=30000.0)),
+    "VID": ("teacher", dict(CE_ONLY, vid_layers=ALL_GROUPS)),
     "DML": (MutualLearning, {}),
     "Tf-KD self": ("self", TFKD_SELF),
 }
@@ -116,6 +127,7 @@ def main() -> None:
             order.insert(0, "CE")  # Tf-KD self distils from the CE row's student
         for name in order:
             kind, extra = METHODS[name]
+            extra = extra(budget["student_steps"]) if callable(extra) else extra
             L.seed_everything(args.seed, verbose=False)
             options = {**common, **extra, "network_kwargs": {**common["network_kwargs"], **extra.get("network_kwargs", {})}}
             if kind in ("teacher", "self"):

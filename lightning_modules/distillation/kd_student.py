@@ -1,12 +1,17 @@
 """Offline knowledge distillation: a student trained against a frozen teacher.
 
 Response knowledge (Hinton et al., 2015), feature knowledge (FitNets, Romero et al., 2015;
-attention transfer, Zagoruyko & Komodakis, 2017) and relation knowledge (RKD, Park et al., 2019;
-similarity-preserving KD, Tung & Mori, 2019; category-structure KD, Chen et al., 2020), each
-with its own weight:
+attention transfer, Zagoruyko & Komodakis, 2017; VID, Ahn et al., 2019) and relation knowledge
+(RKD, Park et al., 2019; similarity-preserving KD, Tung & Mori, 2019; category-structure KD, Chen
+et al., 2020; PKT, Passalis & Tefas, 2018), each with its own weight:
 
-    L = w_ce CE(s, y) + w_kd T^2 KL(p_t^T || p_s^T) + w_hint ||r(f_s) - f_t||^2 + w_at sum ||a_s - a_t||^2
-        + w_d L_RKD-D + w_a L_RKD-A + w_sp L_SP + w_cs (L_intra + L_inter)
+    L = w_ce CE(s, y) + w_kd u(k) L_logit + w_hint ||r(f_s) - f_t||^2 + w_at sum ||a_s - a_t||^2 + w_vid L_VID
+        + w_d L_RKD-D + w_a L_RKD-A + w_sp L_SP + w_cs (L_intra + L_inter) + w_pkt L_PKT
+
+The response term ``L_logit`` is chosen by name (``logit_loss``): Hinton's ``T^2 KL(p_t^T || p_s^T)``
+(``kd``), decoupled KD (``dkd``, Zhao et al., 2022) or DIST (``dist``, Huang et al., 2022), see
+:mod:`~lightning_modules.distillation.logit_losses`; ``u(k) = min((k + 1) / kd_warmup_steps, 1)`` at
+optimizer step ``k`` warms it up (DKD's recipe), 1 by default.
 
 Intermediate features come from forward hooks addressed by module path (``groups.2``,
 ``layer3``, ``fc:input`` for the input of the head), never from an edited ``forward``. With
@@ -19,23 +24,27 @@ T 6, multiplier 50 on a class-averaged KL) is ``temperature=6, ce_weight=0.05, k
 (``configs/tfkd_self_cifar10.yaml``). Tf-KD's virtual teacher is the ``tfkd_reg`` criterion of any module.
 
 Defaults follow RepDistiller's CIFAR recipe (../shared/guide/ANCHORS.md): T = 4, CE weight 0.1,
-KD weight 0.9; FitNets weight 100 and AT weight 1000 when those are switched on.
+KD weight 0.9; FitNets weight 100 and AT weight 1000 when those are switched on. The DKD, DIST,
+PKT and VID recipes are ``configs/{dkd,dist,pkt,vid}_cifar10.yaml``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from lightning_modules.distillation import losses as kd_losses
 from lightning_modules.distillation.feature_hooks import FeatureHooks
+from lightning_modules.distillation.logit_losses import LOGIT_LOSSES, check_logit_loss
+from lightning_modules.distillation.probabilistic_losses import VIDRegressor, pkt_loss
 from lightning_modules.distillation.teacher_loading import load_teacher
 from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 from lightning_modules.classification.task import refuse_rdrop
+from lightning_modules.core.optimization import linear_rampup
 
-RELATION_TERMS = ("rkd_distance", "rkd_angle", "sp", "cskd")
+RELATION_TERMS = ("rkd_distance", "rkd_angle", "sp", "cskd", "pkt")
 
 
 class KDStudent(SemiSupervisedModule):
@@ -46,18 +55,24 @@ class KDStudent(SemiSupervisedModule):
             ``state_dict`` file (then ``teacher_network`` is required). See :func:`load_teacher`.
         teacher_network, teacher_network_kwargs: the teacher's architecture for a plain state_dict
             (for a checkpoint, a given name must match the stored one).
-        ce_weight, kd_weight, temperature: Hinton KD, ``w_ce CE + w_kd T^2 KL``.
+        ce_weight, kd_weight, temperature: ``w_ce CE + w_kd L_logit`` at temperature ``T``.
+        logit_loss: the response term by name: ``kd`` (Hinton), ``dkd`` (needs labels, so not with
+            ``distill_unlabeled``) or ``dist``.
+        logit_loss_kwargs: its options, e.g. ``{"alpha": 1, "beta": 8}`` (DKD), ``{"beta": 1, "gamma": 1}`` (DIST).
+        kd_warmup_steps: linear warm-up of the response term over this many optimizer steps (0: none).
         hint_layers, hint_weight: FitNets; pairs ``[student_path, teacher_path]`` of feature maps.
             A connector (conv + BN + ReLU, strided or transposed when sizes differ) maps each
             student map to its teacher's shape; it is built from a probe of ``image_size`` pixels.
         connector_relu: end the connector with a ReLU (FitNets/RepDistiller); turn it off when the
             teacher's hinted maps are pre-activation sums that go negative (a Wide ResNet's ``groups.k``).
         at_layers, at_weight: attention transfer over pairs ``[student_path, teacher_path]``.
+        vid_layers, vid_weight: VID (Ahn et al., 2019) over pairs ``[student_path, teacher_path]``, each
+            with its own :class:`VIDRegressor` (sized from the same probe as the connectors).
         relation_layer: ``[student_path, teacher_path]`` of the embeddings that the relation
             losses compare (default: the inputs of the ``fc`` heads, i.e. pooled features).
-        rkd_distance_weight, rkd_angle_weight, sp_weight, cskd_weight: relation-loss weights.
+        rkd_distance_weight, rkd_angle_weight, sp_weight, cskd_weight, pkt_weight: relation-loss weights.
         distill_unlabeled: also distil on the DataModule's unlabeled (weak view) images.
-        image_size: side of the training images, used to size the FitNets connectors.
+        image_size: side of the training images, used to size the FitNets connectors and VID regressors.
         test_teacher: also log the teacher's accuracy on the test images (``test/teacher_acc``).
         **kwargs: the base's network, optimizer, EMA and criterion arguments (R-Drop's
             ``rdrop_weight`` is refused: this module trains through its own ``compute_losses``).
@@ -73,16 +88,22 @@ class KDStudent(SemiSupervisedModule):
         ce_weight: float = 0.1,
         kd_weight: float = 0.9,
         temperature: float = 4.0,
+        logit_loss: str = "kd",
+        logit_loss_kwargs: dict[str, Any] | None = None,
+        kd_warmup_steps: int = 0,
         hint_layers: list[list[str]] | None = None,
         hint_weight: float = 100.0,
         connector_relu: bool = True,
         at_layers: list[list[str]] | None = None,
         at_weight: float = 1000.0,
+        vid_layers: list[list[str]] | None = None,
+        vid_weight: float = 1.0,
         relation_layer: list[str] | None = None,
         rkd_distance_weight: float = 0.0,
         rkd_angle_weight: float = 0.0,
         sp_weight: float = 0.0,
         cskd_weight: float = 0.0,
+        pkt_weight: float = 0.0,
         distill_unlabeled: bool = False,
         image_size: int = 32,
         test_teacher: bool = True,
@@ -92,35 +113,41 @@ class KDStudent(SemiSupervisedModule):
         super().__init__(**kwargs)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_logit_loss(logit_loss, logit_loss_kwargs or {}, distill_unlabeled)
+        if kd_warmup_steps < 0:
+            raise ValueError(f"kd_warmup_steps must be >= 0 (0 turns the warm-up off), got {kd_warmup_steps}")
         self.teacher = load_teacher(teacher, self.hparams.num_classes, self.hparams.in_channels,
                                     teacher_network, teacher_network_kwargs)
         self.unlabeled_views = ("weak",) if distill_unlabeled else ()
         self.hint_pairs = [tuple(p) for p in hint_layers or []]
         self.at_pairs = [tuple(p) for p in at_layers or []]
+        self.vid_pairs = [tuple(p) for p in vid_layers or []]
         self.relation_pair = tuple(relation_layer or ("fc:input", "fc:input"))
         self.relation_weights = {"rkd_distance": rkd_distance_weight, "rkd_angle": rkd_angle_weight,
-                                 "sp": sp_weight, "cskd": cskd_weight}
-        for pair in self.hint_pairs + self.at_pairs + [self.relation_pair]:
+                                 "sp": sp_weight, "cskd": cskd_weight, "pkt": pkt_weight}
+        for pair in self.hint_pairs + self.at_pairs + self.vid_pairs + [self.relation_pair]:
             if len(pair) != 2:
                 raise ValueError(f"layer pairs are [student_path, teacher_path], got {list(pair)}")
-        self.connectors = self._build_connectors(image_size)
+        self.connectors = self._build_heads(self.hint_pairs, image_size,
+                                            lambda s, t: kd_losses.build_connector(s, t, relu=connector_relu))
+        self.vid_heads = self._build_heads(self.vid_pairs, image_size, lambda s, t: VIDRegressor(s.shape[1], t.shape[1]))
 
     # --- set-up ----------------------------------------------------------------------------
     def _paths(self) -> tuple[list[str], list[str]]:
-        pairs = self.hint_pairs + self.at_pairs
+        pairs = self.hint_pairs + self.at_pairs + self.vid_pairs
         if any(self.relation_weights.values()):
             pairs = pairs + [self.relation_pair]
         return list(dict.fromkeys(s for s, _ in pairs)), list(dict.fromkeys(t for _, t in pairs))
 
-    def _build_connectors(self, image_size: int) -> nn.ModuleList:
-        if not self.hint_pairs:
+    def _build_heads(self, pairs: list[tuple[str, str]], image_size: int,
+                     make: Callable[[torch.Tensor, torch.Tensor], nn.Module]) -> nn.ModuleList:
+        """One trained module per pair (FitNets connectors, VID regressors), sized from a probe of the features."""
+        if not pairs:
             return nn.ModuleList()
         probe = torch.zeros(2, self.hparams.in_channels, image_size, image_size)
-        student_paths, teacher_paths = [s for s, _ in self.hint_pairs], [t for _, t in self.hint_pairs]
-        student_features, teacher_features = self._probe(self.net, student_paths, probe), self._probe(self.teacher, teacher_paths, probe)
-        relu = self.hparams.connector_relu
-        return nn.ModuleList(kd_losses.build_connector(student_features[s], teacher_features[t], relu=relu)
-                             for s, t in self.hint_pairs)
+        student_features = self._probe(self.net, [s for s, _ in pairs], probe)
+        teacher_features = self._probe(self.teacher, [t for _, t in pairs], probe)
+        return nn.ModuleList(make(student_features[s], teacher_features[t]) for s, t in pairs)
 
     @staticmethod
     @torch.no_grad()
@@ -139,7 +166,7 @@ class KDStudent(SemiSupervisedModule):
         return self
 
     def trainable_modules(self) -> list[nn.Module]:
-        return super().trainable_modules() + [self.connectors]
+        return super().trainable_modules() + [self.connectors, self.vid_heads]
 
     # --- training --------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -158,7 +185,8 @@ class KDStudent(SemiSupervisedModule):
         num_labeled = len(labeled["image"])
         losses = {
             "labeled_loss": self.labeled_loss(student_logits[:num_labeled], labeled["target"]),
-            "kd_loss": kd_losses.kd_loss(student_logits, teacher_logits, self.hparams.temperature),
+            "kd_loss": LOGIT_LOSSES[self.hparams.logit_loss](student_logits, teacher_logits, torch.cat(targets),
+                                                             self.hparams.temperature, **(self.hparams.logit_loss_kwargs or {})),
         }
         if self.hint_pairs:
             losses["hint_loss"] = sum(kd_losses.hint_loss(connector(student[s]), teacher[t])
@@ -166,6 +194,8 @@ class KDStudent(SemiSupervisedModule):
         if self.at_pairs:
             losses["at_loss"] = kd_losses.attention_transfer_loss(
                 [student[s] for s, _ in self.at_pairs], [teacher[t] for _, t in self.at_pairs])
+        if self.vid_pairs:
+            losses["vid_loss"] = sum(head(student[s], teacher[t]) for head, (s, t) in zip(self.vid_heads, self.vid_pairs))
         losses.update(self._relation_losses(student, teacher, torch.cat(targets)))
         return losses
 
@@ -182,15 +212,20 @@ class KDStudent(SemiSupervisedModule):
         if weights["cskd"]:
             intra, inter = kd_losses.category_structure_loss(s, t, targets)
             losses["cskd_loss"] = intra + inter
+        if weights["pkt"]:
+            losses["pkt_loss"] = pkt_loss(s, t)
         return losses
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         hp = self.hparams
-        loss = hp.ce_weight * losses["labeled_loss"] + hp.kd_weight * losses["kd_loss"]
+        warmup = linear_rampup(self.global_step + 1, hp.kd_warmup_steps)  # mdistiller's epoch 1 is already 1/20
+        loss = hp.ce_weight * losses["labeled_loss"] + hp.kd_weight * warmup * losses["kd_loss"]
         if "hint_loss" in losses:
             loss = loss + hp.hint_weight * losses["hint_loss"]
         if "at_loss" in losses:
             loss = loss + hp.at_weight * losses["at_loss"]
+        if "vid_loss" in losses:
+            loss = loss + hp.vid_weight * losses["vid_loss"]
         for term in RELATION_TERMS:
             if f"{term}_loss" in losses:
                 loss = loss + self.relation_weights[term] * losses[f"{term}_loss"]
