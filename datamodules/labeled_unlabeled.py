@@ -47,6 +47,12 @@ def requested_views(datamodule: LightningDataModule, default: tuple[str, ...]) -
     return check_view_names(getattr(model, "unlabeled_views", default))
 
 
+def requested_labeled_views(datamodule: LightningDataModule) -> tuple[str, ...]:
+    """The labeled views besides ``image`` that the trainer's LightningModule names (``labeled_views``)."""
+    model = datamodule.trainer.lightning_module if datamodule.trainer is not None else None
+    return check_view_names(getattr(model, "labeled_views", ()))
+
+
 def check_positive(**values: int) -> None:
     """A ValueError naming the first of ``values`` below 1."""
     for name, value in values.items():

@@ -4,7 +4,7 @@ A LightningModule lists the unlabeled views it needs in ``unlabeled_views`` (``(
 FixMatch, none for ``Supervised``); a DataModule's own ``unlabeled_views`` overrides it. View names and
 the batch they end up in are the contract of :mod:`lightning_modules.core.batch`. For the
 classification DataModules, :class:`AugmentedViews` turns a uint8 batch into those views on its device:
-the labeled images get the weak view, the unlabeled ones each view asked for (any name starting with
+the labeled images get the weak view (plus each view the module names in ``labeled_views``), the unlabeled ones each view asked for (any name starting with
 ``weak`` or ``strong`` is an independent draw of that augmentation, ``plain`` none), then all are
 normalized to float.
 """
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from datamodules.classification.augment import normalize, strong_augment, weak_augment
+from datamodules.labeled_unlabeled import requested_labeled_views
 from datamodules.labeled_unlabeled import requested_views  # noqa: F401  (defined here until the base took it)
 from lightning_modules.core.batch import check_view_names
 
@@ -44,7 +45,8 @@ class AugmentedViews:
         return normalize(images, self.mean, self.std)
 
     def labeled_on_device(self, part: dict[str, Any]) -> dict[str, Any]:
-        return dict(part, image=self.to_float(self.weak(part["image"])))
+        views = {name: self.to_float(self.view(name, part["image"])) for name in requested_labeled_views(self)}
+        return dict(part, image=self.to_float(self.weak(part["image"])), **views)
 
     def unlabeled_on_device(self, part: dict[str, Any]) -> dict[str, Any]:
         out = {"index": part["index"], "target": part["target"]}

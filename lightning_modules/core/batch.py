@@ -32,7 +32,8 @@ Views. A method lists the unlabeled views it needs in its class attribute ``unla
 (``("weak", "strong")`` for FixMatch, none for ``Supervised``); a DataModule's ``unlabeled_views``
 argument overrides it. A name starts with ``weak`` (the weak augmentation), ``strong`` (the strong one)
 or ``plain`` (none); each name is an independent draw, so ``("weak", "weak2")`` gives two weak views.
-Classification's labeled images get the weak view; segmentation and detection share one geometric draw
+Classification's labeled images get the weak view, and each view the method names in ``labeled_views`` as an
+entry of its own (DeFixMatch's ``("strong",)``; other tasks' DataModules make none); segmentation and detection share one geometric draw
 across the views of an image (``strong*`` adds photometric changes), so pixels and boxes stay aligned.
 """
 
@@ -119,14 +120,21 @@ def training_images(batch: Mapping[str, Any]) -> list[Any]:
 
 
 # --- the checker ----------------------------------------------------------------------------
-def check_training_batch(batch: Any, task: str, views: Iterable[str] = ()) -> None:
+def check_training_batch(batch: Any, task: str, views: Iterable[str] = (), labeled_views: Iterable[str] = ()) -> None:
     """Raise :class:`BatchContractError` naming the first entry of ``batch`` that breaks the contract of
-    ``task``; ``views`` are those the method asks for (the unlabeled part, when present, must hold them)."""
+    ``task``; ``views`` are the unlabeled views the method asks for (the unlabeled part, when present, must
+    hold them), ``labeled_views`` the labeled ones besides ``image``."""
     _check_task(task)
     if not isinstance(batch, Mapping) or "labeled" not in batch:
         raise BatchContractError(f"a training batch is a dict {{'labeled': ..., 'unlabeled': ...}} (a CombinedLoader "
                                  f"of two streams), got {_describe(batch)}")
-    _check_part(batch["labeled"], "batch['labeled']", task, ("image",))
+    labeled_views = check_view_names(labeled_views)
+    if isinstance(batch["labeled"], Mapping):
+        missing = [view for view in labeled_views if view not in batch["labeled"]]
+        if missing:
+            raise BatchContractError(f"batch['labeled'] lacks the view(s) {missing} the method asks for in its "
+                                     f"labeled_views: a classification DataModule makes them (AugmentedViews)")
+    _check_part(batch["labeled"], "batch['labeled']", task, ("image", *labeled_views))
     if batch.get("unlabeled") is not None:
         part = batch["unlabeled"]
         present = [key for key in part if isinstance(key, str) and is_view(key)] if isinstance(part, Mapping) else []

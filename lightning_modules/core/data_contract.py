@@ -94,6 +94,8 @@ class ModelDataContract:
     task: Task
     #: unlabeled views the DataModule must produce for this method
     unlabeled_views: tuple[str, ...] = ()
+    #: labeled views besides ``image`` (the weak view), e.g. ``("strong",)`` for DeFixMatch
+    labeled_views: tuple[str, ...] = ()
     #: the DataModule's facts, received in ``setup`` (None before, or without a DataModule that has them)
     data_facts: DataFacts | None = None
 
@@ -102,4 +104,4 @@ class ModelDataContract:
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if batch_idx == 0:  # shapes and keys only: no device synchronization
-            check_training_batch(batch, self.task.name, self.unlabeled_views)
+            check_training_batch(batch, self.task.name, self.unlabeled_views, self.labeled_views)

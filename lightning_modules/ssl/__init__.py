@@ -5,6 +5,7 @@
 
 from lightning_modules.ssl.adamatch import AdaMatch
 from lightning_modules.ssl.dash import Dash
+from lightning_modules.ssl.defixmatch import DeFixMatch
 from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.ssl.flexmatch import FlexMatch
 from lightning_modules.ssl.freematch import FreeMatch
@@ -12,6 +13,7 @@ from lightning_modules.ssl.mean_teacher import MeanTeacher
 from lightning_modules.ssl.mixmatch import MixMatch
 from lightning_modules.ssl.pi_model import PiModel
 from lightning_modules.ssl.pseudo_label import PseudoLabel
+from lightning_modules.ssl.refixmatch import ReFixMatch
 from lightning_modules.ssl.remixmatch import ReMixMatch
 from lightning_modules.ssl.softmatch import SoftMatch
 from lightning_modules.ssl.temporal_ensembling import TemporalEnsembling
@@ -19,4 +21,5 @@ from lightning_modules.ssl.uda import UDA
 from lightning_modules.ssl.vat import VAT
 
 __all__ = ["PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch", "UDA", "ReMixMatch",
-           "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash"]
+           "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
+           "DeFixMatch", "ReFixMatch"]

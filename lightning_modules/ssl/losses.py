@@ -66,3 +66,16 @@ def mixup(inputs: torch.Tensor, targets: torch.Tensor, alpha: float,
     mixed_inputs = lam * inputs + (1 - lam) * inputs[perm]
     mixed_targets = lam * targets + (1 - lam) * targets[perm]
     return mixed_inputs, mixed_targets, lam
+
+
+def masked_tempered_kl(logits: torch.Tensor, target_scores: torch.Tensor, weight: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """``mean_i w_i KL(softmax(s_i / T) || softmax(logits_i / T))`` over dimension 1, no ``T^2`` factor.
+
+    ``target_scores`` are detached and tempered like logits (ReFixMatch passes the weak view's probabilities,
+    as USB does); averaged over all samples, weight-0 ones counting as 0, as :func:`masked_cross_entropy`.
+    """
+    targets = torch.softmax(target_scores.detach().float() / temperature, dim=1)
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=1)
+    kl = F.kl_div(log_probs, targets, reduction="none").sum(dim=1)
+    return (kl * weight).mean()
