@@ -137,6 +137,19 @@ def test_refixmatch_matches_reference_over_fixed_logits():
         torch.testing.assert_close(out["mask_ratio"], mask.mean())
 
 
+def test_refixmatch_sharpened_target_matches_reference_with_weak_logits():
+    """``kl_target="sharpened"``: USB's same KL (``consistency.py`` lines 30-32) given the weak *logits* as
+    ``targets``, i.e. ``softmax(weak / 0.5)``, the weak prediction sharpened with T = 0.5."""
+    g = torch.Generator().manual_seed(1)
+    model = ReFixMatch(num_classes=5, threshold=0.6, kl_target="sharpened", in_channels=1, network="wrn10_1")
+    weak, strong = torch.randn(32, 5, generator=g) * 3, torch.randn(32, 5, generator=g) * 3
+    out = model.unlabeled_loss({"weak": weak, "strong": strong}, {"target": weak.argmax(-1)})
+    mask = _fixed_threshold_mask(torch.softmax(weak, dim=-1), 0.6)
+    torch.testing.assert_close(out["low_confidence_loss"], _usb_kl_consistency(strong, weak, mask))
+    torch.testing.assert_close(out["unlabeled_loss"],
+                               (_ce(strong, weak.argmax(-1)) * mask).mean() + _usb_kl_consistency(strong, weak, mask))
+
+
 def test_refixmatch_matches_reference_train_step_on_digits():
     """The whole step through a real ``wrn10_1``: USB ``refixmatch.py`` lines 54-57 (one forward over labeled,
     weak and strong images), 73 (labeled CE) and 103 (``sup + lambda_u * unsup + lambda_u * unsup_refix``);
@@ -177,6 +190,7 @@ def test_refixmatch_trains_a_few_steps(tmp_path):
     (lambda: DeFixMatch(rdrop_weight=1.0, **SMALL_NET), "R-Drop"),
     (lambda: ReFixMatch(threshold=-0.1, **SMALL_NET), "threshold must lie in"),
     (lambda: ReFixMatch(kl_temperature=0.0, **SMALL_NET), "kl_temperature must be positive"),
+    (lambda: ReFixMatch(kl_target="logits", **SMALL_NET), "kl_target must be 'usb'"),
 ])
 def test_bad_arguments_are_refused_with_the_fix(make, message):
     with pytest.raises(ValueError, match=message):
