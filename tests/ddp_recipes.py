@@ -31,11 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import DigitsSSL, SegmentationFolders  # noqa: E402
 from lightning_modules import (AdaMatch, Dash, FixMatch, FlexMatch, FreeMatch, KDStudent, MeanTeacher,  # noqa: E402
-                               MutualLearning, Segmenter, SoftMatch, TemporalEnsembling)
+                               MutualLearning, Segmenter, SoftMatch, Supervised, TemporalEnsembling)
 from lightning_modules.classification.networks import available_networks, register_network  # noqa: E402
 
 METHODS = ("FixMatch", "MeanTeacher", "TemporalEnsembling", "FlexMatch", "KDStudent", "Segmenter",
-           "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN", "FreeMatch", "SoftMatch", "AdaMatch", "Dash")
+           "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
+           "DropMaxDropout")
 STEPS = 4
 RANK_BATCH = 2  # labeled images per rank and step; one process gets 2 * RANK_BATCH
 SEED = 100  # rank r seeds SEED + r
@@ -92,6 +93,10 @@ def build(method: str, batch_size: int, teacher: Path, membrane: Path) -> tuple[
         "AdaMatch": lambda: AdaMatch(ema_momentum=0.5, **net),
         # rho^ from every rank's labeled losses of the warm-up (gathered in the commit), then the threshold
         "Dash": lambda: Dash(supervised_warmup_steps=2, rho_window=2, rho_update_steps=1, gamma=4.0, **net),
+        # DropMax's retain head (a criterion's parameters) all-reduced with the network; each rank draws its own
+        # masks, DropBlock ramps from global_step on both: compared across ranks only
+        "DropMaxDropout": lambda: Supervised(criterion="dropmax", **(net | dict(network="wrn10_1", network_kwargs=dict(
+            stochastic_depth=0.5, drop_block=0.2, drop_connect=0.3, spatial_dropout=0.1)))),
     }
     return models[method](), TinyDigits(batch_size=batch_size)
 
@@ -118,7 +123,9 @@ def fit(method: str, devices: int, batch_size: int, teacher: Path, membrane: Pat
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[recorder])
     trainer.fit(model, datamodule=data)
     state = {"net": model.net.state_dict(), "ema": model.ema.module.state_dict(), "indices": recorder.indices,
-             "losses": recorder.losses, "rank": trainer.global_rank, "criterion": model.criterion.state_dict()}
+             "losses": recorder.losses, "rank": trainer.global_rank}
+    if hasattr(model, "criterion"):  # a classification task's; Segmenter has none since issue 16
+        state["criterion"] = model.criterion.state_dict()
     if isinstance(model, MutualLearning):
         state["peers"] = model.peers.state_dict()
     if isinstance(model, TemporalEnsembling):

@@ -190,6 +190,16 @@ def test_online_label_smoothing_resumes_exactly_across_epoch_ends(tmp_path):
     assert not torch.equal(full["state_dict"]["criterion.soft_labels"], initial)  # epochs 0 and 1 swapped them
 
 
+def test_dropmax_and_the_dropout_family_resume_exactly_mid_epoch(tmp_path):
+    # random masks of every kind (global RNG) and DropBlock's ramp (from global_step) after a resume
+    family = {"bn_momentum": 0.1, "spatial_dropout": 0.1, "stochastic_depth": 0.5, "drop_block": 0.2,
+              "drop_connect": 0.3}
+    make = lambda: Supervised(criterion="dropmax", **{**NET, "network_kwargs": family})  # noqa: E731
+    full = assert_resume_is_exact(make, digits(), tmp_path, stop=2, checkpoint=dict(every_n_train_steps=2),
+                                  max_epochs=2)
+    assert full["state_dict"]["criterion.retain_head.weight"].abs().sum() > 0  # the head trained (zero at start)
+
+
 # --- distillation ---------------------------------------------------------------------------
 def test_kd_student_resumes_exactly_mid_epoch(tmp_path):
     L.seed_everything(0, verbose=False)

@@ -2,8 +2,9 @@
 
 Every criterion is an ``nn.Module`` with ``forward(logits (N, C), targets) -> scalar``, takes
 ``num_classes`` first, and says by its ``multilabel`` attribute whether it expects multi-hot targets.
-Some hold state: ``OnlineLabelSmoothing`` needs ``epoch_end()`` each epoch, and ``KnowledgeRefinery``
-has parameters the caller must add to the optimizer.
+Some hold state: ``OnlineLabelSmoothing`` needs ``epoch_end()`` each epoch, and ``KnowledgeRefinery`` and
+``DropMax`` have parameters the caller must add to the optimizer. A criterion with ``class_scores(logits)``
+(``DropMax``) changes what evaluation and prediction score: the task calls it on the network's logits.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import inspect
 
 from torch import nn
 
+from lightning_modules.classification.dropmax import DropMax
 from lightning_modules.classification.imbalance_losses import (FocalLoss, MultiLabelBCE, SigmoidF1, TopKLoss,
                                                                WeightedCrossEntropy)
 from lightning_modules.classification.label_regularization import (
@@ -31,6 +33,7 @@ CRITERIA: dict[str, type[nn.Module]] = {
     "disturb_label": DisturbLabel,
     "tfkd_reg": TfKDRegularization,
     "knowledge_refinery": KnowledgeRefinery,
+    "dropmax": DropMax,
     "focal": FocalLoss,
     "ohem": TopKLoss,
     "weighted_ce": WeightedCrossEntropy,
@@ -57,6 +60,6 @@ def build_criterion(name: str, num_classes: int, **kwargs) -> nn.Module:
 
 __all__ = [
     "CRITERIA", "build_criterion", "symmetric_kl", "CrossEntropy", "LabelSmoothing", "OnlineLabelSmoothing",
-    "DisturbLabel", "TfKDRegularization", "KnowledgeRefinery", "FocalLoss", "TopKLoss", "WeightedCrossEntropy",
+    "DisturbLabel", "TfKDRegularization", "KnowledgeRefinery", "DropMax", "FocalLoss", "TopKLoss", "WeightedCrossEntropy",
     "MultiLabelBCE", "SigmoidF1",
 ]

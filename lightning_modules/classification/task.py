@@ -84,8 +84,13 @@ class ClassificationTask(Task):
         scores = ("macro_f1", "micro_f1") if self.multilabel else ("acc",)
         return tuple(f"{stage}/{name}" for name in ("loss", *scores))
 
+    def class_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """What evaluation and prediction score: the logits, or a criterion's test-time scores (DropMax)."""
+        scores = getattr(self.criterion, "class_scores", None)
+        return logits if scores is None else scores(logits)
+
     def evaluate(self, module: Any, batch: dict[str, torch.Tensor], stage: str) -> None:
-        logits, targets, metric = module.eval_net(batch["image"]), batch["target"], self.metrics[stage]
+        logits, targets, metric = self.class_scores(module.eval_net(batch["image"])), batch["target"], self.metrics[stage]
         size = len(logits)
         if not self.multilabel:
             metric.update(logits.argmax(dim=1), targets)
@@ -102,7 +107,7 @@ class ClassificationTask(Task):
         module.log(f"{stage}/micro_f1", micro_f1, on_epoch=True, batch_size=size)
 
     def predict(self, module: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logits = module.eval_net(batch["image"]).float()
+        logits = self.class_scores(module.eval_net(batch["image"])).float()
         if self.multilabel:
             probs = torch.sigmoid(logits)
             return {"index": batch["index"], "probs": probs, "prediction": (probs > 0.5).long()}

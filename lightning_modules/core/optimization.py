@@ -52,6 +52,14 @@ def linear_rampup(step: int, length: int) -> float:
 RAMPUPS = {"sigmoid": sigmoid_rampup, "linear": linear_rampup}
 
 
+def set_training_progress(module: nn.Module, fraction: float) -> None:
+    """Tell every submodule with a ``training_progress`` attribute (a scheduled regularizer: DropBlock's
+    linear keep-rate ramp) the fraction of training done, ``global_step / total steps`` in [0, 1]."""
+    for submodule in module.modules():
+        if hasattr(submodule, "training_progress"):
+            submodule.training_progress = fraction
+
+
 class OptimizerRecipe:
     """A LightningModule's ``configure_optimizers`` in three overridable steps: SGD with Nesterov momentum
     over :func:`decay_groups` of ``self.trainable_modules()``, warmed up, then the 7/16-cosine per step.

@@ -23,7 +23,7 @@ from lightning_modules.core.data_contract import ModelDataContract
 from lightning_modules.core.distributed import average_batchnorm_statistics, check_full_parameters
 from lightning_modules.core.ema import EMAModel
 from lightning_modules.core.fast_path import FastForward, FastPath
-from lightning_modules.core.optimization import RAMPUPS, OptimizerRecipe
+from lightning_modules.core.optimization import RAMPUPS, OptimizerRecipe, set_training_progress
 from lightning_modules.core.progress_values import HostValues
 from lightning_modules.core.step_state import StepState
 from lightning_modules.core.task import Task
@@ -177,6 +177,12 @@ class TrainingModule(ModelDataContract, OptimizerRecipe, FastForward, LightningM
         self.log_dict(self.progress_values(shown), prog_bar=True, logger=False, on_step=True, on_epoch=False,
                       batch_size=batch_size)
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        # From the step count, so a resumed run, FGM's extra passes and every DDP rank see the same value.
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        set_training_progress(self.net, min(1.0, self.global_step / total))
 
     def labeled_batch_size(self, batch: dict[str, dict[str, Any]]) -> int:
         """Labeled samples in a training batch (for logging)."""

@@ -4,6 +4,11 @@ Differences from the original WRN that those codebases share: LeakyReLU(0.1) ins
 BatchNorm momentum 0.001 (TensorFlow's decay 0.999 in PyTorch's convention), and the first block
 of the first group activates its input before the residual split.
 
+Regularizers (``network_kwargs``; :mod:`.regularization` says what each is and cites its paper): ``dropout``,
+``spatial_dropout`` (between a block's convolutions), ``stochastic_depth`` (the last block's drop rate of its
+residual branch, decaying linearly to the first), ``drop_block`` with ``drop_block_size`` (after each block of the
+last two groups, ramped linearly over training), ``drop_connect`` (the classifier's weights). All default to 0.
+
 Usage::
 
     >>> import torch
@@ -19,12 +24,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+import torchvision.ops
+
+from .regularization import DropConnectLinear, ScheduledDropBlock, check_rate, depth_drop_rates, spatial_dropout
 
 __all__ = ["WideResNet"]
 
 
 class _PreActBlock(nn.Module):
-    """BN-LReLU-conv3x3-BN-LReLU-(dropout)-conv3x3, plus an identity or 1x1-conv shortcut."""
+    """BN-LReLU-conv3x3-BN-LReLU-(dropout, spatial dropout)-conv3x3, the branch (stochastic depth) plus an
+    identity or 1x1-conv shortcut, then (DropBlock)."""
 
     def __init__(
         self,
@@ -35,6 +44,9 @@ class _PreActBlock(nn.Module):
         bn_momentum: float,
         leaky_slope: float,
         activate_before_residual: bool = False,
+        spatial_dropout: float = 0.0,
+        depth_drop: float = 0.0,
+        drop_block: ScheduledDropBlock | None = None,
     ) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_ch, momentum=bn_momentum)
@@ -45,7 +57,8 @@ class _PreActBlock(nn.Module):
         needs_proj = in_ch != out_ch or stride != 1
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False) if needs_proj else None
         self.act = nn.LeakyReLU(leaky_slope, inplace=True)
-        self.dropout = dropout
+        self.dropout, self.spatial_dropout, self.depth_drop = dropout, spatial_dropout, depth_drop
+        self.drop_block = drop_block
         self.activate_before_residual = activate_before_residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,8 +72,11 @@ class _PreActBlock(nn.Module):
         out = self.act(self.bn2(self.conv1(pre)))
         if self.dropout > 0:
             out = F.dropout(out, p=self.dropout, training=self.training)
-        out = self.conv2(out)
-        return out + (residual if self.shortcut is None else self.shortcut(residual))
+        out = self.conv2(spatial_dropout(out, self.spatial_dropout, self.training))
+        if self.depth_drop > 0:
+            out = torchvision.ops.stochastic_depth(out, self.depth_drop, "row", self.training)
+        out = out + (residual if self.shortcut is None else self.shortcut(residual))
+        return out if self.drop_block is None else self.drop_block(out)
 
 
 class WideResNet(nn.Module):
@@ -79,6 +95,11 @@ class WideResNet(nn.Module):
         dropout: float = 0.0,
         bn_momentum: float = 0.001,
         leaky_slope: float = 0.1,
+        spatial_dropout: float = 0.0,
+        stochastic_depth: float = 0.0,
+        drop_block: float = 0.0,
+        drop_block_size: int = 3,
+        drop_connect: float = 0.0,
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
@@ -87,9 +108,14 @@ class WideResNet(nn.Module):
             )
         if widen_factor < 1:
             raise ValueError(f"WideResNet widen_factor must be >= 1, got {widen_factor}")
+        for name, rate in (("dropout", dropout), ("spatial_dropout", spatial_dropout),
+                           ("stochastic_depth", stochastic_depth), ("drop_connect", drop_connect)):
+            check_rate(name, rate)
         blocks_per_group = (depth - 4) // 6
+        depth_drops = iter(depth_drop_rates(stochastic_depth, 3 * blocks_per_group))
         widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        block_args = dict(dropout=dropout, bn_momentum=bn_momentum, leaky_slope=leaky_slope)
+        block_args = dict(dropout=dropout, spatial_dropout=spatial_dropout, bn_momentum=bn_momentum,
+                          leaky_slope=leaky_slope)
 
         self.stem = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         groups, in_ch = [], 16
@@ -103,6 +129,9 @@ class WideResNet(nn.Module):
                         width,
                         stride if first else 1,
                         activate_before_residual=(g == 0 and first),
+                        depth_drop=next(depth_drops),
+                        # parameter-free, so a block's checkpoint keys do not depend on it
+                        drop_block=ScheduledDropBlock(drop_block, drop_block_size) if drop_block > 0 and g > 0 else None,
                         **block_args,
                     )
                 )
@@ -113,7 +142,7 @@ class WideResNet(nn.Module):
         self.bn = nn.BatchNorm2d(in_ch, momentum=bn_momentum)
         self.act = nn.LeakyReLU(leaky_slope, inplace=True)
         self.num_features = in_ch
-        self.fc = nn.Linear(in_ch, num_classes)
+        self.fc = DropConnectLinear(in_ch, num_classes, drop_connect) if drop_connect > 0 else nn.Linear(in_ch, num_classes)
         self._init_weights(leaky_slope)
 
     def _init_weights(self, leaky_slope: float) -> None:
