@@ -181,8 +181,8 @@ class TrainingModule(ModelDataContract, OptimizerRecipe, FastForward, LightningM
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         # From the step count, so a resumed run, FGM's extra passes and every DDP rank see the same value.
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        set_training_progress(self.net, min(1.0, self.global_step / total))
+        total = self.trainer.estimated_stepping_batches  # inf for an unbounded run: no schedule, progress 0
+        set_training_progress(self.net, min(1.0, self.global_step / max(1.0, float(total))))
 
     def labeled_batch_size(self, batch: dict[str, dict[str, Any]]) -> int:
         """Labeled samples in a training batch (for logging)."""
