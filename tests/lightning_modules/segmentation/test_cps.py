@@ -11,12 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
 from datamodules import SegmentationFolders
 from lightning_modules import CPS
-from lightning_modules.segmentation.cps import cross_pseudo_supervision_loss
+from lightning_modules.segmentation.cps import box_masks, cross_pseudo_supervision_loss
 from tests.ssl_helpers import make_trainer
 from train import cli_main
 
@@ -116,9 +117,10 @@ class RecordGradients(L.Callback):
         self.norms.append((float(norm(pl_module.net)), float(norm(pl_module.second_net))))
 
 
-def test_cps_trains_both_differently_initialized_networks(membrane, one_thread):
+@pytest.mark.parametrize("cutmix", [False, True])
+def test_cps_trains_both_differently_initialized_networks(membrane, cutmix, one_thread):
     torch.manual_seed(0)
-    model = CPS(**SMALL)
+    model = CPS(cutmix=cutmix, **SMALL)
     first, second = (torch.nn.utils.parameters_to_vector(n.parameters()).detach().clone()
                      for n in (model.net, model.second_net))
     assert not torch.equal(first, second)  # two initializations
@@ -153,3 +155,77 @@ def test_cps_fits_tests_and_predicts_from_the_cli(membrane, tmp_path, one_thread
     cli = cli_main(["predict", *quick, "--ckpt_path", str(ckpt)])
     predictions = cli.trainer.predict_loop.predictions
     assert predictions and all(p["probs"].shape[1:] == (2, 512, 512) for p in predictions)
+
+
+# --- CPS + CutMix: TorchSemiSeg exp.voc/voc8.res50v3+.CPS+CutMix (commit 5e0c29c) ---------------------------
+class Draws:
+    """A stand-in for the numpy RandomState the authors' mask generator takes: ``uniform`` returns our draws."""
+
+    def __init__(self, *uniforms: np.ndarray) -> None:
+        self.uniforms = list(uniforms)
+
+    def uniform(self, low=0.0, high=1.0, size=None) -> np.ndarray:
+        u = self.uniforms.pop(0)
+        assert u.shape == tuple(size)
+        return low + (high - low) * u
+
+
+def authors_box_masks(draws: torch.Tensor, prop_range=(0.25, 0.5), mask_shape=(64, 64)) -> torch.Tensor:
+    """mask_gen.py ``BoxMaskGenerator.generate_params`` lines 49-92 with the CPS+CutMix settings (config.py lines
+    75-80: n_boxes 3, random aspect ratio, proportion by area, within bounds, inverted), fed ``draws``."""
+    d = draws.numpy()
+    rng = Draws(d[..., 0], d[..., 1], d[..., 2:])
+    n_masks, n_boxes = d.shape[:2]
+    mask_props = rng.uniform(prop_range[0], prop_range[1], size=(n_masks, n_boxes))
+    y_props = np.exp(rng.uniform(low=0.0, high=1.0, size=(n_masks, n_boxes)) * np.log(mask_props))
+    x_props = mask_props / y_props
+    fac = np.sqrt(1.0 / n_boxes)
+    y_props *= fac
+    x_props *= fac
+    sizes = np.round(np.stack([y_props, x_props], axis=2) * np.array(mask_shape)[None, None, :])
+    positions = np.round((np.array(mask_shape) - sizes) * rng.uniform(low=0.0, high=1.0, size=sizes.shape))
+    rectangles = np.append(positions, positions + sizes, axis=2)
+    masks = np.zeros((n_masks, 1) + mask_shape)
+    for i, sample_rectangles in enumerate(rectangles):
+        for y0, x0, y1, x1 in sample_rectangles:
+            masks[i, 0, int(y0):int(y1), int(x0):int(x1)] = 1 - masks[i, 0, int(y0):int(y1), int(x0):int(x1)]
+    return torch.from_numpy(masks).float()
+
+
+def test_cps_box_masks_match_reference():
+    torch.manual_seed(0)
+    draws = torch.rand(64, 3, 4, dtype=torch.float64)
+    masks = box_masks(draws, (0.25, 0.5), (64, 64))
+    torch.testing.assert_close(masks, authors_box_masks(draws), rtol=0, atol=0)
+    assert 0.05 < float(masks.mean()) < 0.5  # boxes of 25-50 % of the area in all, overlaps cancelling
+
+
+def test_cps_cutmix_matches_reference_training_loss(membrane):
+    """train.py lines 206-250: pseudo-labels from the unmixed images' predictions mixed by the mask, CPS on the
+    mixed images only, ``loss_sup + loss_sup_r + cps_weight * cps_loss``; the partner image is the batch rolled."""
+    torch.manual_seed(0)
+    model = CPS(loss_terms={"ce": 1.0}, cutmix=True, **SMALL)
+    batch = one_batch(model, membrane)
+    imgs, gts, unsup_imgs_0 = batch["labeled"]["image"], batch["labeled"]["target"], batch["unlabeled"]["weak"]
+    model.train()
+    torch.manual_seed(7)
+    losses = model.compute_losses(batch)
+    torch.manual_seed(7)
+    batch_mix_masks = authors_box_masks(torch.rand(len(unsup_imgs_0), 3, 4, dtype=torch.float64))
+    unsup_imgs_1 = unsup_imgs_0.roll(1, dims=0)
+    with torch.no_grad():
+        unsup_imgs_mixed = unsup_imgs_0 * (1 - batch_mix_masks) + unsup_imgs_1 * batch_mix_masks
+        pseudo = []
+        for net in (model.net, model.second_net):
+            logits_u0, logits_u1 = net(unsup_imgs_0), net(unsup_imgs_1)
+            _, ps_label = torch.max(logits_u0 * (1 - batch_mix_masks) + logits_u1 * batch_mix_masks, dim=1)
+            pseudo.append(ps_label)
+        student_1 = model.net(torch.cat([imgs, unsup_imgs_mixed]))
+        student_2 = model.second_net(torch.cat([imgs, unsup_imgs_mixed]))
+        n = len(gts)
+        cps_loss = (mean_cross_entropy(student_1[n:], pseudo[1]) + mean_cross_entropy(student_2[n:], pseudo[0])) * 1.5
+        expected = mean_cross_entropy(student_1[:n], gts) + mean_cross_entropy(student_2[:n], gts) + cps_loss
+    assert 0 < float(batch_mix_masks.mean()) < 1
+    torch.testing.assert_close(model.total_loss(losses).detach(), expected)
+    agreement = (pseudo[0] == pseudo[1]).float().mean()
+    torch.testing.assert_close(losses["pseudo_label_agreement"], agreement)
