@@ -40,6 +40,7 @@ ROWS = {
     "segfixmatch_6_labels": (SegFixMatch, "Unet", 6, {"threshold": 0.9}),
     "segmeanteacher_6_labels": (SegMeanTeacher, "Unet", 6, {}),
     "cps_6_labels": (CPS, "Unet", 6, {}),  # parameters: the first network, the one evaluated (CPS trains two)
+    "cps_cutmix_6_labels": (CPS, "Unet", 6, {"cutmix": True}),
 }
 
 

@@ -68,9 +68,9 @@ class CPS(Segmenter):
     network (its EMA when ``ema_decay`` is set), as the authors' model does outside training
     (``network.py`` lines 18-21); the two are trained symmetrically, so neither is the better one by design.
 
-    Paper recipe (PASCAL VOC, DeepLabv3+ ResNet-50/101): lambda = 1.5 (``config.py`` line 74), SGD lr 0.005
-    (momentum 0.9, weight decay 1e-4) with poly decay, batch 8 labeled + 8 unlabeled, no EMA (``ema_decay:
-    None``, the default here).
+    Authors' VOC recipe (DeepLabv3+ ResNet-50, ``exp.voc/voc8.res50v3+.CPS/config.py``): lambda = 1.5 (line 74),
+    SGD lr 0.005, momentum 0.9, weight decay 1e-4, poly decay with power 0.9 (lines 91-100), batch 16 labeled +
+    16 unlabeled (line 96), 34 epochs, no EMA (``ema_decay: None``, the default here).
 
     CPS + CutMix (``cutmix=True``): the cross supervision moves to unlabeled images with boxes of another image
     pasted in (:func:`box_masks`, 3 boxes of 25-50 % of the area in all); each network's pseudo-label is the
