@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from benchmarks.report import report_header, timed_fit, write_report  # noqa: E402
 
 from datamodules import SegmentationFolders  # noqa: E402
-from lightning_modules import SegFixMatch, SegMeanTeacher, Segmenter  # noqa: E402
+from lightning_modules import CPS, SegFixMatch, SegMeanTeacher, Segmenter  # noqa: E402
 
 # row -> (module, network, labeled slices (None = all 25), extra module arguments)
 ROWS = {
@@ -39,6 +39,8 @@ ROWS = {
     "unet_6_labels": (Segmenter, "Unet", 6, {}),
     "segfixmatch_6_labels": (SegFixMatch, "Unet", 6, {"threshold": 0.9}),
     "segmeanteacher_6_labels": (SegMeanTeacher, "Unet", 6, {}),
+    "cps_6_labels": (CPS, "Unet", 6, {}),  # parameters: the first network, the one evaluated (CPS trains two)
+    "cps_cutmix_6_labels": (CPS, "Unet", 6, {"cutmix": True}),
 }
 
 

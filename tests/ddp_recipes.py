@@ -30,13 +30,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import DigitsSSL, SegmentationFolders  # noqa: E402
-from lightning_modules import (AdaMatch, Dash, FixMatch, FlexMatch, FreeMatch, KDStudent, MeanTeacher,  # noqa: E402
+from lightning_modules import (CPS, AdaMatch, Dash, FixMatch, FlexMatch, FreeMatch, KDStudent, MeanTeacher,  # noqa: E402
                                MutualLearning, Segmenter, SoftMatch, Supervised, TemporalEnsembling)
 from lightning_modules.classification.networks import available_networks, register_network  # noqa: E402
 
 METHODS = ("FixMatch", "MeanTeacher", "TemporalEnsembling", "FlexMatch", "KDStudent", "Segmenter",
            "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DropMaxDropout")
+           "DropMaxDropout", "CPS")
 STEPS = 4
 RANK_BATCH = 2  # labeled images per rank and step; one process gets 2 * RANK_BATCH
 SEED = 100  # rank r seeds SEED + r
@@ -67,11 +67,12 @@ def build(method: str, batch_size: int, teacher: Path, membrane: Path) -> tuple[
     """The model and data of one recipe; ``batch_size`` is per process."""
     opt = dict(lr=0.1, ema_decay=0.7, weight_decay=5e-4)
     net = dict(num_classes=10, in_channels=1, network="tiny_cnn", **opt)
-    if method == "Segmenter":
+    if method in ("Segmenter", "CPS"):
         # lr 0.02: float32 rounding of the 14M-parameter gradients stays well under the 1e-5 tolerance
-        model = Segmenter(network="Unet", loss_terms={"ce": 1.0}, log_images=0, num_classes=2, in_channels=1,
-                          network_kwargs=dict(encoder_name="vgg11", decoder_use_norm=False,
-                                              decoder_channels=[16, 8, 8, 8, 8]), **(opt | dict(lr=0.02)))
+        module = Segmenter if method == "Segmenter" else CPS  # CPS: two such networks, cross-supervised
+        model = module(network="Unet", loss_terms={"ce": 1.0}, log_images=0, num_classes=2, in_channels=1,
+                       network_kwargs=dict(encoder_name="vgg11", decoder_use_norm=False,
+                                           decoder_channels=[16, 8, 8, 8, 8]), **(opt | dict(lr=0.02)))
         data = SegmentationFolders(root=str(membrane), num_labeled=8, num_test=2, crop_size=None, flips=False,
                                    rot90=False, batch_size=batch_size, steps_per_epoch=STEPS, decode_threads=1)
         return model, data
@@ -126,6 +127,8 @@ def fit(method: str, devices: int, batch_size: int, teacher: Path, membrane: Pat
              "losses": recorder.losses, "rank": trainer.global_rank}
     if hasattr(model, "criterion"):  # a classification task's; Segmenter has none since issue 16
         state["criterion"] = model.criterion.state_dict()
+    if isinstance(model, CPS):
+        state["second_net"] = model.second_net.state_dict()
     if isinstance(model, MutualLearning):
         state["peers"] = model.peers.state_dict()
     if isinstance(model, TemporalEnsembling):

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from datamodules import COCODetection, DigitsSSL, SegmentationFolders
-from lightning_modules import (AdaMatch, Dash, Detector, FixMatch, FlexMatch, KDStudent, SegFixMatch, Supervised,
+from lightning_modules import (CPS, AdaMatch, Dash, Detector, FixMatch, FlexMatch, KDStudent, SegFixMatch, Supervised,
                                TemporalEnsembling)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`", "ignore:Checkpoint directory")
@@ -222,6 +222,19 @@ def test_semi_supervised_segmenter_resumes_exactly(shared_data, tmp_path, one_th
     assert_resume_is_exact(make, make_data, tmp_path, stop=1, max_epochs=1,
                            checkpoint=dict(every_n_train_steps=1, save_last="link"))
 
+
+
+@pytest.mark.parametrize("cutmix", [False, True])
+def test_cps_second_network_resumes_exactly(shared_data, tmp_path, cutmix, one_thread):
+    """CPS's second network (weights, BatchNorm statistics, momentum) is part of the checkpoint and the resume;
+    CutMix's boxes, drawn in the step from the global RNG, are drawn again the same after a resume."""
+    make_data = lambda: SegmentationFolders(root=str(shared_data / "membrane"), num_labeled=4, num_test=2,  # noqa: E731
+                                            crop_size=64, batch_size=2, uratio=1, steps_per_epoch=2)
+    make = lambda: CPS(network="Unet", network_kwargs={"encoder_name": "resnet18"}, log_images=0,  # noqa: E731
+                       cutmix=cutmix)
+    full = assert_resume_is_exact(make, make_data, tmp_path, stop=1, max_epochs=1,
+                                  checkpoint=dict(every_n_train_steps=1, save_last="link"))
+    assert any(k.startswith("second_net.") for k in full["state_dict"])
 
 @pytest.fixture()
 def coco_subset(shared_data, tmp_path) -> Path:

@@ -89,30 +89,36 @@ class Segmenter(TrainingModule):
         """Per view: every output (deep supervision) for the first view, the main output for the others.
 
         The CGM's presence logits of every view, in view order (the labeled images first), are kept
-        for the presence loss: one forward leaves them all in ``last_presence``; with
-        ``concat_forward=False`` each forward replaces the last, so they are gathered per view.
+        for the presence loss (``_views_presence``).
+        """
+        per_view, self._views_presence = self.network_views(self.net, images)
+        return per_view
+
+    def network_views(self, net: nn.Module, images: list[torch.Tensor]
+                      ) -> tuple[list[torch.Tensor | list[torch.Tensor]], torch.Tensor | None]:
+        """``net``'s outputs per view (as :meth:`forward_views`) and its presence logits of every view, or None.
+
+        One forward leaves every view's presence logits in ``last_presence``; with ``concat_forward=False``
+        each forward replaces the last, so they are gathered per view.
         """
         if self.hparams.concat_forward:
-            outputs = _as_list(self.net(torch.cat(images)))
+            outputs = _as_list(net(torch.cat(images)))
             pieces = [output.split([len(x) for x in images]) for output in outputs]
             per_view = [[piece[i] for piece in pieces] for i in range(len(images))]
-            self._views_presence = getattr(self.net, "last_presence", None)
+            presence = getattr(net, "last_presence", None)
         else:
             per_view, presences = [], []
             for x in images:
-                per_view.append(_as_list(self.net(x)))
-                presences.append(getattr(self.net, "last_presence", None))
-            self._views_presence = torch.cat(presences) if presences[0] is not None else None
-        return [view if i == 0 and len(view) > 1 else view[0] for i, view in enumerate(per_view)]
+                per_view.append(_as_list(net(x)))
+                presences.append(getattr(net, "last_presence", None))
+            presence = torch.cat(presences) if presences[0] is not None else None
+        return [view if i == 0 and len(view) > 1 else view[0] for i, view in enumerate(per_view)], presence
 
     def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         self._views_presence = None  # set by this step's forward_views
         losses = super().compute_losses(batch)
-        presence = self._views_presence
-        if presence is not None:  # the labeled images lead the views
-            targets = batch["labeled"]["target"]
-            has_foreground = (targets > 0).flatten(1).any(dim=1).long()
-            losses["presence_loss"] = F.cross_entropy(presence[: len(targets)].float(), has_foreground)
+        if self._views_presence is not None:
+            losses["presence_loss"] = presence_loss(self._views_presence, batch["labeled"]["target"])
         return losses
 
     # --- evaluation: the task's (segmentation/task.py) -------------------------------------
@@ -121,6 +127,12 @@ class Segmenter(TrainingModule):
         return self.task.segment(self.eval_net, images)
 
     _views_presence: torch.Tensor | None = None
+
+
+def presence_loss(presence: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the labeled images' presence logits (they lead the views) against "the mask has foreground"."""
+    has_foreground = (targets > 0).flatten(1).any(dim=1).long()
+    return F.cross_entropy(presence[: len(targets)].float(), has_foreground)
 
 
 def _as_list(output: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
