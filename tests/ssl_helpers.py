@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import lightning as L
+import torch
 
 from datamodules import DigitsSSL
 
@@ -27,6 +28,30 @@ def digits_batch(model, num_labeled=50, batch_size=8, uratio=2, return_datamodul
     raw, _, _ = next(iter(dm.train_dataloader()))
     batch = dm.on_after_batch_transfer(raw, 0)
     return (batch, dm) if return_datamodule else batch
+
+
+def spread_confidences(model, scale=10.0, bias=True):
+    """An untrained network predicts near-uniformly; scaling its classifier spreads the confidences across
+    the thresholds, as partly trained weights do, so that masks keep some rows and drop others."""
+    with torch.no_grad():
+        model.net.fc.weight.mul_(scale)
+        if bias:
+            model.net.fc.bias.mul_(scale)
+    return model
+
+
+def step_and_reference_logits(model, batch):
+    """The module's losses and total loss on ``batch``, and the logits a copy of its network taken before
+    that step gives in USB's ``use_cat`` forward (one pass over labeled, weak and strong images, no
+    gradient): the reference side of a train-step test."""
+    net = copy.deepcopy(model.net)
+    losses = model.compute_losses(batch)
+    total = model.total_loss(losses)
+    labeled = batch["labeled"]["image"]
+    with torch.no_grad():
+        logits = net(torch.cat((labeled, batch["unlabeled"]["weak"], batch["unlabeled"]["strong"])))
+    weak, strong = logits[len(labeled):].chunk(2)
+    return losses, total, (logits[: len(labeled)], weak, strong)
 
 
 class WeightTrajectory(L.Callback):

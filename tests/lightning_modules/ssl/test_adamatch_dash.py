@@ -5,15 +5,13 @@ USB's hooks (cited per line), and compare state, mask and loss after every step.
 ``lightning_modules`` computes an expected value.
 """
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from datamodules import DigitsSSL
 from lightning_modules import AdaMatch, Dash
-from tests.ssl_helpers import SMALL_NET, digits_batch, make_trainer
+from tests.ssl_helpers import SMALL_NET, digits_batch, make_trainer, spread_confidences, step_and_reference_logits
 
 NET = dict(in_channels=1, network="wrn10_1")
 
@@ -87,19 +85,11 @@ def test_adamatch_matches_reference_train_step_on_digits():
     """The whole step through a real ``wrn10_1`` on real digits: USB ``adamatch.py`` lines 61-66 (``use_cat``:
     one forward over labeled, weak and strong images), 83 (labeled CE) and 109 (``sup + lambda_u * unsup``)."""
     torch.manual_seed(0)
-    model = AdaMatch(threshold=0.5, **SMALL_NET)  # a lower tau: an untrained network is unsure everywhere
-    with torch.no_grad():
-        model.net.fc.weight.mul_(10.0)  # spread the confidences, as partly trained weights do
+    # a lower tau: an untrained network is unsure everywhere
+    model = spread_confidences(AdaMatch(threshold=0.5, **SMALL_NET), bias=False)
     batch = digits_batch(model, batch_size=8, uratio=2)
-    net = copy.deepcopy(model.net)
-    losses = model.compute_losses(batch)
-    total = model.total_loss(losses)
-
-    x, y = batch["labeled"]["image"], batch["labeled"]["target"]
-    with torch.no_grad():
-        logits = net(torch.cat((x, batch["unlabeled"]["weak"], batch["unlabeled"]["strong"])))
-    logits_x_lb = logits[: len(x)]
-    logits_x_ulb_w, logits_x_ulb_s = logits[len(x):].chunk(2)
+    losses, total, (logits_x_lb, logits_x_ulb_w, logits_x_ulb_s) = step_and_reference_logits(model, batch)
+    y = batch["labeled"]["target"]
     probs_x_lb, probs_x_ulb_w = torch.softmax(logits_x_lb, -1), torch.softmax(logits_x_ulb_w, -1)
     p_model, p_target = probs_x_ulb_w.mean(0), 0.999 * torch.ones(10) / 10 + 0.001 * probs_x_lb.mean(0)
     aligned = probs_x_ulb_w * (p_target + 1e-6) / (p_model + 1e-6)

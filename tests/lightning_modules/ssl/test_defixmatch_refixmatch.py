@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from datamodules import DigitsSSL
 from lightning_modules import DeFixMatch, ReFixMatch
 from lightning_modules.core.batch import BatchContractError, check_training_batch
-from tests.ssl_helpers import SMALL_NET, make_trainer
+from tests.ssl_helpers import SMALL_NET, make_trainer, spread_confidences
 
 
 def _ce(logits, targets):  # USB core/criterions/cross_entropy.py lines 21-31, reduction='none'
@@ -47,9 +47,7 @@ def _digits_step_batch(model, batch_size=8, uratio=2):
 def _spread(model):
     """An untrained net is unsure everywhere: larger head weights give a partial mask at a lower tau."""
     torch.manual_seed(0)
-    with torch.no_grad():
-        model.net.fc.weight.mul_(10.0)
-    return model
+    return spread_confidences(model, bias=False)
 
 
 # --- DeFixMatch -----------------------------------------------------------------------------

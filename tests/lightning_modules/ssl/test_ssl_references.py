@@ -16,16 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules import FixMatch, MixMatch, ReMixMatch, UDA
-from tests.ssl_helpers import SMALL_NET, digits_batch
-
-
-def _spread(model, scale=10.0):
-    """An untrained network predicts near-uniformly; scaling its classifier spreads the confidences
-    across the thresholds, as partly trained weights do, so that masks keep some rows and drop others."""
-    with torch.no_grad():
-        model.net.fc.weight.mul_(scale)
-        model.net.fc.bias.mul_(scale)
-    return model
+from tests.ssl_helpers import SMALL_NET, digits_batch, spread_confidences, step_and_reference_logits
 
 
 def _soft_ce(logits, targets):  # USB core/criterions/cross_entropy.py lines 21-28
@@ -45,17 +36,10 @@ def test_fixmatch_matches_reference_train_step():
     ``hooks/masking.py`` lines 47-57, ``hooks/pseudo_label.py`` lines 37-43,
     ``core/criterions/consistency.py`` lines 14-40; google-research/fixmatch ``fixmatch.py`` lines 99-118."""
     torch.manual_seed(0)
-    model = _spread(FixMatch(**SMALL_NET))  # tau = 0.95, lambda_u = 1
+    model = spread_confidences(FixMatch(**SMALL_NET))  # tau = 0.95, lambda_u = 1
     batch = digits_batch(model, batch_size=8, uratio=2)
-    net = copy.deepcopy(model.net)
-    losses = model.compute_losses(batch)
-    total = model.total_loss(losses)
-
-    x, y = batch["labeled"]["image"], batch["labeled"]["target"]
-    with torch.no_grad():
-        logits = net(torch.cat((x, batch["unlabeled"]["weak"], batch["unlabeled"]["strong"])))
-    logits_x = logits[: len(x)]
-    logits_w, logits_s = logits[len(x):].chunk(2)
+    losses, total, (logits_x, logits_w, logits_s) = step_and_reference_logits(model, batch)
+    y = batch["labeled"]["target"]
     sup = F.nll_loss(F.log_softmax(logits_x, -1), y)
     max_probs, pseudo_label = torch.softmax(logits_w, -1).max(-1)
     mask = max_probs.ge(0.95).float()
@@ -77,17 +61,10 @@ def test_uda_matches_reference_train_step(tsa):
     352-385 (KL from the tempered original to the augmented prediction, confidence mask on the
     untempered one, mean over the batch)."""
     torch.manual_seed(0)
-    model = _spread(UDA(tsa=tsa, **SMALL_NET))  # T = 0.4, tau = 0.8, lambda_u = 1
+    model = spread_confidences(UDA(tsa=tsa, **SMALL_NET))  # T = 0.4, tau = 0.8, lambda_u = 1
     batch = digits_batch(model, batch_size=8, uratio=2)
-    net = copy.deepcopy(model.net)
-    losses = model.compute_losses(batch)
-    total = model.total_loss(losses)
-
-    x, y = batch["labeled"]["image"], batch["labeled"]["target"]
-    with torch.no_grad():
-        all_logits = net(torch.cat([x, batch["unlabeled"]["weak"], batch["unlabeled"]["strong"]]))
-    sup_logits = all_logits[: len(x)]
-    ori_logits, aug_logits = all_logits[len(x):].chunk(2)
+    losses, total, (sup_logits, ori_logits, aug_logits) = step_and_reference_logits(model, batch)
+    y = batch["labeled"]["target"]
     sup_loss = F.nll_loss(F.log_softmax(sup_logits, -1), y, reduction="none")
     if tsa is None:
         avg_sup_loss = sup_loss.mean()
