@@ -52,12 +52,17 @@ def linear_rampup(step: int, length: int) -> float:
 RAMPUPS = {"sigmoid": sigmoid_rampup, "linear": linear_rampup}
 
 
-def set_training_progress(module: nn.Module, fraction: float) -> None:
-    """Tell every submodule with a ``training_progress`` attribute (a scheduled regularizer: DropBlock's
-    linear keep-rate ramp) the fraction of training done, ``global_step / total steps`` in [0, 1]."""
-    for submodule in module.modules():
-        if hasattr(submodule, "training_progress"):
-            submodule.training_progress = fraction
+def scheduled_regularizers(module: nn.Module) -> list[nn.Module]:
+    """The submodules with a ``training_progress`` attribute: scheduled regularizers (DropBlock's linear
+    keep-rate ramp), found once so that a training step does not walk the whole network."""
+    return [submodule for submodule in module.modules() if hasattr(submodule, "training_progress")]
+
+
+def set_training_progress(regularizers: list[nn.Module], fraction: float) -> None:
+    """Tell each of :func:`scheduled_regularizers` the fraction of training done, ``global_step / total
+    steps`` in [0, 1]."""
+    for submodule in regularizers:
+        submodule.training_progress = fraction
 
 
 class OptimizerRecipe:

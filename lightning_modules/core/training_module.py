@@ -23,7 +23,7 @@ from lightning_modules.core.data_contract import ModelDataContract
 from lightning_modules.core.distributed import average_batchnorm_statistics, check_full_parameters
 from lightning_modules.core.ema import EMAModel
 from lightning_modules.core.fast_path import FastForward, FastPath
-from lightning_modules.core.optimization import RAMPUPS, OptimizerRecipe, set_training_progress
+from lightning_modules.core.optimization import RAMPUPS, OptimizerRecipe, scheduled_regularizers, set_training_progress
 from lightning_modules.core.progress_values import HostValues
 from lightning_modules.core.step_state import StepState
 from lightning_modules.core.task import Task
@@ -56,6 +56,9 @@ class TrainingModule(ModelDataContract, OptimizerRecipe, FastForward, LightningM
 
     #: whether the method may forward its views together (``concat_forward=True``)
     supports_concat_forward: bool = True
+
+    #: DropBlock-like regularizers told the training progress before each step; found at fit start
+    scheduled_regularizers: list[nn.Module] | tuple = ()
 
     #: the step's terms shown in the progress bar beside the total loss, when the method logs them
     progress_bar_terms: tuple[str, ...] = ("mask_ratio",)
@@ -180,9 +183,10 @@ class TrainingModule(ModelDataContract, OptimizerRecipe, FastForward, LightningM
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
-        # From the step count, so a resumed run, FGM's extra passes and every DDP rank see the same value.
-        total = self.trainer.estimated_stepping_batches  # inf for an unbounded run: no schedule, progress 0
-        set_training_progress(self.net, min(1.0, self.global_step / max(1.0, float(total))))
+        if self.scheduled_regularizers:
+            # From the step count, so a resumed run, FGM's extra passes and every DDP rank see the same value.
+            total = self.trainer.estimated_stepping_batches  # inf for an unbounded run: no schedule, progress 0
+            set_training_progress(self.scheduled_regularizers, min(1.0, self.global_step / max(1.0, float(total))))
 
     def labeled_batch_size(self, batch: dict[str, dict[str, Any]]) -> int:
         """Labeled samples in a training batch (for logging)."""
@@ -210,6 +214,7 @@ class TrainingModule(ModelDataContract, OptimizerRecipe, FastForward, LightningM
 
     def on_fit_start(self) -> None:
         self._sync_ema_device()
+        self.scheduled_regularizers = scheduled_regularizers(self.net)  # DropBlock's ramp; usually none
         self.step_state.discard()  # proposals of losses computed before fit
         check_model_fits_data(self.hparams, self.trainer.datamodule)
         if self.ema is None:
