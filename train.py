@@ -36,6 +36,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+import torch.distributed as dist
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI
@@ -47,6 +48,7 @@ from callbacks.ckpt_path import keep_csv_metrics, resolve_ckpt_path
 from callbacks.console import quiet_lightning_noise, summary_line
 from callbacks.optimizer_options import OVERRIDE_WARNING, has_optimizer_recipe, use_optimizer_options
 from callbacks.recipes import find_configs
+from callbacks.resumable_checkpoint import StoppedBySignal
 from datamodules.data_root import register_data_roots
 from lightning_modules.fusion import run_soup
 
@@ -244,7 +246,21 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["soup"]:
         soup_main(argv[1:])
         return
-    cli_main(args)
+    try:
+        cli_main(args)
+    except StoppedBySignal:  # every process stops at the same step: they can all leave together
+        _leave_process_group()
+        raise
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process groups of a DDP run before the interpreter exits. Lightning leaves them up; at
+    exit gloo's worker threads can then be torn down still joinable, and the process aborts after a finished
+    run ("terminate called without an active exception", status -6). Only after a run every process ended:
+    after a failure the other processes may be in a collective, and destroying the group could hang."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def _rows(metrics: Path) -> list[dict[str, str]]:
 def _final_checkpoint(args: list[str], cwd: Path) -> dict:
     returncode, output = run_train_py(args, cwd)
     assert returncode == 0, output[-3000:]
+    assert "terminate called" not in output, output[-3000:]  # a rank aborted at exit (status -6)
     return _load(cwd / RUN / "checkpoints" / "last.ckpt")
 
 
