@@ -83,7 +83,12 @@ class LabelPropagation(SemiSupervisedModule):
     def _feature_module(self, path: str | None) -> nn.Module:
         """The module whose input is the feature (not kept as an attribute: it would be a second submodule)."""
         if path is not None:
-            return self.net.get_submodule(path)
+            try:
+                return self.net.get_submodule(path)
+            except AttributeError as error:
+                names = [name for name, _ in self.net.named_modules() if name][-5:]
+                raise ValueError(f"feature_layer {path!r} is not a module of {self.hparams.network} ({error}); "
+                                 f"its last modules are {names}") from None
         linear = [m for m in self.net.modules() if isinstance(m, nn.Linear)]
         if not linear:
             raise ValueError(f"{self.hparams.network} has no nn.Linear classifier: name the module whose input is "
