@@ -48,7 +48,8 @@ class LabelPropagation(SemiSupervisedModule):
     (omega), ``class_weights`` (zeta) and ``propagated_epoch``, written only by :meth:`update_pseudo_labels`,
     once per epoch from the features of every rank (each rank embeds a shard; the shards are gathered, so
     every rank computes the same labels). The loss only reads them, so FGM's and PGD's extra passes change
-    nothing; a run resumed inside an epoch keeps the epoch's labels instead of propagating again.
+    nothing. A run resumed inside an epoch keeps the checkpoint's labels (Lightning 2.6 does not rerun the
+    epoch-start hook there; ``propagated_epoch`` would skip it if it did): tests/test_exact_resume.py.
 
     Args:
         num_neighbors: k of the kNN graph.
