@@ -101,7 +101,8 @@ def run_self_training(fit_round: FitRound, recipe: list[str], rounds: int, folde
     one network for every student round, or one per round (None: the recipe's network throughout).
     """
     if rounds < 1:
-        raise ValueError(f"rounds must be at least 1 (round 0 trains the teacher, then one student per round), got {rounds}")
+        raise ValueError(f"rounds must be at least 1 (round 0 trains the teacher, then one student per round), "
+                         f"got {rounds}")
     networks = list(student_networks or [])
     if len(networks) not in (0, 1, rounds):
         raise ValueError(f"--student_networks gives one network for every round or one per round ({rounds}), "

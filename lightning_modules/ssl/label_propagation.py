@@ -21,10 +21,11 @@ class LabelPropagation(SemiSupervisedModule):
 
     At the start of each epoch from ``warmup_epochs`` on (before it, training is supervised: the paper's
     first stage), every labeled and unlabeled training image is embedded once, unaugmented, by the network
-    in eval mode (the input of its classifier, L2-normalized), and :func:`~lightning_modules.ssl.propagation.propagate_labels`
-    builds the kNN graph (k neighbours, affinity ``s^gamma``, symmetric, ``W_n = D^-1/2 W D^-1/2``), solves
-    ``(I - alpha W_n) Z = Y`` by conjugate gradient and gives each image ``yhat_i = argmax_c Z_ic``, the
-    certainty ``omega_i = 1 - H(Z_i) / log C`` (over its maximum) and each class ``zeta_c = (N / C) / |{i: yhat_i = c}|``.
+    in eval mode (the input of its classifier, L2-normalized), and
+    :func:`~lightning_modules.ssl.propagation.propagate_labels` builds the kNN graph (k neighbours, affinity
+    ``s^gamma``, symmetric, ``W_n = D^-1/2 W D^-1/2``), solves ``(I - alpha W_n) Z = Y`` by conjugate gradient
+    and gives each image ``yhat_i = argmax_c Z_ic``, the certainty ``omega_i = 1 - H(Z_i) / log C`` (over its
+    maximum) and each class ``zeta_c = (N / C) / |{i: yhat_i = c}|``.
 
     Loss: ``L = L_s + lambda_u * 1/(mu B) sum_b omega_b zeta_{yhat_b} CE(yhat_b, p(y | weak(u_b)))``, the
     labeled term the plain cross-entropy of the base. The authors' code (ahmetius/LP-DeepSSL
@@ -126,7 +127,8 @@ class LabelPropagation(SemiSupervisedModule):
     def embed_training_images(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(index, features, label, target)`` of every training image from every rank; ``label`` -1 if unlabeled."""
         captured: list[torch.Tensor] = []
-        hook = self._feature_module(self.hparams.feature_layer).register_forward_pre_hook(lambda _, inputs: captured.append(inputs[0]))
+        feature_module = self._feature_module(self.hparams.feature_layer)
+        hook = feature_module.register_forward_pre_hook(lambda _, inputs: captured.append(inputs[0]))
         was_training = self.net.training
         rows: dict[str, list[torch.Tensor]] = {"index": [], "label": [], "target": []}
         self.net.eval()

@@ -61,7 +61,8 @@ def knn_affinity(features: Tensor, num_neighbors: int, gamma: float, chunk: int 
     values = torch.where(index[0] == index[1], torch.zeros_like(values), values)
     degree = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, index[0], values)
     degree = torch.where(degree == 0, torch.ones_like(degree), degree).rsqrt()
-    return torch.sparse_coo_tensor(index, values * degree[index[0]] * degree[index[1]], (n, n), check_invariants=False).coalesce()
+    values = values * degree[index[0]] * degree[index[1]]
+    return torch.sparse_coo_tensor(index, values, (n, n), check_invariants=False).coalesce()
 
 
 def conjugate_gradient(affinity: Tensor, alpha: float, targets: Tensor, iterations: int,
@@ -105,7 +106,8 @@ def propagate_labels(features: Tensor, labels: Tensor, num_classes: int, num_nei
     omega 1 (lines 328-329), and ``zeta_c = (N / C) / |{i: pseudo_label_i = c}|`` (eq. 12, line 337).
     """
     if labels.shape != (len(features),):
-        raise ValueError(f"labels must have one entry per feature row, shape ({len(features)},), got {tuple(labels.shape)}")
+        raise ValueError(f"labels must have one entry per feature row, shape ({len(features)},), "
+                         f"got {tuple(labels.shape)}")
     features = F.normalize(features, dim=1)
     labeled = labels >= 0
     counts = torch.bincount(labels[labeled], minlength=num_classes)
