@@ -240,10 +240,21 @@ def _class_named(parser: argparse.ArgumentParser, flag: str, name: str, package:
         parser.error(f"unknown {flag} {name!r}: choose one of {', '.join(names)} (or a dotted class path)")
 
 
+SELF_TRAIN_HELP = """Noisy Student self-training: round 0 trains a teacher (Supervised) on the labeled images, each
+further round a noised student (KDStudent, distill_unlabeled) taught by the previous round's EMA weights.
+
+    labelwise self-train --config configs/self_training_digits.yaml --rounds 3 --folder runs/self_training_digits
+
+Every other argument is a fit override given to each round. The folder keeps round_<r>.ckpt and summary.json/.csv;
+a rerun skips the rounds already there. See docs/distillation.md, "Iterative self-training".
+"""
+
+
 def self_train_main(args: list[str] | None = None) -> list[dict]:
     """``labelwise self-train``: round 0 trains a teacher, each further round a noised student of the previous
     round's model (:mod:`lightning_modules.distillation.self_training`); the other arguments are ``fit``'s."""
-    parser = argparse.ArgumentParser(prog="labelwise self-train", description=run_self_training.__doc__)
+    parser = argparse.ArgumentParser(prog="labelwise self-train", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description=SELF_TRAIN_HELP)
     parser.add_argument("--rounds", type=int, default=3, help="student rounds after the teacher's round 0")
     parser.add_argument("--folder", required=True, help="holds round_<r>/, round_<r>.ckpt and summary.json/.csv")
     parser.add_argument("--student_networks", nargs="+", help="one network for every round or one per round")
