@@ -10,6 +10,8 @@
     labelwise fit --config quickstart   # the installed command (train:main): a recipe by name, from any folder
     labelwise soup --checkpoints a.ckpt b.ckpt --data DigitsSSL --data_kwargs '{"val_labeled_per_class": 5}' \
         --output soup.ckpt              # the greedy model soup of finished runs (also python train.py soup)
+    labelwise self-train --config configs/self_training_digits.yaml --rounds 3 --folder runs/self_training
+                                        # Noisy Student rounds of KDStudent (also python train.py self-train)
 
 A relative data root in a config file is relative to the file; typed here, to the working folder
 (datamodules.data_root). ``--optimizer``/``--lr_scheduler`` keep the method's parameter groups and
@@ -50,6 +52,7 @@ from callbacks.optimizer_options import OVERRIDE_WARNING, has_optimizer_recipe, 
 from callbacks.recipes import find_configs
 from callbacks.resumable_checkpoint import StoppedBySignal
 from datamodules.data_root import register_data_roots
+from lightning_modules.distillation.self_training import run_self_training
 from lightning_modules.fusion import run_soup
 
 #: the recipes: beside this file in the checkout and in an installed package (callbacks.recipes)
@@ -239,12 +242,44 @@ def _class_named(parser: argparse.ArgumentParser, flag: str, name: str, package:
         parser.error(f"unknown {flag} {name!r}: choose one of {', '.join(names)} (or a dotted class path)")
 
 
+SELF_TRAIN_HELP = """Noisy Student self-training: round 0 trains a teacher (Supervised) on the labeled images, each
+further round a noised student (KDStudent, distill_unlabeled) taught by the previous round's EMA weights.
+
+    labelwise self-train --config configs/self_training_digits.yaml --rounds 3 --folder runs/self_training_digits
+
+Every other argument is a fit override given to each round. The folder keeps round_<r>.ckpt and summary.json/.csv;
+a rerun skips the rounds already there. See docs/distillation.md, "Iterative self-training".
+"""
+
+
+def self_train_main(args: list[str] | None = None) -> list[dict]:
+    """``labelwise self-train``: round 0 trains a teacher, each further round a noised student of the previous
+    round's model (:mod:`lightning_modules.distillation.self_training`); the other arguments are ``fit``'s."""
+    parser = argparse.ArgumentParser(prog="labelwise self-train", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description=SELF_TRAIN_HELP)
+    parser.add_argument("--rounds", type=int, default=3, help="student rounds after the teacher's round 0")
+    parser.add_argument("--folder", required=True, help="holds round_<r>/, round_<r>.ckpt and summary.json/.csv")
+    parser.add_argument("--student_networks", nargs="+", help="one network for every round or one per round")
+    options, recipe = parser.parse_known_args(args)
+
+    def fit_round(round_args: list[str]) -> tuple[str, float]:
+        trainer = cli_main(["fit", *round_args]).trainer
+        if trainer.interrupted or trainer.checkpoint_callback is None:
+            raise RuntimeError("the round was interrupted or wrote no checkpoint: rerun the command to continue")
+        return trainer.checkpoint_callback.last_model_path, float(trainer.callback_metrics["test/acc"])
+
+    return run_self_training(fit_round, recipe, options.rounds, options.folder, options.student_networks)
+
+
 def main(args: list[str] | None = None) -> None:
     """The ``labelwise`` command that ``pip install`` puts on the PATH: ``labelwise fit --config quickstart``,
-    and ``labelwise soup ...`` (:func:`soup_main`)."""
+    ``labelwise soup ...`` (:func:`soup_main`) and ``labelwise self-train ...`` (:func:`self_train_main`)."""
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["soup"]:
         soup_main(argv[1:])
+        return
+    if argv[:1] == ["self-train"]:
+        self_train_main(argv[1:])
         return
     try:
         cli_main(args)

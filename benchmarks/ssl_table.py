@@ -41,7 +41,12 @@ URATIO = {"FixMatch": 7, "FlexMatch": 7, "FreeMatch": 7, "SoftMatch": 7, "UDA": 
 # Schedules counted in steps of a 2^20-step recipe, shortened with the budget as in benchmarks/digits_ssl.py:
 # Dash's supervised warm-up over 5 % of the run and an update of its threshold every 1 % (USB: every 10 epochs).
 SCHEDULES = {"Dash": lambda steps: dict(supervised_warmup_steps=max(1, steps // 20),
-                                        rho_update_steps=max(1, steps // 100))}
+                                        rho_update_steps=max(1, steps // 100)),
+             "LabelPropagation": lambda steps: dict(warmup_epochs=EPOCHS["LabelPropagation"] // 2)}
+# Methods that act once per epoch see the budget as this many epochs (the others as one): LabelPropagation's
+# supervised first half and a propagation over all training images at each later epoch's start (the paper
+# propagates every epoch after a supervised stage of the same length). No published USB number.
+EPOCHS = {"LabelPropagation": 20}
 
 
 def unpack(shared: Path, into: Path) -> Path:
@@ -55,6 +60,7 @@ def unpack(shared: Path, into: Path) -> Path:
 def run_method(name: str, datamodule: ImageFolderSSL, budget: dict, seed: int, accelerator: str) -> tuple[float, float]:
     L.seed_everything(seed, verbose=False)
     datamodule.uratio = URATIO.get(name, 1)
+    datamodule.steps_per_epoch = budget["steps"] // EPOCHS.get(name, 1)
     # Ramp-ups end at 40 % of the run (as in benchmarks/digits_ssl.py): the published lengths
     # (VAT's 400k, MixMatch's 16k steps) would keep the unlabeled weight near 0 in a short budget.
     model = getattr(lightning_modules, name)(

@@ -30,13 +30,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import DigitsSSL, SegmentationFolders  # noqa: E402
-from lightning_modules import (CPS, AdaMatch, Dash, FixMatch, FlexMatch, FreeMatch, KDStudent, MeanTeacher,  # noqa: E402
-                               MutualLearning, Segmenter, SoftMatch, Supervised, TemporalEnsembling)
+from lightning_modules import (CPS, AdaMatch, Dash, FixMatch, FlexMatch, FreeMatch, KDStudent,  # noqa: E402
+                               LabelPropagation, MeanTeacher, MutualLearning, Segmenter, SoftMatch, Supervised,
+                               TemporalEnsembling)
 from lightning_modules.classification.networks import available_networks, register_network  # noqa: E402
 
 METHODS = ("FixMatch", "MeanTeacher", "TemporalEnsembling", "FlexMatch", "KDStudent", "Segmenter",
            "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DropMaxDropout", "CPS")
+           "DropMaxDropout", "CPS", "LabelPropagation")
 STEPS = 4
 RANK_BATCH = 2  # labeled images per rank and step; one process gets 2 * RANK_BATCH
 SEED = 100  # rank r seeds SEED + r
@@ -94,6 +95,9 @@ def build(method: str, batch_size: int, teacher: Path, membrane: Path) -> tuple[
         "AdaMatch": lambda: AdaMatch(ema_momentum=0.5, **net),
         # rho^ from every rank's labeled losses of the warm-up (gathered in the commit), then the threshold
         "Dash": lambda: Dash(supervised_warmup_steps=2, rho_window=2, rho_update_steps=1, gamma=4.0, **net),
+        # every rank embeds its shard of the 60 images at the epoch start; the gathered features give all ranks
+        # the same labels
+        "LabelPropagation": lambda: LabelPropagation(warmup_epochs=0, num_neighbors=10, **net),
         # DropMax's retain head (a criterion's parameters) all-reduced with the network; each rank draws its own
         # masks, DropBlock ramps from global_step on both: compared across ranks only
         "DropMaxDropout": lambda: Supervised(criterion="dropmax", **(net | dict(network="wrn10_1", network_kwargs=dict(

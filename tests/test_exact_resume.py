@@ -21,8 +21,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from datamodules import COCODetection, DigitsSSL, SegmentationFolders
-from lightning_modules import (CPS, AdaMatch, Dash, Detector, FixMatch, FlexMatch, KDStudent, SegFixMatch, Supervised,
-                               TemporalEnsembling)
+from lightning_modules import (CPS, AdaMatch, Dash, Detector, FixMatch, FlexMatch, KDStudent, LabelPropagation,
+                               SegFixMatch, Supervised, TemporalEnsembling)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`", "ignore:Checkpoint directory")
 
@@ -172,6 +172,15 @@ def test_adamatch_marginals_resume_exactly_mid_epoch(tmp_path):
     full = assert_resume_is_exact(lambda: AdaMatch(ema_momentum=0.5, **NET), digits(), tmp_path, stop=2,
                                   checkpoint=dict(every_n_train_steps=2), max_steps=4)
     assert full["state_dict"]["da_model_marginal"].sum() > 0, "the marginal never moved: a vacuous test"
+
+
+def test_label_propagation_labels_resume_exactly_mid_epoch(tmp_path):
+    # propagated at the start of epoch 1 (step 3); stopped after step 4: the resumed run keeps the epoch's
+    # labels instead of propagating again from the weights of step 4
+    full = assert_resume_is_exact(lambda: LabelPropagation(warmup_epochs=1, **NET), digits(), tmp_path, stop=4,
+                                  checkpoint=dict(every_n_train_steps=4), max_epochs=2)
+    assert int(full["state_dict"]["propagated_epoch"]) == 1
+    assert (full["state_dict"]["pseudo_labels"] >= 0).all(), "no propagation: a vacuous test"
 
 
 def test_dash_rho_estimate_resumes_exactly_inside_its_window(tmp_path):

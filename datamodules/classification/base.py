@@ -217,6 +217,12 @@ class SSLDataModule(AugmentedViews, LabeledUnlabeledDataModule):
     def labeled_dataset(self) -> IndexedImages:
         return IndexedImages(*self._train, self.split.labeled)
 
+    def training_images(self) -> dict[str, IndexedImages]:
+        """The whole labeled and unlabeled training images, uint8 with ``index`` and ``target``, for a method
+        that embeds them all between steps (label propagation; ``lightning_modules/core/training_images.py``)."""
+        self.require_split("training_images()")
+        return {"labeled": self.labeled_dataset(), "unlabeled": self.unlabeled_dataset()}
+
     def empty_unlabeled_message(self, views: tuple[str, ...]) -> str:
         return f"{self.dataset_name}: the unlabeled set is empty; lower num_labeled or include labeled images"
 
