@@ -101,7 +101,8 @@ class CRDLoss(nn.Module):
             feat_dim, nce_k, temperature, momentum, eps, seed)
         self.register_buffer("memory_student", torch.empty(0, feat_dim))
         self.register_buffer("memory_teacher", torch.empty(0, feat_dim))
-        self.register_buffer("normalizer", torch.full((2,), -1.0))
+        # float64: Z ~ N * mean(exp(s / T)) is large, and its mean over ranks must round as over one batch
+        self.register_buffer("normalizer", torch.full((2,), -1.0, dtype=torch.float64))
         if num_samples:
             self.reset_memory(num_samples)
 
@@ -118,7 +119,7 @@ class CRDLoss(nn.Module):
         for name in ("memory_student", "memory_teacher"):
             memory = torch.rand(num_samples, self.feat_dim, generator=generator).mul_(2 * bound).sub_(bound)
             setattr(self, name, memory.to(device))
-        self.normalizer = torch.full((2,), -1.0, device=device)
+        self.normalizer = torch.full((2,), -1.0, dtype=torch.float64, device=device)
 
     def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor, index: torch.Tensor,
                 step: int, mean=None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -138,10 +139,11 @@ class CRDLoss(nn.Module):
         scores_student = (self.memory_teacher @ v_student.T)[contrast, columns].div(self.temperature).exp()
         normalizer = self.normalizer
         if bool(normalizer[0] < 0):
-            observed = torch.stack([scores_student.detach().mean(), scores_teacher.detach().mean()])
+            observed = torch.stack([scores_student.detach().double().mean(), scores_teacher.detach().double().mean()])
             normalizer = (observed if mean is None else mean(observed)) * self.num_samples
-        loss = (nce_loss(scores_student / normalizer[0], self.num_samples, self.eps)
-                + nce_loss(scores_teacher / normalizer[1], self.num_samples, self.eps))
+        z_student, z_teacher = normalizer.float()
+        loss = (nce_loss(scores_student / z_student, self.num_samples, self.eps)
+                + nce_loss(scores_teacher / z_teacher, self.num_samples, self.eps))
         return loss, (index, v_student.detach(), v_teacher.detach(), normalizer[None].detach())
 
     @torch.no_grad()
