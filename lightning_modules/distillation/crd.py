@@ -29,8 +29,9 @@ on the rank, the batch or the global RNG. RepDistiller's ``ContrastMemory`` draw
 replacement as well when given no indices (``memory.py:35-37``); its CIFAR loader instead passes ``K``
 indices drawn from the *other classes* without replacement (``dataset/cifar100.py:166-168``), which needs
 every sample's label, which our DataModules do not publish. With 10 classes about 1 in 10 of our
-negatives shares the anchor's class. Scores are ``memory @ v`` over all ``N`` rows, gathered at the drawn
-indices: the same numbers as RepDistiller's gathered ``bmm``, without a ``B x (K + 1) x feat_dim`` copy.
+negatives shares the anchor's class. Scores are ``v @ memory^T`` over all ``N`` rows, gathered at the drawn
+indices: the same numbers as RepDistiller's gathered ``bmm``, without its ``B x (K + 1) x feat_dim`` copy
+(at N 50,000, B 64, K 16384 on one CPU thread, forward + backward 0.7 s against 11.9 s, under a load of about 19).
 """
 
 from __future__ import annotations
@@ -133,10 +134,9 @@ class CRDLoss(nn.Module):
         v_student = self.embed_student(student_features.float())
         v_teacher = self.embed_teacher(teacher_features.detach().float())
         contrast = draw_contrast_indices(index, self.num_samples, self.nce_k, step, self.seed)
-        columns = torch.arange(len(index), device=index.device)[:, None]
         # teacher anchors against the student memory, student anchors against the teacher memory
-        scores_teacher = (self.memory_student @ v_teacher.T)[contrast, columns].div(self.temperature).exp()
-        scores_student = (self.memory_teacher @ v_student.T)[contrast, columns].div(self.temperature).exp()
+        scores_teacher = (v_teacher @ self.memory_student.T).gather(1, contrast).div(self.temperature).exp()
+        scores_student = (v_student @ self.memory_teacher.T).gather(1, contrast).div(self.temperature).exp()
         normalizer = self.normalizer
         if bool(normalizer[0] < 0):
             observed = torch.stack([scores_student.detach().double().mean(), scores_teacher.detach().double().mean()])
