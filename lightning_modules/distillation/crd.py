@@ -31,7 +31,7 @@ indices drawn from the *other classes* without replacement (``dataset/cifar100.p
 every sample's label, which our DataModules do not publish. With 10 classes about 1 in 10 of our
 negatives shares the anchor's class. Scores are ``v @ memory^T`` over all ``N`` rows, gathered at the drawn
 indices: the same numbers as RepDistiller's gathered ``bmm``, without its ``B x (K + 1) x feat_dim`` copy
-(at N 50,000, B 64, K 16384 on one CPU thread, forward + backward 0.7 s against 11.9 s, under a load of about 19).
+(``benchmarks/crd_cost.py``: at N 50,000, B 64, K 16384 on one CPU thread, 0.22 s against 4.2 s forward + backward).
 """
 
 from __future__ import annotations
