@@ -26,11 +26,8 @@ T 6, multiplier 50 on a class-averaged KL) is ``temperature=6, ce_weight=0.05, k
 
 Defaults follow RepDistiller's CIFAR recipe (../shared/guide/ANCHORS.md): T = 4, CE weight 0.1,
 KD weight 0.9; FitNets weight 100 and AT weight 1000 when those are switched on. The DKD, DIST,
-PKT, VID, CRD and ReviewKD recipes are ``configs/{dkd,dist,pkt,vid,crd,reviewkd}_cifar10.yaml``. CRD
-(Tian et al., 2020, :mod:`~lightning_modules.distillation.crd`) contrasts the ``relation_layer`` embeddings
-against per-sample memories keyed by the batches' ``index``; ReviewKD (Chen et al., 2021,
-:mod:`~lightning_modules.distillation.reviewkd`) fuses the student's ``reviewkd_layers`` and compares them
-with the teacher's by the hierarchical context loss, warmed up by ``v(k) = min(k / reviewkd_warmup_steps, 1)``.
+PKT, VID, CRD (Tian et al., 2020) and ReviewKD (Chen et al., 2021; ``v(k) = min(k / reviewkd_warmup_steps, 1)``)
+recipes are ``configs/{dkd,dist,pkt,vid,crd,reviewkd}_cifar10.yaml``; the last two are in ``crd.py``, ``reviewkd.py``.
 """
 
 from __future__ import annotations
@@ -50,7 +47,6 @@ from lightning_modules.distillation.teacher_loading import load_teacher
 from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 from lightning_modules.classification.task import refuse_rdrop
 from lightning_modules.core.optimization import linear_rampup
-from lightning_modules.ssl.threshold_state import gather_rows
 
 RELATION_TERMS = ("rkd_distance", "rkd_angle", "sp", "cskd", "pkt", "crd")
 
@@ -79,12 +75,10 @@ class KDStudent(SemiSupervisedModule):
         relation_layer: ``[student_path, teacher_path]`` of the embeddings that the relation
             losses compare (default: the inputs of the ``fc`` heads, i.e. pooled features).
         rkd_distance_weight, rkd_angle_weight, sp_weight, cskd_weight, pkt_weight: relation-loss weights.
-        crd_weight, crd_kwargs: CRD on the ``relation_layer`` features; ``crd_kwargs`` are :class:`CRDLoss`'s
-            (``feat_dim`` 128, ``nce_k`` 16384, ``temperature`` 0.07, ``momentum`` 0.5, ``seed``; ``num_samples``
-            only without a DataModule that publishes ``data_facts()``, whose ``num_indices`` sizes the memories).
-        reviewkd_layers, reviewkd_weight, reviewkd_warmup_steps: ReviewKD over pairs ``[student_path,
-            teacher_path]`` ordered shallow to deep, its ABF modules sized from the probe; the HCL weight is
-            warmed up linearly from 0 over ``reviewkd_warmup_steps`` optimizer steps.
+        crd_weight, crd_kwargs: CRD on ``relation_layer``, with :class:`CRDLoss`'s options (memories sized from the
+            DataModule's ``num_indices``; ``num_samples`` without one).
+        reviewkd_layers, reviewkd_weight, reviewkd_warmup_steps: ReviewKD over pairs ordered shallow to deep
+            (ABF modules sized from the probe), its weight ramped linearly from 0 over the warm-up steps.
         distill_unlabeled: also distil on the DataModule's unlabeled (weak view) images.
         image_size: side of the training images, used to size the FitNets connectors and VID regressors.
         test_teacher: also log the teacher's accuracy on the test images (``test/teacher_acc``).
@@ -204,10 +198,9 @@ class KDStudent(SemiSupervisedModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        facts = self.data_facts
-        if self.crd is not None and facts is not None and facts.num_indices is not None \
-                and self.crd.num_samples != facts.num_indices:  # a resumed run keeps its memories
-            self.crd.reset_memory(facts.num_indices)
+        size = self.data_facts.num_indices if self.data_facts is not None else None
+        if self.crd is not None and size is not None and self.crd.num_samples != size:  # a resumed run keeps its memories
+            self.crd.reset_memory(size)
 
     # --- training --------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -244,17 +237,19 @@ class KDStudent(SemiSupervisedModule):
         if self.crd is not None:
             index = torch.cat([labeled["index"]] + ([unlabeled["index"]] if len(images) > 1 else []))
             losses["crd_loss"], observation = self.crd(student[self.relation_pair[0]], teacher[self.relation_pair[1]],
-                                                          index, self.global_step, mean=self._mean_over_ranks)
+                                                       index, self.global_step, mean=lambda z: self._gather(z[None]).mean(0))
             self.step_state.propose(self.update_crd_memory, *observation)
         return losses
 
-    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
-        return gather_rows(self, value[None]).mean(dim=0)
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` of every rank, concatenated (as is in one process); every rank passes the same shape."""
+        world = self._trainer.world_size if self._trainer is not None else 1
+        return rows if world == 1 else self.all_gather(rows).flatten(0, 1)
 
     @torch.no_grad()
     def update_crd_memory(self, *observation: torch.Tensor) -> None:
         """CRD's memory update from every rank's rows (the commit), so every rank holds the same memories."""
-        self.crd.update_(*(gather_rows(self, t) for t in observation))
+        self.crd.update_(*(self._gather(t) for t in observation))
 
     def _relation_losses(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                          targets: torch.Tensor) -> dict[str, torch.Tensor]:
