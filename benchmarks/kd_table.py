@@ -12,7 +12,7 @@ training images (JPEG copies from ../shared/data/cifar10) and is tested, EMA wei
 
 Rows: vanilla CE; label smoothing; Tf-KD reg (virtual teacher); R-Drop; DropMax; the student's dropout family
 (spatial dropout, stochastic depth, DropBlock, DropConnect); Hinton KD; FitNets;
-attention transfer; RKD; similarity-preserving KD; category-structure KD; DKD; DIST; PKT; VID;
+attention transfer; RKD; similarity-preserving KD; category-structure KD; DKD; DIST; PKT; VID; CRD; ReviewKD;
 Deep Mutual Learning (two student peers); Tf-KD self (the CE row's student as its own teacher).
 Feature and relation rows use CE plus their own term, as RepDistiller does; weights are the published ones. DKD's warm-up
 keeps its published share of training: 20 of 240 epochs, so 1/12 of the student steps. The teacher is trained
@@ -67,6 +67,11 @@ DIST = dict(logit_loss="dist", logit_loss_kwargs={"beta": 1.0, "gamma": 1.0}, te
 # stochastic depth p_L 0.5 (Huang et al.'s CIFAR value); DropBlock keep 0.9 ramped from 1 (Ghiasi et al.) with
 # block 3, not ImageNet's 7, as wrn10_1's DropBlock maps are 16 x 16 and 8 x 8; DropConnect 0.5 (Wan et al.).
 DROPMAX = dict(criterion="dropmax")
+# CRD: RepDistiller's CIFAR-100 recipe (CE 1, KD 0, CRD 0.8 on the pooled features; feat_dim 128, 16384 negatives,
+# T 0.07, momentum 0.5). ReviewKD: the authors' (CE 1 + HCL 5, warm-up 20 of 240 epochs) over the three group
+# outputs and the pooled feature, as their ResNet32x4 -> ResNet8x4 levels (stage outputs, pooled feature).
+CRD = dict(CE_ONLY, crd_weight=0.8)
+REVIEW_LEVELS = ALL_GROUPS + [["fc:input", "fc:input"]]
 # row name -> (module, extra arguments or a function of the student steps that gives them); "teacher" /
 # "self" mark the rows that distil from a checkpoint
 METHODS = {
@@ -89,6 +94,9 @@ METHODS = {
     "DIST": ("teacher", DIST),
     "PKT": ("teacher", dict(CE_ONLY, pkt_weight=30000.0)),
     "VID": ("teacher", dict(CE_ONLY, vid_layers=ALL_GROUPS)),
+    "CRD": ("teacher", CRD),
+    "ReviewKD": ("teacher", lambda steps: dict(CE_ONLY, reviewkd_layers=REVIEW_LEVELS, reviewkd_weight=5.0,
+                                               reviewkd_warmup_steps=round(steps * 20 / 240))),
     "DML": (MutualLearning, {}),
     "Tf-KD self": ("self", TFKD_SELF),
 }

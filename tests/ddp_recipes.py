@@ -37,7 +37,7 @@ from lightning_modules.classification.networks import available_networks, regist
 
 METHODS = ("FixMatch", "MeanTeacher", "TemporalEnsembling", "FlexMatch", "KDStudent", "Segmenter",
            "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DropMaxDropout", "CPS", "LabelPropagation")
+           "DropMaxDropout", "CPS", "LabelPropagation", "CRD")
 STEPS = 4
 RANK_BATCH = 2  # labeled images per rank and step; one process gets 2 * RANK_BATCH
 SEED = 100  # rank r seeds SEED + r
@@ -84,6 +84,10 @@ def build(method: str, batch_size: int, teacher: Path, membrane: Path) -> tuple[
         "FlexMatch": lambda: FlexMatch(threshold=0.12, **net),
         "KDStudent": lambda: KDStudent(teacher=str(teacher), teacher_network="tiny_cnn", distill_unlabeled=True,
                                        **net),
+        # per-sample memories written from every rank's rows after the step; Z from the first global batch
+        "CRD": lambda: KDStudent(teacher=str(teacher), teacher_network="tiny_cnn", distill_unlabeled=True, crd_weight=0.8,
+                                 crd_kwargs={"nce_k": 32, "feat_dim": 16}, relation_layer=["6:input", "6:input"],
+                                 image_size=8, **net),
         # soft labels accumulated over the epoch from all-reduced sums, swapped in at its end
         "OnlineLabelSmoothing": lambda: FixMatch(threshold=0.12, criterion="online_label_smoothing", **net),
         "MutualLearning": lambda: MutualLearning(distill_unlabeled=True, **net),
@@ -137,6 +141,8 @@ def fit(method: str, devices: int, batch_size: int, teacher: Path, membrane: Pat
         state["peers"] = model.peers.state_dict()
     if isinstance(model, TemporalEnsembling):
         state["ensemble"], state["update_counts"] = model.ensemble, model.update_counts
+    if getattr(model, "crd", None) is not None:
+        state["crd"] = model.crd.state_dict()
     if isinstance(model, FlexMatch):
         state["memory"], state["thresholds"] = model.memory, model.class_thresholds()
     state["method_buffers"] = dict(model.named_buffers(recurse=False))  # the methods' running state

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lightning_modules.distillation.crd import CRDLoss
 from tests.conftest import SHARED_DATA
 from tests.ddp_recipes import METHODS, RANK_BATCH, SEED, fit, run_rank
 from tests.rank_processes import free_port, run_to_the_end
@@ -121,6 +122,11 @@ def test_two_ranks_match_one_process_on_the_global_batch(ranks, inputs, method, 
         assert single["method_buffers"]["da_model_marginal"].sum() > 0, "the marginal never moved: a vacuous test"
     if method == "LabelPropagation":  # propagated once, from features each rank embedded half of
         assert (single["method_buffers"]["pseudo_labels"] >= 0).all(), "no propagation: a vacuous test"
+    if "crd" in single:  # Z was set and the memories moved for the samples seen
+        assert bool((single["crd"]["normalizer"] > 0).all()), "CRD never set its normalizer: a vacuous test"
+        memory = single["crd"]["memory_student"]
+        initial = CRDLoss(1, 1, num_samples=len(memory), feat_dim=memory.shape[1]).memory_student
+        assert int((memory != initial).any(dim=1).sum()) > 0, "no CRD memory row moved: a vacuous test"
     if "update_counts" in single:
         assert int(single["update_counts"].max()) >= 2, "no sample was revisited: Temporal Ensembling's targets untested"
     print(f"{method}: max |DDP - one process| = {max(worst.values()):.2e} over {len(worst)} tensors")

@@ -221,6 +221,21 @@ def test_kd_student_resumes_exactly_mid_epoch(tmp_path):
     assert_resume_is_exact(make, digits(), tmp_path, stop=2, checkpoint=dict(every_n_train_steps=2), max_epochs=2)
 
 
+def test_kd_student_crd_memories_resume_exactly_mid_epoch(tmp_path):
+    """CRD's per-sample memories and its Z (set at step 1) are state_dict buffers, restored bitwise."""
+    L.seed_everything(0, verbose=False)
+    teacher = Supervised(**NET)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(teacher, digits(uratio=1)())
+    trainer.save_checkpoint(tmp_path / "teacher.ckpt")
+    make = lambda: KDStudent(teacher=str(tmp_path / "teacher.ckpt"), distill_unlabeled=True, crd_weight=0.8,  # noqa: E731
+                             crd_kwargs={"nce_k": 128}, ce_weight=1.0, kd_weight=0.0, image_size=8, **NET)
+    full = assert_resume_is_exact(make, digits(), tmp_path, stop=2, checkpoint=dict(every_n_train_steps=2), max_epochs=2)
+    state = full["state_dict"]
+    assert state["crd.memory_student"].shape[0] > 0 and bool((state["crd.normalizer"] > 0).all())
+
+
 # --- segmentation and detection -------------------------------------------------------------
 def test_semi_supervised_segmenter_resumes_exactly(shared_data, tmp_path, one_thread):
     make_data = lambda: SegmentationFolders(root=str(shared_data / "membrane"), num_labeled=4, num_test=2,  # noqa: E731

@@ -7,6 +7,7 @@ et al., 2020; PKT, Passalis & Tefas, 2018), each with its own weight:
 
     L = w_ce CE(s, y) + w_kd u(k) L_logit + w_hint ||r(f_s) - f_t||^2 + w_at sum ||a_s - a_t||^2 + w_vid L_VID
         + w_d L_RKD-D + w_a L_RKD-A + w_sp L_SP + w_cs (L_intra + L_inter) + w_pkt L_PKT
+        + w_crd L_CRD + w_rev v(k) HCL(ABF(F_s), F_t)
 
 The response term ``L_logit`` is chosen by name (``logit_loss``): Hinton's ``T^2 KL(p_t^T || p_s^T)``
 (``kd``), decoupled KD (``dkd``, Zhao et al., 2022) or DIST (``dist``, Huang et al., 2022), see
@@ -25,7 +26,8 @@ T 6, multiplier 50 on a class-averaged KL) is ``temperature=6, ce_weight=0.05, k
 
 Defaults follow RepDistiller's CIFAR recipe (../shared/guide/ANCHORS.md): T = 4, CE weight 0.1,
 KD weight 0.9; FitNets weight 100 and AT weight 1000 when those are switched on. The DKD, DIST,
-PKT and VID recipes are ``configs/{dkd,dist,pkt,vid}_cifar10.yaml``.
+PKT, VID, CRD (Tian et al., 2020) and ReviewKD (Chen et al., 2021; ``v(k) = min(k / reviewkd_warmup_steps, 1)``)
+recipes are ``configs/{dkd,dist,pkt,vid,crd,reviewkd}_cifar10.yaml``; the last two are in ``crd.py``, ``reviewkd.py``.
 """
 
 from __future__ import annotations
@@ -38,13 +40,15 @@ from torch import nn
 from lightning_modules.distillation import losses as kd_losses
 from lightning_modules.distillation.feature_hooks import FeatureHooks
 from lightning_modules.distillation.logit_losses import LOGIT_LOSSES, check_logit_loss
+from lightning_modules.distillation.crd import CRDLoss
 from lightning_modules.distillation.probabilistic_losses import VIDRegressor, pkt_loss
+from lightning_modules.distillation.reviewkd import ReviewFusion, hierarchical_context_loss
 from lightning_modules.distillation.teacher_loading import load_teacher
 from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 from lightning_modules.classification.task import refuse_rdrop
 from lightning_modules.core.optimization import linear_rampup
 
-RELATION_TERMS = ("rkd_distance", "rkd_angle", "sp", "cskd", "pkt")
+RELATION_TERMS = ("rkd_distance", "rkd_angle", "sp", "cskd", "pkt", "crd")
 
 
 class KDStudent(SemiSupervisedModule):
@@ -71,6 +75,10 @@ class KDStudent(SemiSupervisedModule):
         relation_layer: ``[student_path, teacher_path]`` of the embeddings that the relation
             losses compare (default: the inputs of the ``fc`` heads, i.e. pooled features).
         rkd_distance_weight, rkd_angle_weight, sp_weight, cskd_weight, pkt_weight: relation-loss weights.
+        crd_weight, crd_kwargs: CRD on ``relation_layer``, with :class:`CRDLoss`'s options (memories sized from the
+            DataModule's ``num_indices``; ``num_samples`` without one).
+        reviewkd_layers, reviewkd_weight, reviewkd_warmup_steps: ReviewKD over pairs ordered shallow to deep
+            (ABF modules sized from the probe), its weight ramped linearly from 0 over the warm-up steps.
         distill_unlabeled: also distil on the DataModule's unlabeled (weak view) images.
         image_size: side of the training images, used to size the FitNets connectors and VID regressors.
         test_teacher: also log the teacher's accuracy on the test images (``test/teacher_acc``).
@@ -104,6 +112,11 @@ class KDStudent(SemiSupervisedModule):
         sp_weight: float = 0.0,
         cskd_weight: float = 0.0,
         pkt_weight: float = 0.0,
+        crd_weight: float = 0.0,
+        crd_kwargs: dict[str, Any] | None = None,
+        reviewkd_layers: list[list[str]] | None = None,
+        reviewkd_weight: float = 5.0,
+        reviewkd_warmup_steps: int = 0,
         distill_unlabeled: bool = False,
         image_size: int = 32,
         test_teacher: bool = True,
@@ -124,17 +137,27 @@ class KDStudent(SemiSupervisedModule):
         self.vid_pairs = [tuple(p) for p in vid_layers or []]
         self.relation_pair = tuple(relation_layer or ("fc:input", "fc:input"))
         self.relation_weights = {"rkd_distance": rkd_distance_weight, "rkd_angle": rkd_angle_weight,
-                                 "sp": sp_weight, "cskd": cskd_weight, "pkt": pkt_weight}
-        for pair in self.hint_pairs + self.at_pairs + self.vid_pairs + [self.relation_pair]:
+                                 "sp": sp_weight, "cskd": cskd_weight, "pkt": pkt_weight, "crd": crd_weight}
+        self.review_pairs = [tuple(p) for p in reviewkd_layers or []]
+        for pair in self.hint_pairs + self.at_pairs + self.vid_pairs + self.review_pairs + [self.relation_pair]:
             if len(pair) != 2:
                 raise ValueError(f"layer pairs are [student_path, teacher_path], got {list(pair)}")
         self.connectors = self._build_heads(self.hint_pairs, image_size,
                                             lambda s, t: kd_losses.build_connector(s, t, relu=connector_relu))
         self.vid_heads = self._build_heads(self.vid_pairs, image_size, lambda s, t: VIDRegressor(s.shape[1], t.shape[1]))
+        self.crd = self.review = None
+        if crd_weight:
+            s, t = self._probe_pairs([self.relation_pair], image_size)
+            self.crd = CRDLoss(s[0][0].numel(), t[0][0].numel(), **(crd_kwargs or {}))
+            # equal on every rank by construction: DDP need not broadcast N x feat_dim rows per forward
+            self._ddp_params_and_buffers_to_ignore = ["crd.memory_student", "crd.memory_teacher"]
+        if self.review_pairs:
+            s, t = self._probe_pairs(self.review_pairs, image_size)
+            self.review = ReviewFusion([f[0].shape for f in s], [f[0].shape for f in t])
 
     # --- set-up ----------------------------------------------------------------------------
     def _paths(self) -> tuple[list[str], list[str]]:
-        pairs = self.hint_pairs + self.at_pairs + self.vid_pairs
+        pairs = self.hint_pairs + self.at_pairs + self.vid_pairs + self.review_pairs
         if any(self.relation_weights.values()):
             pairs = pairs + [self.relation_pair]
         return list(dict.fromkeys(s for s, _ in pairs)), list(dict.fromkeys(t for _, t in pairs))
@@ -144,10 +167,14 @@ class KDStudent(SemiSupervisedModule):
         """One trained module per pair (FitNets connectors, VID regressors), sized from a probe of the features."""
         if not pairs:
             return nn.ModuleList()
+        return nn.ModuleList(make(s, t) for s, t in zip(*self._probe_pairs(pairs, image_size)))
+
+    def _probe_pairs(self, pairs: list[tuple[str, str]], image_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The student's and the teacher's features of ``pairs`` on a probe batch of two images."""
         probe = torch.zeros(2, self.hparams.in_channels, image_size, image_size)
         student_features = self._probe(self.net, [s for s, _ in pairs], probe)
         teacher_features = self._probe(self.teacher, [t for _, t in pairs], probe)
-        return nn.ModuleList(make(student_features[s], teacher_features[t]) for s, t in pairs)
+        return [student_features[s] for s, _ in pairs], [teacher_features[t] for _, t in pairs]
 
     @staticmethod
     @torch.no_grad()
@@ -166,7 +193,14 @@ class KDStudent(SemiSupervisedModule):
         return self
 
     def trainable_modules(self) -> list[nn.Module]:
-        return super().trainable_modules() + [self.connectors, self.vid_heads]
+        extra = [m for m in (self.crd, self.review) if m is not None]  # CRD's embedding heads, ReviewKD's ABFs
+        return super().trainable_modules() + [self.connectors, self.vid_heads] + extra
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        size = self.data_facts.num_indices if self.data_facts is not None else None
+        if self.crd is not None and size is not None and self.crd.num_samples != size:  # a resumed run keeps its memories
+            self.crd.reset_memory(size)
 
     # --- training --------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -196,8 +230,26 @@ class KDStudent(SemiSupervisedModule):
                 [student[s] for s, _ in self.at_pairs], [teacher[t] for _, t in self.at_pairs])
         if self.vid_pairs:
             losses["vid_loss"] = sum(head(student[s], teacher[t]) for head, (s, t) in zip(self.vid_heads, self.vid_pairs))
+        if self.review_pairs:
+            losses["reviewkd_loss"] = hierarchical_context_loss(
+                self.review([student[s] for s, _ in self.review_pairs]), [teacher[t] for _, t in self.review_pairs])
         losses.update(self._relation_losses(student, teacher, torch.cat(targets)))
+        if self.crd is not None:
+            index = torch.cat([labeled["index"]] + ([unlabeled["index"]] if len(images) > 1 else []))
+            losses["crd_loss"], observation = self.crd(student[self.relation_pair[0]], teacher[self.relation_pair[1]],
+                                                       index, self.global_step, mean=lambda z: self._gather(z[None]).mean(0))
+            self.step_state.propose(self.update_crd_memory, *observation)
         return losses
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` of every rank, concatenated (as is in one process); every rank passes the same shape."""
+        world = self._trainer.world_size if self._trainer is not None else 1
+        return rows if world == 1 else self.all_gather(rows).flatten(0, 1)
+
+    @torch.no_grad()
+    def update_crd_memory(self, *observation: torch.Tensor) -> None:
+        """CRD's memory update from every rank's rows (the commit), so every rank holds the same memories."""
+        self.crd.update_(*(self._gather(t) for t in observation))
 
     def _relation_losses(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                          targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -226,6 +278,8 @@ class KDStudent(SemiSupervisedModule):
             loss = loss + hp.at_weight * losses["at_loss"]
         if "vid_loss" in losses:
             loss = loss + hp.vid_weight * losses["vid_loss"]
+        if "reviewkd_loss" in losses:  # ReviewKD's min(1, epoch / 20): 0 at the first step
+            loss = loss + hp.reviewkd_weight * linear_rampup(self.global_step, hp.reviewkd_warmup_steps) * losses["reviewkd_loss"]
         for term in RELATION_TERMS:
             if f"{term}_loss" in losses:
                 loss = loss + self.relation_weights[term] * losses[f"{term}_loss"]

@@ -2,7 +2,7 @@
 
 The extra passes of the adversarial callbacks evaluate the loss again, at perturbed weights. The
 running state (FlexMatch's memory, FreeMatch's and SoftMatch's moving averages, ReMixMatch's class
-marginal, Temporal Ensembling's ensemble, online label smoothing's sums) must move once per
+marginal, Temporal Ensembling's ensemble, online label smoothing's sums, CRD's memories) must move once per
 optimizer step, from the clean pass (docs/design.md, "Running state").
 
 Each case trains N steps on real digits through the real callback (run A) and records, at every
@@ -17,7 +17,10 @@ nothing).
 from __future__ import annotations
 
 import copy
+import functools
 import operator
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,12 +28,23 @@ from lightning import Callback
 
 from callbacks import FGM, PGD
 from datamodules import DigitsSSL
-from lightning_modules import (AdaMatch, Dash, FlexMatch, FreeMatch, LabelPropagation, ReMixMatch, SoftMatch,
-                               Supervised, TemporalEnsembling)
+from lightning_modules import (AdaMatch, Dash, FlexMatch, FreeMatch, KDStudent, LabelPropagation, ReMixMatch,
+                               SoftMatch, Supervised, TemporalEnsembling)
+from lightning_modules.classification.networks import build_network
 from tests.ssl_helpers import SMALL_NET, make_trainer
 
 STEPS = 3
 NET = dict(SMALL_NET, ema_decay=None)
+
+
+@functools.cache
+def _teacher() -> str:
+    """A fixed random wrn10_1 teacher file for CRD (the global RNG left as it was)."""
+    path = Path(tempfile.mkdtemp()) / "teacher.pt"
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        torch.save(build_network("wrn10_1", num_classes=10, in_channels=1).state_dict(), path)
+    return str(path)
 
 #: method -> (a fresh model, the names of its running state); thresholds low and momenta short so
 #: that three steps move the state visibly on a freshly initialized network
@@ -47,6 +61,9 @@ METHODS = {
                          ("pseudo_labels", "pseudo_weights", "class_weights")),
     "OnlineLabelSmoothing": (lambda: Supervised(criterion="online_label_smoothing", **NET),
                              ("criterion.accumulated", "criterion.counts", "criterion.soft_labels")),
+    "CRD": (lambda: KDStudent(teacher=_teacher(), teacher_network="wrn10_1", crd_weight=0.8, crd_kwargs={"nce_k": 64},
+                              distill_unlabeled=True, image_size=8, **NET),
+            ("crd.memory_student", "crd.memory_teacher", "crd.normalizer")),
 }
 ATTACKS = {
     "FGM": lambda: FGM(param_names=["stem"], epsilon=0.1),
