@@ -1,0 +1,146 @@
+"""Feature memories of the similarity methods: CoMatch's queue, SimMatch's labeled bank, and the queue of
+recent batch means their distribution alignment divides by. ``nn.Module``s with no Lightning in them.
+
+Each holds its state in buffers (in the owner's ``state_dict``: a resumed run continues with the same
+memory), is read by the loss as committed, and is written only by its ``update_``, which the owner
+proposes through ``step_state`` and the base calls once per optimizer step (docs/design.md, "Running
+state"). The owner passes rows gathered from every rank (``threshold_state.gather_rows``, rank 0's rows
+first), so every rank writes the same rows in the same order and DDP's broadcast of buffers from rank 0
+changes nothing. ``pushed``/``marginal`` give what a step's rows would make, without writing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.ssl.threshold_state import write_last_
+
+
+class FeatureQueue(nn.Module):
+    """A ring of the last ``size`` rows of (L2-normalized embedding, class probabilities), oldest overwritten.
+
+    CoMatch's memory (USB ``semilearn/algorithms/comatch/comatch.py`` lines 121-126, 147-160): zeros at the
+    start, rows written at ``ptr`` which then advances modulo ``size``. USB drops a step's rows that pass the
+    end (its size is a multiple of the rows a step pushes, so it never does in its recipes); here they wrap
+    to the start, as a ring does. ``count`` is how many rows were ever pushed (``is_full``).
+    """
+
+    def __init__(self, size: int, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"the queue size must be positive, got {size}")
+        self.register_buffer("features", torch.zeros(size, feature_dim))
+        self.register_buffer("probs", torch.zeros(size, num_classes))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return len(self.features)
+
+    def is_full(self) -> torch.Tensor:
+        """Whether every row holds a pushed sample (a bool tensor: no host synchronization)."""
+        return self.count >= self.size
+
+    def slots(self, num_rows: int) -> torch.Tensor:
+        """The rows the next ``num_rows`` pushed rows land in (the last ``size`` of them, if more)."""
+        num_rows = min(num_rows, self.size)
+        return (self.ptr + torch.arange(num_rows, device=self.ptr.device)) % self.size
+
+    @torch.no_grad()
+    def update_(self, features: torch.Tensor, probs: torch.Tensor) -> None:
+        """Push the rows in order (the commit)."""
+        features, probs = features[-self.size:], probs[-self.size:]
+        slots = self.slots(len(features))
+        self.features[slots] = features.to(self.features.dtype)
+        self.probs[slots] = probs.to(self.probs.dtype)
+        self.ptr.copy_((self.ptr + len(features)) % self.size)
+        self.count.add_(len(features))
+
+
+class LabeledBank(nn.Module):
+    """One L2-normalized embedding and the class of each labeled sample: SimMatch's labeled memory bank.
+
+    USB ``semilearn/algorithms/simmatch/simmatch.py`` lines 108-112 (random unit rows, labels 0, until a
+    sample is first seen) and 133-143: a seen sample's row becomes ``normalize(m * row + (1 - m) * z)``
+    (``m = 0.7`` for the CIFAR-like data sets, lines 92-94; ``m = 0`` replaces it, USB's other data sets)
+    and its label the sample's. A sample seen twice in one step keeps its last row (``write_last_``).
+
+    Rows are addressed by slot ``0 .. K - 1``; :meth:`slots_of` turns a batch's ``index`` into slots
+    through the sorted ``labeled_indices`` buffer. ``resize_`` makes it the size of a labeled split.
+    """
+
+    def __init__(self, feature_dim: int, momentum: float = 0.7, size: int = 0) -> None:
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"the bank momentum must lie in [0, 1), got {momentum}")
+        self.feature_dim, self.momentum = feature_dim, momentum
+        self.register_buffer("features", torch.zeros(0, feature_dim))
+        self.register_buffer("labels", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("labeled_indices", torch.zeros(0, dtype=torch.long))
+        if size:
+            self.resize_(torch.arange(size))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def resize_(self, labeled_indices: torch.Tensor) -> None:
+        """A fresh bank with one row per labeled index: unit random rows (a fixed seed: every rank draws the
+        same), label 0."""
+        generator = torch.Generator().manual_seed(0)
+        rows = torch.randn(len(labeled_indices), self.feature_dim, generator=generator)
+        device = self.features.device
+        self.features = F.normalize(rows, dim=1).to(device)
+        self.labels = torch.zeros(len(labeled_indices), dtype=torch.long, device=device)
+        self.labeled_indices = labeled_indices.to(device=device, dtype=torch.long).sort().values
+
+    def slots_of(self, index: torch.Tensor) -> torch.Tensor:
+        """The bank row of each labeled ``index``."""
+        return torch.searchsorted(self.labeled_indices, index.to(self.labeled_indices.device))
+
+    @torch.no_grad()
+    def update_(self, slots: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Move the rows of ``slots`` towards ``features`` and set their labels (the commit)."""
+        moved = F.normalize(self.momentum * self.features[slots] + (1.0 - self.momentum) * features.float(), dim=1)
+        write_last_(self.features, slots, moved)
+        write_last_(self.labels, slots, labels)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in ("features", "labels", "labeled_indices"):  # a checkpoint's bank has its split's size
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class MarginalQueue(nn.Module):
+    """The last ``length`` batch-mean predictions, for distribution alignment's ``p_model``.
+
+    USB's ``DistAlignQueueHook`` (``semilearn/algorithms/hooks/dist_align.py`` lines 77-137), which CoMatch
+    and SimMatch use with ``da_len = 32``: a queue of zero rows, the batch mean written at the pointer
+    *before* aligning, and ``p_model`` the mean over all ``length`` rows, zero rows included.
+    """
+
+    def __init__(self, length: int, num_classes: int) -> None:
+        super().__init__()
+        if length < 1:
+            raise ValueError(f"the distribution-alignment queue length must be positive, got {length}")
+        self.register_buffer("means", torch.zeros(length, num_classes))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    def marginal(self, batch_mean: torch.Tensor) -> torch.Tensor:
+        """``p_model`` once ``batch_mean`` is pushed; writes nothing."""
+        means = self.means.clone()
+        means[self.ptr] = batch_mean.to(means.dtype)
+        return means.mean(dim=0)
+
+    @torch.no_grad()
+    def update_(self, batch_means: torch.Tensor) -> None:
+        """Push each row (one per micro-batch of the step) (the commit)."""
+        for row in batch_means:
+            self.means[self.ptr] = row.to(self.means.dtype)
+            self.ptr.copy_((self.ptr + 1) % len(self.means))
