@@ -47,19 +47,19 @@ class FeatureQueue(nn.Module):
         return self.count >= self.size
 
     def slots(self, num_rows: int) -> torch.Tensor:
-        """The rows the next ``num_rows`` pushed rows land in (the last ``size`` of them, if more)."""
-        num_rows = min(num_rows, self.size)
-        return (self.ptr + torch.arange(num_rows, device=self.ptr.device)) % self.size
+        """Where the last ``min(num_rows, size)`` of ``num_rows`` pushed rows land (earlier ones are overwritten)."""
+        kept = min(num_rows, self.size)
+        return (self.ptr + (num_rows - kept) + torch.arange(kept, device=self.ptr.device)) % self.size
 
     @torch.no_grad()
     def update_(self, features: torch.Tensor, probs: torch.Tensor) -> None:
         """Push the rows in order (the commit)."""
-        features, probs = features[-self.size:], probs[-self.size:]
-        slots = self.slots(len(features))
-        self.features[slots] = features.to(self.features.dtype)
-        self.probs[slots] = probs.to(self.probs.dtype)
-        self.ptr.copy_((self.ptr + len(features)) % self.size)
-        self.count.add_(len(features))
+        num_rows = len(features)
+        slots = self.slots(num_rows)
+        self.features[slots] = features[num_rows - len(slots):].to(self.features.dtype)
+        self.probs[slots] = probs[num_rows - len(slots):].to(self.probs.dtype)
+        self.ptr.copy_((self.ptr + num_rows) % self.size)
+        self.count.add_(num_rows)
 
 
 class LabeledBank(nn.Module):

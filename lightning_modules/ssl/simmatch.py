@@ -72,7 +72,11 @@ class SimMatch(EmbeddingMethod):
         self.bank = LabeledBank(proj_size, bank_momentum, size=num_labeled or 0)
 
     def on_fit_start(self) -> None:
+        self.size_bank()
         super().on_fit_start()
+
+    def size_bank(self) -> None:
+        """A row per labeled sample of the DataModule's split, unless the bank (a resumed run's) has them."""
         facts = self.data_facts
         labeled = facts.labeled_indices if facts is not None else None
         if labeled is None:
