@@ -21,8 +21,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from datamodules import COCODetection, DigitsSSL, SegmentationFolders
-from lightning_modules import (CPS, AdaMatch, Dash, Detector, FixMatch, FlexMatch, KDStudent, SegFixMatch, Supervised,
-                               TemporalEnsembling)
+from lightning_modules import (CPS, AdaMatch, CoMatch, Dash, Detector, FixMatch, FlexMatch, KDStudent, SegFixMatch,
+                               SimMatch, Supervised, TemporalEnsembling)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`", "ignore:Checkpoint directory")
 
@@ -172,6 +172,20 @@ def test_adamatch_marginals_resume_exactly_mid_epoch(tmp_path):
     full = assert_resume_is_exact(lambda: AdaMatch(ema_momentum=0.5, **NET), digits(), tmp_path, stop=2,
                                   checkpoint=dict(every_n_train_steps=2), max_steps=4)
     assert full["state_dict"]["da_model_marginal"].sum() > 0, "the marginal never moved: a vacuous test"
+
+
+def test_simmatch_bank_resumes_exactly_mid_epoch(tmp_path):
+    # the bank is sized from the split at fit start; the resumed run takes it (and its rows) from the checkpoint
+    full = assert_resume_is_exact(lambda: SimMatch(bank_warmup_epochs=0, **NET), digits(), tmp_path, stop=2,
+                                  checkpoint=dict(every_n_train_steps=2), max_steps=4)
+    assert len(full["state_dict"]["bank.labels"]) == 50 and full["state_dict"]["bank.labels"].any(), "vacuous"
+
+
+def test_comatch_queue_resumes_exactly_mid_epoch(tmp_path):
+    # a queue of two steps' rows (8 + 16 each): the resumed steps smooth with the restored queue
+    full = assert_resume_is_exact(lambda: CoMatch(queue_size=48, bank_warmup_epochs=0, **NET), digits(), tmp_path,
+                                  stop=2, checkpoint=dict(every_n_train_steps=2), max_steps=4)
+    assert int(full["state_dict"]["queue.count"]) == 4 * 24
 
 
 def test_dash_rho_estimate_resumes_exactly_inside_its_window(tmp_path):

@@ -25,8 +25,8 @@ from lightning import Callback
 
 from callbacks import FGM, PGD
 from datamodules import DigitsSSL
-from lightning_modules import (AdaMatch, Dash, FlexMatch, FreeMatch, ReMixMatch, SoftMatch, Supervised,
-                               TemporalEnsembling)
+from lightning_modules import (AdaMatch, CoMatch, Dash, FlexMatch, FreeMatch, ReMixMatch, SimMatch, SoftMatch,
+                               Supervised, TemporalEnsembling)
 from tests.ssl_helpers import SMALL_NET, make_trainer
 
 STEPS = 3
@@ -42,6 +42,9 @@ METHODS = {
     "AdaMatch": (lambda: AdaMatch(ema_momentum=0.5, **NET), ("da_model_marginal", "da_target_marginal")),
     "Dash": (lambda: Dash(supervised_warmup_steps=STEPS, rho_window=STEPS, **NET), ("rho_loss_sum", "rho_loss_count")),
     "TemporalEnsembling": (lambda: TemporalEnsembling(**NET), ("ensemble", "update_counts")),
+    "SimMatch": (lambda: SimMatch(bank_warmup_epochs=0, **NET), ("bank.features", "bank.labels", "dist_align.means")),
+    "CoMatch": (lambda: CoMatch(queue_size=40, bank_warmup_epochs=0, **NET),
+                ("queue.features", "queue.probs", "queue.ptr", "dist_align.means")),
     "OnlineLabelSmoothing": (lambda: Supervised(criterion="online_label_smoothing", **NET),
                              ("criterion.accumulated", "criterion.counts", "criterion.soft_labels")),
 }
