@@ -22,13 +22,27 @@ def graph_contrastive_loss(embeddings: torch.Tensor, others: torch.Tensor, targe
     return -(torch.log(similarity + 1e-7) * target_graph).sum(dim=1).mean()
 
 
-def pseudo_label_graph(probs: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """``Q = rownorm(1[Q' >= cutoff] Q')`` with ``Q' = p p^T``, its diagonal set to 1 (each sample its own
-    positive)."""
-    graph = probs @ probs.T
-    graph.fill_diagonal_(1.0)
+def pseudo_label_graph(probs: torch.Tensor, cutoff: float, all_probs: torch.Tensor | None = None,
+                       offset: int = 0) -> torch.Tensor:
+    """``Q = rownorm(1[Q' >= cutoff] Q')`` with ``Q' = p p^T``, each sample its own positive (``Q'_bb = 1``).
+
+    Under DDP the rows are this rank's samples and the columns every rank's (``all_probs``, in which this
+    rank's rows start at ``offset``): the rows of the graph of the global batch."""
+    all_probs = probs if all_probs is None else all_probs
+    graph = probs @ all_probs.T
+    own = torch.arange(len(probs), device=probs.device)
+    graph[own, own + offset] = 1.0
     graph = graph * (graph >= cutoff).to(graph.dtype)
     return graph / graph.sum(dim=1, keepdim=True)
+
+
+def gather_with_gradient(module: Any, tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``tensor`` from every rank (rank 0's rows first; the gradient flows back to each rank's own rows) and
+    where this rank's rows start; ``(tensor, 0)`` in one process."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None or trainer.world_size == 1:
+        return tensor, 0
+    return module.all_gather(tensor, sync_grads=True).flatten(0, 1), trainer.global_rank * len(tensor)
 
 
 class CoMatch(EmbeddingMethod):
@@ -51,8 +65,9 @@ class CoMatch(EmbeddingMethod):
     ``hooks/dist_align.py`` lines 77-137 (the alignment queue), pinned over several steps by
     ``tests/lightning_modules/ssl/test_simmatch_comatch.py``. USB starts smoothing at ``epoch > 0 and
     it > queue_batch``; here after ``bank_warmup_epochs`` once more rows than the queue holds were pushed
-    (the same step when a step pushes ``queue_size / queue_batch`` rows, as in USB's recipes). The graph and the contrastive loss use each rank's batch, as USB's; the queue and the
-    alignment queue every rank's rows.
+    (the same step when a step pushes ``queue_size / queue_batch`` rows, as in USB's recipes). Under DDP the graphs span every rank's batch (each rank
+    the rows of its own samples; USB builds them per rank), so two ranks train as one process on the global
+    batch would; the queue and the alignment queue take every rank's rows, as USB's.
 
     Recipe as USB runs it (CIFAR-10 40 labels, WRN-28-2, ``config/classic_cv/comatch/comatch_cifar10_40_0.yaml``):
     T = 0.2, tau = 0.95, contrast_p_cutoff 0.8, lambda_c = 1, alpha = 0.9, proj_size 64, queue of 5 steps'
@@ -76,7 +91,8 @@ class CoMatch(EmbeddingMethod):
     def __init__(self, temperature: float = 0.2, threshold: float = 0.95, contrast_threshold: float = 0.8,
                  smoothing_alpha: float = 0.9, queue_size: int = 2560, contrast_loss_weight: float = 1.0,
                  proj_size: int = 64, **kwargs: Any) -> None:
-        super().__init__(proj_size=proj_size, extra_loss_weight=contrast_loss_weight, **kwargs)
+        super().__init__(proj_size=proj_size, **kwargs)
+        self.extra_loss_weight = contrast_loss_weight
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         for name, value in (("threshold", threshold), ("contrast_threshold", contrast_threshold),
@@ -99,14 +115,17 @@ class CoMatch(EmbeddingMethod):
             smoothed = torch.where(use_memory, smoothed, probs)
             confidence, pseudo_labels = smoothed.max(dim=1)
             mask = (confidence >= self.threshold).to(probs.dtype)
-            graph = pseudo_label_graph(smoothed, self.contrast_threshold)
+            all_smoothed = gather_rows(self, smoothed)
+        others, offset = gather_with_gradient(self, embeddings["strong2"])
+        graph = pseudo_label_graph(smoothed, self.contrast_threshold, all_smoothed, offset)
         one_hot = F.one_hot(labeled["target"], self.hparams.num_classes).to(probs.dtype)
-        rows = (torch.cat([weak_embeddings, embeddings["labeled"].detach()]), torch.cat([probs, one_hot]))
-        self.step_state.propose(self.queue.update_, *(gather_rows(self, t) for t in rows))
+        # every rank's unlabeled rows, then every rank's labeled rows: the order one process has on the global batch
+        rows = [[gather_rows(self, t) for t in pair] for pair in ((weak_embeddings, embeddings["labeled"].detach()),
+                                                                  (probs, one_hot))]
+        self.step_state.propose(self.queue.update_, *(torch.cat(pair) for pair in rows))
         return {
             "unlabeled_loss": masked_cross_entropy(logits["strong"], smoothed, mask),
-            "contrast_loss": graph_contrastive_loss(embeddings["strong"], embeddings["strong2"], graph,
-                                                    self.temperature),
+            "contrast_loss": graph_contrastive_loss(embeddings["strong"], others, graph, self.temperature),
             "mask_ratio": mask.mean(),
             "pseudo_label_acc": masked_accuracy(pseudo_labels, unlabeled["target"], mask),
         }

@@ -17,23 +17,23 @@ from lightning_modules.ssl.threshold_state import gather_rows
 
 
 class EmbeddingMethod(SemiSupervisedModule):
-    """Base of the methods with a projection head (CoMatch, SimMatch); a subclass writes ``embedding_loss``.
+    """Base of the methods with a projection head (CoMatch, SimMatch); a subclass writes ``embedding_loss`` and
+    sets ``extra_loss_weight``, the weight of its term ``extra_loss``.
 
     Args:
         proj_size: embedding width (USB: 64 for CoMatch on CIFAR-10, 128 otherwise).
         projection_heads: MLPs averaged in the head (1: the papers'; 3: USB's EPASS recipes).
         dist_align_length: batch means in the distribution-alignment queue (USB ``da_len``: 32); 0 turns
             alignment off.
-        extra_loss_weight: the weight of the subclass's extra term (``extra_loss``).
         bank_warmup_epochs: epochs before the memory terms start (USB: 1, its ``self.epoch > 0``).
         **kwargs: :class:`SemiSupervisedModule` arguments.
     """
 
-    #: the name of the subclass's extra loss term, weighted by ``extra_loss_weight``
-    extra_loss = "extra_loss"
+    #: the name of the subclass's extra loss term, and its weight
+    extra_loss, extra_loss_weight = "extra_loss", 1.0
 
     def __init__(self, proj_size: int = 128, projection_heads: int = 1, dist_align_length: int = 32,
-                 extra_loss_weight: float = 1.0, bank_warmup_epochs: int = 1, **kwargs: Any) -> None:
+                 bank_warmup_epochs: int = 1, **kwargs: Any) -> None:
         refuse_rdrop(type(self).__name__, kwargs.get("rdrop_weight", 0.0))  # its own forward (compute_losses)
         super().__init__(**kwargs)
         if dist_align_length < 0:
@@ -42,7 +42,7 @@ class EmbeddingMethod(SemiSupervisedModule):
         self.projection = ProjectionHead(width, proj_size, projection_heads)
         if bank_warmup_epochs < 0:
             raise ValueError(f"bank_warmup_epochs must be 0 or more, got {bank_warmup_epochs}")
-        self.extra_loss_weight, self.bank_warmup_epochs = extra_loss_weight, bank_warmup_epochs
+        self.bank_warmup_epochs = bank_warmup_epochs
         self.dist_align = MarginalQueue(dist_align_length, self.hparams.num_classes) if dist_align_length else None
 
     # --- pieces the subclasses use ---------------------------------------------------------

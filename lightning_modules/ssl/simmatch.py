@@ -61,7 +61,8 @@ class SimMatch(EmbeddingMethod):
     def __init__(self, temperature: float = 0.1, threshold: float = 0.95, smoothing_alpha: float = 0.9,
                  bank_momentum: float = 0.7, num_labeled: int | None = None, in_loss_weight: float = 1.0,
                  proj_size: int = 128, **kwargs: Any) -> None:
-        super().__init__(proj_size=proj_size, extra_loss_weight=in_loss_weight, **kwargs)
+        super().__init__(proj_size=proj_size, **kwargs)
+        self.extra_loss_weight = in_loss_weight
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if not 0.0 <= threshold <= 1.0:

@@ -230,6 +230,9 @@ def test_real_digits_step_matches_reference_forward(method):
     torch.testing.assert_close(losses["unlabeled_loss"], unsup, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(losses[name], extra, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(losses["mask_ratio"], mask.mean(), atol=1e-4, rtol=1e-4)
+    # USB's total: sup_loss + lambda_u unsup_loss + lambda_in in_loss / lambda_c contrast_loss (all 1)
+    total = F.cross_entropy(logits[:n], lb["target"]) + unsup + extra
+    torch.testing.assert_close(model.total_loss(losses), total, atol=1e-4, rtol=1e-4)
     assert 0 < float(mask.mean()) and float(extra) > 0
 
 
