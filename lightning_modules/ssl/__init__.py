@@ -18,6 +18,7 @@ from lightning_modules.ssl.pseudo_label import PseudoLabel
 from lightning_modules.ssl.refixmatch import ReFixMatch
 from lightning_modules.ssl.remixmatch import ReMixMatch
 from lightning_modules.ssl.simmatch import SimMatch
+from lightning_modules.ssl.simmatchv2 import SimMatchV2
 from lightning_modules.ssl.softmatch import SoftMatch
 from lightning_modules.ssl.temporal_ensembling import TemporalEnsembling
 from lightning_modules.ssl.uda import UDA
@@ -25,4 +26,4 @@ from lightning_modules.ssl.vat import VAT
 
 __all__ = ["PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch", "UDA", "ReMixMatch",
            "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DeFixMatch", "ReFixMatch", "SimMatch", "CoMatch"]
+           "DeFixMatch", "ReFixMatch", "SimMatch", "CoMatch", "SimMatchV2"]

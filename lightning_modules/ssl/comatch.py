@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.ssl.embedding_method import EmbeddingMethod
+from lightning_modules.ssl.embedding_method import QueueAlignedMethod
 from lightning_modules.ssl.losses import masked_accuracy, masked_cross_entropy
 from lightning_modules.ssl.memory_bank import FeatureQueue
 from lightning_modules.ssl.threshold_state import gather_rows
@@ -45,7 +45,7 @@ def gather_with_gradient(module: Any, tensor: torch.Tensor) -> tuple[torch.Tenso
     return module.all_gather(tensor, sync_grads=True).flatten(0, 1), trainer.global_rank * len(tensor)
 
 
-class CoMatch(EmbeddingMethod):
+class CoMatch(QueueAlignedMethod):
     """Class probabilities and embeddings trained together: memory-smoothed pseudo-labels and a contrastive
     loss whose targets are the pseudo-label graph.
 
@@ -82,7 +82,7 @@ class CoMatch(EmbeddingMethod):
         queue_size: rows of the memory (USB: ``queue_batch * (1 + mu) * B``).
         contrast_loss_weight: lambda_c.
         proj_size: the embedding width (USB's CIFAR recipes: 64).
-        **kwargs: :class:`EmbeddingMethod` arguments.
+        **kwargs: :class:`QueueAlignedMethod` arguments.
     """
 
     unlabeled_views = ("weak", "strong", "strong2")

@@ -24,16 +24,19 @@ class FeatureQueue(nn.Module):
     """A ring of the last ``size`` rows of (L2-normalized embedding, class probabilities), oldest overwritten.
 
     CoMatch's memory (USB ``semilearn/algorithms/comatch/comatch.py`` lines 121-126, 147-160): zeros at the
-    start, rows written at ``ptr`` which then advances modulo ``size``. USB drops a step's rows that pass the
+    start (SimMatchV2's: unit random embeddings, zero probabilities, ``random_features``), rows written at ``ptr`` which then advances modulo ``size``. USB drops a step's rows that pass the
     end (its size is a multiple of the rows a step pushes, so it never does in its recipes); here they wrap
     to the start, as a ring does. ``count`` is how many rows were ever pushed (``is_full``).
     """
 
-    def __init__(self, size: int, feature_dim: int, num_classes: int) -> None:
+    def __init__(self, size: int, feature_dim: int, num_classes: int, random_features: bool = False) -> None:
         super().__init__()
         if size < 1:
             raise ValueError(f"the queue size must be positive, got {size}")
-        self.register_buffer("features", torch.zeros(size, feature_dim))
+        features = torch.zeros(size, feature_dim)
+        if random_features:  # SimMatchV2's start: unit random rows (a fixed seed: every rank draws the same)
+            features = F.normalize(torch.randn(size, feature_dim, generator=torch.Generator().manual_seed(0)), dim=1)
+        self.register_buffer("features", features)
         self.register_buffer("probs", torch.zeros(size, num_classes))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
@@ -82,6 +85,7 @@ class LabeledBank(nn.Module):
         self.register_buffer("features", torch.zeros(0, feature_dim))
         self.register_buffer("labels", torch.zeros(0, dtype=torch.long))
         self.register_buffer("labeled_indices", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))  # rows written at least once
         if size:
             self.resize_(torch.arange(size))
 
@@ -97,6 +101,7 @@ class LabeledBank(nn.Module):
         self.features = F.normalize(rows, dim=1).to(device)
         self.labels = torch.zeros(len(labeled_indices), dtype=torch.long, device=device)
         self.labeled_indices = labeled_indices.to(device=device, dtype=torch.long).sort().values
+        self.seen = torch.zeros(len(labeled_indices), dtype=torch.bool, device=device)
 
     def slots_of(self, index: torch.Tensor) -> torch.Tensor:
         """The bank row of each labeled ``index``."""
@@ -108,13 +113,26 @@ class LabeledBank(nn.Module):
         moved = F.normalize(self.momentum * self.features[slots] + (1.0 - self.momentum) * features.float(), dim=1)
         write_last_(self.features, slots, moved)
         write_last_(self.labels, slots, labels)
+        self.seen[slots] = True
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        for name in ("features", "labels", "labeled_indices"):  # a checkpoint's bank has its split's size
+        for name in ("features", "labels", "labeled_indices", "seen"):  # a checkpoint's bank has its split's size
             saved = state_dict.get(prefix + name)
             if saved is not None and saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def size_labeled_bank(bank: LabeledBank, facts: Any, method: str) -> None:
+    """A row per labeled sample of the DataModule's split, unless the bank (a resumed run's) has them."""
+    labeled = facts.labeled_indices if facts is not None else None
+    if labeled is None:
+        if len(bank) == 0:
+            raise ValueError(f"{method} needs the labeled set: use a DataModule that publishes data_facts() "
+                             f"with labeled_indices (every labelwise DataModule does) or pass num_labeled")
+        return
+    if not torch.equal(bank.labeled_indices.cpu(), labeled.sort().values.cpu()):
+        bank.resize_(labeled)
 
 
 class MarginalQueue(nn.Module):

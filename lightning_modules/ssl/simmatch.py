@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from lightning_modules.ssl.embedding_method import EmbeddingMethod
+from lightning_modules.ssl.embedding_method import QueueAlignedMethod
 from lightning_modules.ssl.losses import masked_accuracy, masked_cross_entropy
-from lightning_modules.ssl.memory_bank import LabeledBank
+from lightning_modules.ssl.memory_bank import LabeledBank, size_labeled_bank
 from lightning_modules.ssl.threshold_state import gather_rows
 
 
-class SimMatch(EmbeddingMethod):
+class SimMatch(QueueAlignedMethod):
     """FixMatch whose soft pseudo-labels are mixed with labels propagated from a labeled memory bank, plus a
     similarity-matching loss over that bank.
 
@@ -52,7 +52,7 @@ class SimMatch(EmbeddingMethod):
             the labeled batches' ``index`` must then be ``0 .. num_labeled - 1``.
         in_loss_weight: lambda_in.
         proj_size: the embedding width (128).
-        **kwargs: :class:`EmbeddingMethod` arguments.
+        **kwargs: :class:`QueueAlignedMethod` arguments.
     """
 
     unlabeled_views = ("weak", "strong")
@@ -73,20 +73,8 @@ class SimMatch(EmbeddingMethod):
         self.bank = LabeledBank(proj_size, bank_momentum, size=num_labeled or 0)
 
     def on_fit_start(self) -> None:
-        self.size_bank()
+        size_labeled_bank(self.bank, self.data_facts, type(self).__name__)
         super().on_fit_start()
-
-    def size_bank(self) -> None:
-        """A row per labeled sample of the DataModule's split, unless the bank (a resumed run's) has them."""
-        facts = self.data_facts
-        labeled = facts.labeled_indices if facts is not None else None
-        if labeled is None:
-            if len(self.bank) == 0:
-                raise ValueError("SimMatch needs the labeled set: use a DataModule that publishes data_facts() "
-                                 "with labeled_indices (every labelwise DataModule does) or pass num_labeled")
-            return
-        if not torch.equal(self.bank.labeled_indices.cpu(), labeled.sort().values.cpu()):  # a resumed run keeps its bank
-            self.bank.resize_(labeled)
 
     def embedding_loss(self, logits: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor],
                        labeled: dict[str, torch.Tensor], unlabeled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
