@@ -31,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import DigitsSSL, SegmentationFolders  # noqa: E402
 from lightning_modules import (CPS, AdaMatch, CoMatch, Dash, FixMatch, FlexMatch, FreeMatch, KDStudent,  # noqa: E402
-                               MeanTeacher, MutualLearning, Segmenter, SimMatch, SoftMatch, Supervised,
+                               MeanTeacher, MutualLearning, Segmenter, SimMatch, SimMatchV2, SoftMatch, Supervised,
                                TemporalEnsembling)
 from lightning_modules.classification.networks import available_networks, register_network  # noqa: E402
 
 METHODS = ("FixMatch", "MeanTeacher", "TemporalEnsembling", "FlexMatch", "KDStudent", "Segmenter",
            "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DropMaxDropout", "CPS", "SimMatch", "CoMatch")
+           "DropMaxDropout", "CPS", "SimMatch", "CoMatch", "SimMatchV2")
 STEPS = 4
 RANK_BATCH = 2  # labeled images per rank and step; one process gets 2 * RANK_BATCH
 SEED = 100  # rank r seeds SEED + r
@@ -126,6 +126,9 @@ def build(method: str, batch_size: int, teacher: Path, membrane: Path) -> tuple[
         # the queue from every rank's rows (two steps' worth: smoothing from step 4), the graphs over the global batch
         "CoMatch": lambda: CoMatch(threshold=0.12, contrast_threshold=0.1, queue_size=72, bank_warmup_epochs=0,
                                    **(net | dict(network="tiny_cnn_features"))),
+        # the labeled bank, the queue (two steps' unlabeled rows) and DA's marginal from every rank's rows
+        "SimMatchV2": lambda: SimMatchV2(threshold=0.12, queue_size=64, topn=8,
+                                         **(net | dict(network="tiny_cnn_features"))),
     }
     return models[method](), TinyDigits(batch_size=batch_size)
 
@@ -164,7 +167,7 @@ def fit(method: str, devices: int, batch_size: int, teacher: Path, membrane: Pat
     if isinstance(model, FlexMatch):
         state["memory"], state["thresholds"] = model.memory, model.class_thresholds()
     state["method_buffers"] = dict(model.named_buffers(recurse=False))  # the methods' running state
-    if isinstance(model, (SimMatch, CoMatch)):  # memories in submodules, and the projection head
+    if isinstance(model, (SimMatch, CoMatch, SimMatchV2)):  # memories in submodules, and the projection head
         state["memories"] = {name: buffer for name, buffer in model.named_buffers()
                              if name.startswith(("bank.", "queue.", "dist_align."))}
         state["projection"] = model.projection.state_dict()

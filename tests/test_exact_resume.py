@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from datamodules import COCODetection, DigitsSSL, SegmentationFolders
 from lightning_modules import (CPS, AdaMatch, CoMatch, Dash, Detector, FixMatch, FlexMatch, KDStudent, SegFixMatch,
-                               SimMatch, Supervised, TemporalEnsembling)
+                               SimMatch, SimMatchV2, Supervised, TemporalEnsembling)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`", "ignore:Checkpoint directory")
 
@@ -186,6 +186,12 @@ def test_comatch_queue_resumes_exactly_mid_epoch(tmp_path):
     full = assert_resume_is_exact(lambda: CoMatch(queue_size=48, bank_warmup_epochs=0, **NET), digits(), tmp_path,
                                   stop=2, checkpoint=dict(every_n_train_steps=2), max_steps=4)
     assert int(full["state_dict"]["queue.count"]) == 4 * 24
+
+
+def test_simmatchv2_banks_and_alignment_resume_exactly_mid_epoch(tmp_path):
+    full = assert_resume_is_exact(lambda: SimMatchV2(queue_size=48, topn=8, **NET), digits(), tmp_path, stop=2,
+                                  checkpoint=dict(every_n_train_steps=2), max_steps=4)
+    assert int(full["state_dict"]["queue.count"]) == 4 * 16 and full["state_dict"]["bank.seen"].any()
 
 
 def test_dash_rho_estimate_resumes_exactly_inside_its_window(tmp_path):

@@ -25,8 +25,8 @@ from lightning import Callback
 
 from callbacks import FGM, PGD
 from datamodules import DigitsSSL
-from lightning_modules import (AdaMatch, CoMatch, Dash, FlexMatch, FreeMatch, ReMixMatch, SimMatch, SoftMatch,
-                               Supervised, TemporalEnsembling)
+from lightning_modules import (AdaMatch, CoMatch, Dash, FlexMatch, FreeMatch, ReMixMatch, SimMatch, SimMatchV2,
+                               SoftMatch, Supervised, TemporalEnsembling)
 from tests.ssl_helpers import SMALL_NET, make_trainer
 
 STEPS = 3
@@ -45,6 +45,8 @@ METHODS = {
     "SimMatch": (lambda: SimMatch(bank_warmup_epochs=0, **NET), ("bank.features", "bank.labels", "dist_align.means")),
     "CoMatch": (lambda: CoMatch(queue_size=40, bank_warmup_epochs=0, **NET),
                 ("queue.features", "queue.probs", "queue.ptr", "dist_align.means")),
+    "SimMatchV2": (lambda: SimMatchV2(queue_size=40, topn=8, **NET),
+                   ("bank.features", "bank.seen", "queue.features", "queue.probs", "da_marginal")),
     "OnlineLabelSmoothing": (lambda: Supervised(criterion="online_label_smoothing", **NET),
                              ("criterion.accumulated", "criterion.counts", "criterion.soft_labels")),
 }
