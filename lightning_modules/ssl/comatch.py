@@ -63,11 +63,11 @@ class CoMatch(QueueAlignedMethod):
     Against the authors' code: USB ``semilearn/algorithms/comatch/comatch.py`` lines 61-69 (the contrastive
     loss), 147-160 (the queue), 190-228 (alignment, smoothing, mask, queue rows, graph, losses) and
     ``hooks/dist_align.py`` lines 77-137 (the alignment queue), pinned over several steps by
-    ``tests/lightning_modules/ssl/test_simmatch_comatch.py``. USB starts smoothing at ``epoch > 0 and
-    it > queue_batch``; here after ``bank_warmup_epochs`` once more rows than the queue holds were pushed
-    (the same step when a step pushes ``queue_size / queue_batch`` rows, as in USB's recipes). Under DDP the graphs span every rank's batch (each rank
-    the rows of its own samples; USB builds them per rank), so two ranks train as one process on the global
-    batch would; the queue and the alignment queue take every rank's rows, as USB's.
+    ``tests/lightning_modules/ssl/test_simmatch_comatch.py``. USB starts smoothing at ``epoch > 0 and it >
+    queue_batch``; here after ``bank_warmup_epochs`` once more rows than the queue holds were pushed (the same
+    step when a step pushes ``queue_size / queue_batch`` rows, as in USB's recipes). Under DDP the graphs span
+    every rank's batch (each rank the rows of its own samples; USB builds them per rank), so two ranks train as
+    one process on the global batch would; the queue and the alignment queue take every rank's rows, as USB's.
 
     Recipe as USB runs it (CIFAR-10 40 labels, WRN-28-2, ``config/classic_cv/comatch/comatch_cifar10_40_0.yaml``):
     T = 0.2, tau = 0.95, contrast_p_cutoff 0.8, lambda_c = 1, alpha = 0.9, proj_size 64, queue of 5 steps'

@@ -23,10 +23,11 @@ from lightning_modules.ssl.threshold_state import write_last_
 class FeatureQueue(nn.Module):
     """A ring of the last ``size`` rows of (L2-normalized embedding, class probabilities), oldest overwritten.
 
-    CoMatch's memory (USB ``semilearn/algorithms/comatch/comatch.py`` lines 121-126, 147-160): zeros at the
-    start (SimMatchV2's: unit random embeddings, zero probabilities, ``random_features``), rows written at ``ptr`` which then advances modulo ``size``. USB drops a step's rows that pass the
-    end (its size is a multiple of the rows a step pushes, so it never does in its recipes); here they wrap
-    to the start, as a ring does. ``count`` is how many rows were ever pushed (``is_full``).
+    CoMatch's memory (USB ``semilearn/algorithms/comatch/comatch.py`` lines 121-126, 147-160): zeros at the start
+    (SimMatchV2's: unit random embeddings, zero probabilities, ``random_features``), rows written at ``ptr``
+    which then advances modulo ``size``. USB drops a step's rows that pass the end (its size is a multiple of the
+    rows a step pushes, so it never does in its recipes); here they wrap to the start, as a ring does. ``count``
+    is how many rows were ever pushed (``is_full``).
     """
 
     def __init__(self, size: int, feature_dim: int, num_classes: int, random_features: bool = False) -> None:

@@ -148,5 +148,6 @@ class SimMatchV2(EmbeddingMethod):
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = super().total_loss(losses)
         if "edge_loss" in losses:
-            loss = loss + self.edge_loss_weight * losses["edge_loss"] + self.node_edge_loss_weight * losses["node_edge_loss"]
+            loss = loss + self.edge_loss_weight * losses["edge_loss"]
+            loss = loss + self.node_edge_loss_weight * losses["node_edge_loss"]
         return loss
