@@ -30,8 +30,11 @@ SUPERVISED, QUICKSTART = REPO / "configs" / "supervised_digits.yaml", REPO / "co
 # update of its threshold every 10 steps (1 % of the run, as USB's 10240 of 2^20).
 # LabelPropagation: supervised for the first half of the 10 epochs (the paper's 180 of 360), then a propagation
 # at the start of each epoch.
+# CoMatch: a queue of 5 steps' rows (USB's queue_batch 5), 5 x (32 + 7 x 32) = 1280 at this batch size.
+# SimMatchV2: 32 steps' unlabeled rows (7 x 32 each), where the authors keep 256 steps' of a 300-epoch run.
 SHORTENED = {"Dash": ["--model.supervised_warmup_steps", "50", "--model.rho_update_steps", "10"],
-             "LabelPropagation": ["--model.warmup_epochs", "5"]}
+             "LabelPropagation": ["--model.warmup_epochs", "5"],
+             "CoMatch": ["--model.queue_size", "1280"], "SimMatchV2": ["--model.queue_size", "7168"]}
 
 
 def run(method: str, seed: int, root: str, extra: list[str], rampup_steps: int) -> tuple[float, float]:

@@ -6,6 +6,7 @@ in its ``setup``. A DataModule provides, after ``setup("fit")`` (the split):
 * ``labeled_class_counts()``: int64 ``(num_classes,)``, what "per class" means for its task;
 * ``unlabeled_indices()``: the sorted ``index`` values its unlabeled stream draws from;
 * ``num_indices``: the size of the index space of its batches' ``index``;
+* ``labeled_indices()`` (optional): the sorted ``index`` values of its labeled split;
 
 and, at any time, ``num_classes`` and (where it names them) ``class_names``. :class:`PublishesFacts`
 builds the rest from these: ``num_unlabeled``, ``labeled_marginal()`` and ``data_facts()``.
@@ -55,5 +56,6 @@ class PublishesFacts:
         names = tuple(str(name) for name in names) if names is not None else None
         if self.split is None:
             return DataFacts(self.num_classes, names)
+        labeled = getattr(self, "labeled_indices", None)
         return DataFacts(self.num_classes, names, self.labeled_class_counts(), self.unlabeled_indices(),
-                         self.num_indices)
+                         self.num_indices, labeled() if labeled is not None else None)

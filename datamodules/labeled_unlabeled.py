@@ -150,6 +150,11 @@ class LabeledUnlabeledDataModule(PublishesFacts, PredictFolder, RecordsHeldOut, 
                 self.split_path = self.write_split(path)
 
     # --- facts (datamodules.facts) ---------------------------------------------------------------
+    def labeled_indices(self) -> Tensor:
+        """The labeled split's indices, sorted."""
+        self.require_split("labeled_indices()")
+        return self.split_part("labeled")
+
     def unlabeled_indices(self) -> Tensor:
         """The unlabeled stream's indices: the unlabeled split, with the labeled items when they are included."""
         self.require_split("unlabeled_indices()")

@@ -30,14 +30,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import DigitsSSL, SegmentationFolders  # noqa: E402
-from lightning_modules import (CPS, AdaMatch, Dash, FixMatch, FlexMatch, FreeMatch, KDStudent,  # noqa: E402
-                               LabelPropagation, MeanTeacher, MutualLearning, Segmenter, SoftMatch, Supervised,
-                               TemporalEnsembling)
+from lightning_modules import (CPS, AdaMatch, CoMatch, Dash, FixMatch, FlexMatch, FreeMatch, KDStudent,  # noqa: E402
+                               LabelPropagation, MeanTeacher, MutualLearning, Segmenter, SimMatch, SimMatchV2,
+                               SoftMatch, Supervised, TemporalEnsembling)
 from lightning_modules.classification.networks import available_networks, register_network  # noqa: E402
 
 METHODS = ("FixMatch", "MeanTeacher", "TemporalEnsembling", "FlexMatch", "KDStudent", "Segmenter",
            "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DropMaxDropout", "CPS", "LabelPropagation", "CRD")
+           "DropMaxDropout", "CPS", "LabelPropagation", "CRD", "SimMatch", "CoMatch", "SimMatchV2")
 STEPS = 4
 RANK_BATCH = 2  # labeled images per rank and step; one process gets 2 * RANK_BATCH
 SEED = 100  # rank r seeds SEED + r
@@ -49,6 +49,28 @@ if "tiny_cnn" not in available_networks():
         """A BatchNorm-free CNN: the same function of a sample on any rank and in any batch."""
         return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
                              nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+
+class _TinyFeatureCNN(nn.Module):
+    """tiny_cnn with its pooled features exposed (``forward_features``, ``fc``, ``num_features``), for the
+    projection heads of SimMatch and CoMatch."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
+                                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.num_features, self.fc = 16, nn.Linear(16, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+if "tiny_cnn_features" not in available_networks():
+    register_network("tiny_cnn_features")(lambda num_classes, in_channels=3, **kwargs: _TinyFeatureCNN(num_classes,
+                                                                                                        in_channels))
 
 
 class TinyDigits(DigitsSSL):
@@ -106,6 +128,14 @@ def build(method: str, batch_size: int, teacher: Path, membrane: Path) -> tuple[
         # masks, DropBlock ramps from global_step on both: compared across ranks only
         "DropMaxDropout": lambda: Supervised(criterion="dropmax", **(net | dict(network="wrn10_1", network_kwargs=dict(
             stochastic_depth=0.5, drop_block=0.2, drop_connect=0.3, spatial_dropout=0.1)))),
+        # the labeled bank and the alignment queue from every rank's rows, committed after the step
+        "SimMatch": lambda: SimMatch(threshold=0.12, bank_warmup_epochs=0, **(net | dict(network="tiny_cnn_features"))),
+        # the queue from every rank's rows (two steps' worth: smoothing from step 4), the graphs over the global batch
+        "CoMatch": lambda: CoMatch(threshold=0.12, contrast_threshold=0.1, queue_size=72, bank_warmup_epochs=0,
+                                   **(net | dict(network="tiny_cnn_features"))),
+        # the labeled bank, the queue (two steps' unlabeled rows) and DA's marginal from every rank's rows
+        "SimMatchV2": lambda: SimMatchV2(threshold=0.12, queue_size=64, topn=8,
+                                         **(net | dict(network="tiny_cnn_features"))),
     }
     return models[method](), TinyDigits(batch_size=batch_size)
 
@@ -146,6 +176,10 @@ def fit(method: str, devices: int, batch_size: int, teacher: Path, membrane: Pat
     if isinstance(model, FlexMatch):
         state["memory"], state["thresholds"] = model.memory, model.class_thresholds()
     state["method_buffers"] = dict(model.named_buffers(recurse=False))  # the methods' running state
+    if isinstance(model, (SimMatch, CoMatch, SimMatchV2)):  # memories in submodules, and the projection head
+        state["memories"] = {name: buffer for name, buffer in model.named_buffers()
+                             if name.startswith(("bank.", "queue.", "dist_align."))}
+        state["projection"] = model.projection.state_dict()
     return {k: _cpu(v) for k, v in state.items()}
 
 

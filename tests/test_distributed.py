@@ -127,6 +127,12 @@ def test_two_ranks_match_one_process_on_the_global_batch(ranks, inputs, method, 
         memory = single["crd"]["memory_student"]
         initial = CRDLoss(1, 1, num_samples=len(memory), feat_dim=memory.shape[1]).memory_student
         assert int((memory != initial).any(dim=1).sum()) > 0, "no CRD memory row moved: a vacuous test"
+    if method == "CoMatch":  # four steps of 2 x (2 + 16) rows, rank 0's first: the queue wrapped and smoothing ran
+        assert int(single["memories"]["queue.count"]) == 4 * 36 and int(single["memories"]["queue.ptr"]) == 0
+    if method in ("SimMatch", "SimMatchV2"):
+        assert single["memories"]["bank.labels"].any(), "no labeled row was written: a vacuous test"
+    if method == "SimMatchV2":
+        assert int(single["memories"]["queue.count"]) == 4 * 32 and "da_marginal" in single["method_buffers"]
     if "update_counts" in single:
         assert int(single["update_counts"].max()) >= 2, "no sample was revisited: Temporal Ensembling's targets untested"
     print(f"{method}: max |DDP - one process| = {max(worst.values()):.2e} over {len(worst)} tensors")

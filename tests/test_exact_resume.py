@@ -21,8 +21,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from datamodules import COCODetection, DigitsSSL, SegmentationFolders
-from lightning_modules import (CPS, AdaMatch, Dash, Detector, FixMatch, FlexMatch, KDStudent, LabelPropagation,
-                               SegFixMatch, Supervised, TemporalEnsembling)
+from lightning_modules import (CPS, AdaMatch, CoMatch, Dash, Detector, FixMatch, FlexMatch, KDStudent, LabelPropagation,
+                               SegFixMatch, SimMatch, SimMatchV2, Supervised, TemporalEnsembling)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`", "ignore:Checkpoint directory")
 
@@ -181,6 +181,24 @@ def test_label_propagation_labels_resume_exactly_mid_epoch(tmp_path):
                                   checkpoint=dict(every_n_train_steps=4), max_epochs=2)
     assert int(full["state_dict"]["propagated_epoch"]) == 1
     assert (full["state_dict"]["pseudo_labels"] >= 0).all(), "no propagation: a vacuous test"
+def test_simmatch_bank_resumes_exactly_mid_epoch(tmp_path):
+    # the bank is sized from the split at fit start; the resumed run takes it (and its rows) from the checkpoint
+    full = assert_resume_is_exact(lambda: SimMatch(bank_warmup_epochs=0, **NET), digits(), tmp_path, stop=2,
+                                  checkpoint=dict(every_n_train_steps=2), max_steps=4)
+    assert len(full["state_dict"]["bank.labels"]) == 50 and full["state_dict"]["bank.labels"].any(), "vacuous"
+
+
+def test_comatch_queue_resumes_exactly_mid_epoch(tmp_path):
+    # a queue of two steps' rows (8 + 16 each): the resumed steps smooth with the restored queue
+    full = assert_resume_is_exact(lambda: CoMatch(queue_size=48, bank_warmup_epochs=0, **NET), digits(), tmp_path,
+                                  stop=2, checkpoint=dict(every_n_train_steps=2), max_steps=4)
+    assert int(full["state_dict"]["queue.count"]) == 4 * 24
+
+
+def test_simmatchv2_banks_and_alignment_resume_exactly_mid_epoch(tmp_path):
+    full = assert_resume_is_exact(lambda: SimMatchV2(queue_size=48, topn=8, **NET), digits(), tmp_path, stop=2,
+                                  checkpoint=dict(every_n_train_steps=2), max_steps=4)
+    assert int(full["state_dict"]["queue.count"]) == 4 * 16 and full["state_dict"]["bank.seen"].any()
 
 
 def test_dash_rho_estimate_resumes_exactly_inside_its_window(tmp_path):

@@ -38,8 +38,10 @@ class DataFacts:
             pixels per class (segmentation), labeled objects per class (detection, crowds left out).
         unlabeled_indices: int64, sorted: the ``index`` values the unlabeled stream draws from.
         num_indices: size of the index space: every batch's ``index`` lies in ``0 .. num_indices - 1``.
+        labeled_indices: int64, sorted: the ``index`` values of the labeled split (SimMatch's labeled
+            memory bank has a row for each).
 
-    The last three come from the labeled/unlabeled split and are None outside ``fit`` (and ``validate``
+    The last four come from the labeled/unlabeled split and are None outside ``fit`` (and ``validate``
     on held-out training images), when the DataModule has not split its data.
     """
 
@@ -48,6 +50,7 @@ class DataFacts:
     labeled_class_counts: Tensor | None = None
     unlabeled_indices: Tensor | None = None
     num_indices: int | None = None
+    labeled_indices: Tensor | None = None
 
     @property
     def num_unlabeled(self) -> int | None:

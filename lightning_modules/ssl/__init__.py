@@ -1,9 +1,11 @@
 """Semi-supervised classification: one file per method over the shared base, their losses
 (:mod:`~lightning_modules.ssl.losses`), distribution alignment
-(:mod:`~lightning_modules.ssl.distribution_alignment`) and the adaptive-threshold state they keep
-(:mod:`~lightning_modules.ssl.threshold_state`)."""
+(:mod:`~lightning_modules.ssl.distribution_alignment`), the adaptive-threshold state they keep
+(:mod:`~lightning_modules.ssl.threshold_state`), and the projection head and feature memories of the
+similarity methods (:mod:`~lightning_modules.ssl.projection`, :mod:`~lightning_modules.ssl.memory_bank`)."""
 
 from lightning_modules.ssl.adamatch import AdaMatch
+from lightning_modules.ssl.comatch import CoMatch
 from lightning_modules.ssl.dash import Dash
 from lightning_modules.ssl.defixmatch import DeFixMatch
 from lightning_modules.ssl.fixmatch import FixMatch
@@ -16,6 +18,8 @@ from lightning_modules.ssl.pi_model import PiModel
 from lightning_modules.ssl.pseudo_label import PseudoLabel
 from lightning_modules.ssl.refixmatch import ReFixMatch
 from lightning_modules.ssl.remixmatch import ReMixMatch
+from lightning_modules.ssl.simmatch import SimMatch
+from lightning_modules.ssl.simmatchv2 import SimMatchV2
 from lightning_modules.ssl.softmatch import SoftMatch
 from lightning_modules.ssl.temporal_ensembling import TemporalEnsembling
 from lightning_modules.ssl.uda import UDA
@@ -23,4 +27,4 @@ from lightning_modules.ssl.vat import VAT
 
 __all__ = ["PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch", "UDA", "ReMixMatch",
            "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DeFixMatch", "ReFixMatch", "LabelPropagation"]
+           "DeFixMatch", "ReFixMatch", "LabelPropagation", "SimMatch", "CoMatch", "SimMatchV2"]

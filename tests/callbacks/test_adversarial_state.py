@@ -28,8 +28,8 @@ from lightning import Callback
 
 from callbacks import FGM, PGD
 from datamodules import DigitsSSL
-from lightning_modules import (AdaMatch, Dash, FlexMatch, FreeMatch, KDStudent, LabelPropagation, ReMixMatch,
-                               SoftMatch, Supervised, TemporalEnsembling)
+from lightning_modules import (AdaMatch, CoMatch, Dash, FlexMatch, FreeMatch, KDStudent, LabelPropagation, ReMixMatch,
+                               SimMatch, SimMatchV2, SoftMatch, Supervised, TemporalEnsembling)
 from lightning_modules.classification.networks import build_network
 from tests.ssl_helpers import SMALL_NET, make_trainer
 
@@ -59,6 +59,11 @@ METHODS = {
     # propagated once, at the epoch's start, and only read by the loss
     "LabelPropagation": (lambda: LabelPropagation(warmup_epochs=0, **NET),
                          ("pseudo_labels", "pseudo_weights", "class_weights")),
+    "SimMatch": (lambda: SimMatch(bank_warmup_epochs=0, **NET), ("bank.features", "bank.labels", "dist_align.means")),
+    "CoMatch": (lambda: CoMatch(queue_size=40, bank_warmup_epochs=0, **NET),
+                ("queue.features", "queue.probs", "queue.ptr", "dist_align.means")),
+    "SimMatchV2": (lambda: SimMatchV2(queue_size=40, topn=8, **NET),
+                   ("bank.features", "bank.seen", "queue.features", "queue.probs", "da_marginal")),
     "OnlineLabelSmoothing": (lambda: Supervised(criterion="online_label_smoothing", **NET),
                              ("criterion.accumulated", "criterion.counts", "criterion.soft_labels")),
     "CRD": (lambda: KDStudent(teacher=_teacher(), teacher_network="wrn10_1", crd_weight=0.8, crd_kwargs={"nce_k": 64},

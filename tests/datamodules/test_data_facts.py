@@ -55,6 +55,7 @@ def test_digits_facts_are_what_the_streams_carry(include_labeled):
     assert facts.num_unlabeled == dm.num_unlabeled == len(facts.unlabeled_indices)
     labeled_indices = set(torch.cat([b["index"] for b in labeled]).tolist())
     assert (labeled_indices <= set(facts.unlabeled_indices.tolist())) == include_labeled
+    assert facts.labeled_indices.tolist() == sorted(labeled_indices)  # a labeled pass draws each of them
     assert facts.num_indices == len(dm.unlabeled_dataset().images)  # every training image has an index
     assert facts.num_unlabeled == facts.num_indices - (0 if include_labeled else 50)
 
@@ -73,6 +74,7 @@ def test_segmentation_facts_count_labeled_pixels_as_the_mask_files_hold_them(sha
     assert facts.labeled_class_counts.tolist() == [sum(m.size for m in masks) - foreground, foreground]
     assert facts.num_indices == 30 and facts.num_unlabeled == 30 - 5 - 4
     assert torch.equal(facts.unlabeled_indices, dm.split.unlabeled)
+    assert torch.equal(facts.labeled_indices, dm.split.labeled)
 
 
 def test_detection_facts_count_the_objects_the_labeled_stream_trains_on(shared_data):
