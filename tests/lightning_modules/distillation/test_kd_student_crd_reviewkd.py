@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from datamodules import DigitsSSL
-from lightning_modules import KDStudent
 from tests.lightning_modules.distillation.test_kd_student import teacher_ckpt  # noqa: F401 (a fixture)
 from tests.lightning_modules.distillation.test_kd_student_breadth import GradientRecorder, student
 from tests.ssl_helpers import digits_batch, make_trainer
