@@ -4,6 +4,7 @@
 (:mod:`~lightning_modules.ssl.threshold_state`)."""
 
 from lightning_modules.ssl.adamatch import AdaMatch
+from lightning_modules.ssl.crmatch import CRMatch
 from lightning_modules.ssl.dash import Dash
 from lightning_modules.ssl.defixmatch import DeFixMatch
 from lightning_modules.ssl.fixmatch import FixMatch
@@ -22,4 +23,5 @@ from lightning_modules.ssl.vat import VAT
 
 __all__ = ["PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch", "UDA", "ReMixMatch",
            "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DeFixMatch", "ReFixMatch"]
+           "DeFixMatch", "ReFixMatch",
+           "CRMatch"]
