@@ -5,7 +5,7 @@ FixMatch, none for ``Supervised``); a DataModule's own ``unlabeled_views`` overr
 the batch they end up in are the contract of :mod:`lightning_modules.core.batch`. For the
 classification DataModules, :class:`AugmentedViews` turns a uint8 batch into those views on its device:
 the labeled images get the weak view (plus each view the module names in ``labeled_views``), the unlabeled ones each view asked for (any name starting with
-``weak`` or ``strong`` is an independent draw of that augmentation, ``plain`` none), then all are
+``weak``, ``medium`` or ``strong`` is an independent draw of that augmentation, ``plain`` none), then all are
 normalized to float. A name ending in ``_rot90``, ``_rot180`` or ``_rot270`` is the view before the suffix,
 the same draw, rotated counter-clockwise by that angle (``torch.rot90`` over height and width, as USB's
 ``rotate_img`` in ``semilearn/algorithms/crmatch/crmatch.py`` lines 17-27): CRMatch's rotation task.
@@ -44,11 +44,19 @@ class AugmentedViews:
         return strong_augment(images, hflip=self.hflip, pad_fraction=self.pad_fraction,
                               num_ops=self.randaugment_ops, cutout_fraction=self.cutout_fraction)
 
+    def medium(self, images: torch.Tensor) -> torch.Tensor:
+        """Between weak and strong (SequenceMatch): one RandAugment op, then Cutout, as USB's RandAugment(1, 5)
+        (``semilearn/datasets/cv_datasets/cifar.py`` lines 42-49); none where the strong view has none."""
+        return strong_augment(images, hflip=self.hflip, pad_fraction=self.pad_fraction,
+                              num_ops=min(1, self.randaugment_ops), cutout_fraction=self.cutout_fraction)
+
     def view(self, name: str, images: torch.Tensor) -> torch.Tensor:
         if name.startswith("weak"):
             return self.weak(images)
         if name.startswith("strong"):
             return self.strong(images)
+        if name.startswith("medium"):
+            return self.medium(images)
         check_view_names([name])
         return images  # plain
 

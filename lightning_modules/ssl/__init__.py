@@ -16,6 +16,7 @@ from lightning_modules.ssl.pi_model import PiModel
 from lightning_modules.ssl.pseudo_label import PseudoLabel
 from lightning_modules.ssl.refixmatch import ReFixMatch
 from lightning_modules.ssl.remixmatch import ReMixMatch
+from lightning_modules.ssl.sequencematch import SequenceMatch
 from lightning_modules.ssl.softmatch import SoftMatch
 from lightning_modules.ssl.temporal_ensembling import TemporalEnsembling
 from lightning_modules.ssl.uda import UDA
@@ -24,4 +25,4 @@ from lightning_modules.ssl.vat import VAT
 __all__ = ["PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch", "UDA", "ReMixMatch",
            "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
            "DeFixMatch", "ReFixMatch",
-           "CRMatch"]
+           "CRMatch", "SequenceMatch"]

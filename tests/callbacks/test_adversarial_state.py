@@ -25,7 +25,7 @@ from lightning import Callback
 
 from callbacks import FGM, PGD
 from datamodules import DigitsSSL
-from lightning_modules import (AdaMatch, Dash, FlexMatch, FreeMatch, ReMixMatch, SoftMatch, Supervised,
+from lightning_modules import (AdaMatch, Dash, FlexMatch, FreeMatch, ReMixMatch, SequenceMatch, SoftMatch, Supervised,
                                TemporalEnsembling)
 from tests.ssl_helpers import SMALL_NET, make_trainer
 
@@ -36,6 +36,7 @@ NET = dict(SMALL_NET, ema_decay=None)
 #: that three steps move the state visibly on a freshly initialized network
 METHODS = {
     "FlexMatch": (lambda: FlexMatch(threshold=0.2, **NET), ("memory",)),
+    "SequenceMatch": (lambda: SequenceMatch(threshold=0.2, **NET), ("memory",)),
     "FreeMatch": (lambda: FreeMatch(ema_momentum=0.5, **NET), ("global_threshold", "class_model", "label_hist")),
     "SoftMatch": (lambda: SoftMatch(ema_momentum=0.5, **NET), ("conf_mean", "conf_var", "prob_mean")),
     "ReMixMatch": (lambda: ReMixMatch(**NET), ("da_history", "da_count")),

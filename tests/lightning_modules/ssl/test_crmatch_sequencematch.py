@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules import DigitsSSL
-from lightning_modules import CRMatch
+from lightning_modules import CRMatch, SequenceMatch
 from tests.ssl_helpers import SMALL_NET, make_trainer
 
 
@@ -140,5 +140,107 @@ def test_crmatch_without_rotation_asks_for_no_rotated_views():
     (lambda: CRMatch(num_classes=10, network="resnet18"), "forward_feature_maps"),
 ])
 def test_crmatch_bad_arguments_are_refused_with_the_fix(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+# --- SequenceMatch --------------------------------------------------------------------------
+class _FlexMatchThresholdingHook:
+    """USB ``algorithms/flexmatch/utils.py`` lines 15-61 (thresh_warmup, convex mapping), as plain tensors."""
+
+    def __init__(self, ulb_dest_len, num_classes, p_cutoff):
+        self.selected_label = torch.full((ulb_dest_len,), -1, dtype=torch.long)
+        self.classwise_acc = torch.zeros(num_classes)
+        self.num_classes, self.p_cutoff, self.ulb_dest_len = num_classes, p_cutoff, ulb_dest_len
+
+    def update(self):  # lines 24-29
+        counts = {int(k): int(v) for k, v in zip(*torch.unique(self.selected_label, return_counts=True))}
+        if max(counts.values()) < self.ulb_dest_len:
+            for i in range(self.num_classes):
+                self.classwise_acc[i] = counts.get(i, 0) / max(counts.values())
+
+    def masking(self, probs_x_ulb, idx_ulb):  # lines 50-61
+        max_probs, max_idx = torch.max(probs_x_ulb, dim=-1)
+        acc = self.classwise_acc[max_idx]
+        mask = max_probs.ge(self.p_cutoff * (acc / (2.0 - acc))).float()
+        select = max_probs.ge(self.p_cutoff)
+        self.selected_label[idx_ulb[select]] = max_idx[select]
+        self.update()
+        return mask
+
+
+def _usb_sequence_kl(logits, targets_probs, mask, T=0.5):  # USB sequencematch.py lines 107-110 (and 112-120)
+    loss = F.kl_div(F.softmax(logits, dim=-1).log(), F.softmax(targets_probs / T, dim=-1), reduction="none").sum(dim=1)
+    return (loss * mask).mean()
+
+
+@pytest.mark.parametrize("kl_target", ["usb", "sharpened"])
+def test_sequencematch_matches_reference_over_steps_of_fixed_logits(kl_target):
+    """Nguyen 2024; USB ``algorithms/sequencematch/sequencematch.py`` lines 83-84 (softmax of the detached weak
+    and medium logits), 93 (FlexMatch's mask, memory updated in the same call), 96-105 (hard labels, masked CE),
+    107-122 (three masked KLs, ``unsup + mw + sm + sw``). ``usb`` hands the KL the probabilities as USB does;
+    ``sharpened`` (the default) hands it the logits, so its target is ``softmax(logits / T)``."""
+    g = torch.Generator().manual_seed(0)
+    num_classes, num_ulb, p_cutoff = 4, 20, 0.7
+    model = SequenceMatch(num_classes=num_classes, threshold=p_cutoff, kl_target=kl_target, num_unlabeled=num_ulb,
+                          in_channels=1, network="wrn10_1")
+    hook = _FlexMatchThresholdingHook(num_ulb, num_classes, p_cutoff)
+    partial = 0
+    for _ in range(8):
+        idx_ulb = torch.randperm(num_ulb, generator=g)[:16]
+        w, m, s = (torch.randn(16, num_classes, generator=g) * 3 for _ in range(3))
+        out = model.unlabeled_loss({"weak": w, "medium": m, "strong": s}, {"index": idx_ulb, "target": w.argmax(-1)})
+        model.step_state.commit()
+        probs_x_ulb_w, probs_x_ulb_m = torch.softmax(w, dim=-1), torch.softmax(m, dim=-1)
+        mask = hook.masking(probs_x_ulb_w, idx_ulb)
+        unsup_loss = (_ce(s, probs_x_ulb_w.argmax(-1)) * mask).mean()
+        target_w, target_m = (probs_x_ulb_w, probs_x_ulb_m) if kl_target == "usb" else (w, m)
+        mw = _usb_sequence_kl(m, target_w, mask)
+        sm = _usb_sequence_kl(s, target_m, mask)
+        sw = _usb_sequence_kl(s, target_w, mask)
+        partial += int(0 < mask.mean() < 1)
+        torch.testing.assert_close(out["mask_ratio"], mask.mean())
+        torch.testing.assert_close(out["kl_medium_weak"], mw)
+        torch.testing.assert_close(out["kl_strong_medium"], sm)
+        torch.testing.assert_close(out["unlabeled_loss"], unsup_loss + mw + sm + sw)
+        assert torch.equal(model.memory, hook.selected_label)
+    assert partial >= 2 and (hook.classwise_acc > 0).any()  # the thresholds moved and masks were partial
+
+
+def test_sequencematch_default_target_is_the_sharpened_prediction():
+    model = SequenceMatch(num_classes=3, num_unlabeled=4, in_channels=1, network="wrn10_1")
+    logits = torch.tensor([[4.0, 0.0, -2.0]])
+    q = torch.softmax(logits, dim=-1)
+    sharpened = q ** 2 / (q ** 2).sum()
+    kl = (sharpened * (sharpened.log() - torch.log_softmax(logits, dim=-1))).sum()
+    assert model.kl_target == "sharpened"
+    torch.testing.assert_close(model.sequence_kl(logits, logits, torch.ones(1)), kl)
+
+
+def test_sequencematch_trains_on_digits_with_a_medium_view(tmp_path):
+    """Through a Trainer: the DataModule draws weak, medium and strong views that all differ, the memory fills."""
+    seen = []
+
+    class Record(SequenceMatch):
+        def compute_losses(self, batch):
+            seen.append({k: v.clone() for k, v in batch["unlabeled"].items()})
+            return super().compute_losses(batch)
+
+    torch.manual_seed(0)
+    model = Record(threshold=0.3, **SMALL_NET)
+    trainer = make_trainer(max_epochs=1, default_root_dir=tmp_path)
+    trainer.fit(model, DigitsSSL(num_labeled=50, batch_size=8, uratio=2, steps_per_epoch=3))
+    views = seen[0]
+    assert not torch.equal(views["medium"], views["weak"]) and not torch.equal(views["medium"], views["strong"])
+    logged = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    assert trainer.global_step == 3 and all(torch.isfinite(v) for v in logged.values())
+    assert "train/kl_strong_medium" in logged and (model.memory >= 0).any()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: SequenceMatch(kl_temperature=0.0, **SMALL_NET), "kl_temperature must be positive"),
+    (lambda: SequenceMatch(kl_target="logits", **SMALL_NET), "kl_target must be 'sharpened'"),
+])
+def test_sequencematch_bad_arguments_are_refused_with_the_fix(make, message):
     with pytest.raises(ValueError, match=message):
         make()
