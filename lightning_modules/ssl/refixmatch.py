@@ -24,7 +24,8 @@ class ReFixMatch(SemiSupervisedModule):
     ``Sharpen(q, T) = q^(1/T) / sum_c q_c^(1/T) = softmax(logits(weak(u_b)) / T)``. The confident samples get
     FixMatch's hard pseudo-label; the others the weak prediction sharpened as a soft target instead of nothing.
 
-    The default target is the paper's sharpened prediction; USB's code differs. USB calls ``T`` the
+    The default target is the sharpened prediction (the paper's text was not at hand offline; its author's USB
+    code states sharpening as the intent); USB's code differs from that intent. USB calls ``T`` the
     "Temperature for pseudo-label sharpening" (``semilearn/algorithms/refixmatch/refixmatch.py`` line 26) but
     hands the weak *probabilities* to the KL (line 99), which takes ``softmax(targets / 0.5)``
     (``semilearn/core/criterions/consistency.py`` line 31): a softmax of probabilities divided by 0.5 is not a
@@ -46,7 +47,7 @@ class ReFixMatch(SemiSupervisedModule):
     Args:
         threshold: confidence threshold tau.
         kl_temperature: T of both distributions in the low-confidence KL (USB fixes 0.5).
-        kl_target: ``"sharpened"``, ``softmax(weak logits / T)`` (the paper's sharpened prediction), or
+        kl_target: ``"sharpened"``, ``softmax(weak logits / T)`` (the sharpening USB's docstring names), or
             ``"usb"``, ``softmax(q_b / T)`` of the weak probabilities as USB's code computes it.
         **kwargs: :class:`SemiSupervisedModule` arguments.
     """

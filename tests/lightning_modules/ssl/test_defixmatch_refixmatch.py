@@ -136,8 +136,9 @@ def test_refixmatch_matches_reference_over_fixed_logits():
 
 
 def test_refixmatch_default_target_matches_reference_sharpened_weak_prediction():
-    """The default is the paper's sharpened weak prediction, ``Sharpen(q, T) = q^(1/T) / sum q^(1/T)`` (MixMatch's
-    sharpening, written out here on the probabilities), not USB's ``softmax(q / 0.5)`` of them
+    """The default is the sharpened weak prediction (the sharpening USB's ``refixmatch.py`` line 26 names),
+    ``Sharpen(q, T) = q^(1/T) / sum q^(1/T)`` (MixMatch's sharpening, written out here on the probabilities),
+    not USB's ``softmax(q / 0.5)`` of them
     (``consistency.py`` line 31), which flattens: on ``main`` the default was USB's and this test fails."""
     g = torch.Generator().manual_seed(2)
     model = ReFixMatch(num_classes=5, threshold=0.6, in_channels=1, network="wrn10_1")
