@@ -19,14 +19,14 @@ from lightning_modules.segmentation import CPS, SegFixMatch, SegMeanTeacher, Seg
 from lightning_modules.ssl import (UDA, VAT, AdaMatch, Dash, DeFixMatch, FixMatch, FlexMatch, FreeMatch,
                                    LabelPropagation, MeanTeacher, MixMatch, PiModel, PseudoLabel, ReFixMatch, ReMixMatch,
                                    SoftMatch, TemporalEnsembling)
-from lightning_modules.ssl import CoMatch, SimMatch, SimMatchV2
+from lightning_modules.ssl import CoMatch, CRMatch, SequenceMatch, SimMatch, SimMatchV2
 
 # The semi-supervised family and its supervised baseline, in the order of the results tables.
 SSL_METHODS = [
     "Supervised", "PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch",
     "UDA", "ReMixMatch", "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
     "DeFixMatch", "ReFixMatch", "LabelPropagation",
-    "SimMatch", "CoMatch", "SimMatchV2",
+    "SimMatch", "CoMatch", "SimMatchV2", "CRMatch", "SequenceMatch",
 ]
 # Distillation: offline (a frozen teacher) and online (peers teaching each other).
 KD_METHODS = ["KDStudent", "MutualLearning"]

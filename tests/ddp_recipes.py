@@ -31,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import DigitsSSL, SegmentationFolders  # noqa: E402
 from lightning_modules import (CPS, AdaMatch, CoMatch, Dash, FixMatch, FlexMatch, FreeMatch, KDStudent,  # noqa: E402
-                               LabelPropagation, MeanTeacher, MutualLearning, Segmenter, SimMatch, SimMatchV2,
-                               SoftMatch, Supervised, TemporalEnsembling)
+                               LabelPropagation, MeanTeacher, MutualLearning, Segmenter, SequenceMatch, SimMatch,
+                               SimMatchV2, SoftMatch, Supervised, TemporalEnsembling)
 from lightning_modules.classification.networks import available_networks, register_network  # noqa: E402
 
 METHODS = ("FixMatch", "MeanTeacher", "TemporalEnsembling", "FlexMatch", "KDStudent", "Segmenter",
            "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DropMaxDropout", "CPS", "LabelPropagation", "CRD", "SimMatch", "CoMatch", "SimMatchV2")
+           "DropMaxDropout", "CPS", "LabelPropagation", "CRD", "SimMatch", "CoMatch", "SimMatchV2", "SequenceMatch")
 STEPS = 4
 RANK_BATCH = 2  # labeled images per rank and step; one process gets 2 * RANK_BATCH
 SEED = 100  # rank r seeds SEED + r
@@ -104,6 +104,8 @@ def build(method: str, batch_size: int, teacher: Path, membrane: Path) -> tuple[
         "MeanTeacher": lambda: MeanTeacher(unlabeled_loss_weight=10.0, rampup=None, **net),
         "TemporalEnsembling": lambda: TemporalEnsembling(unlabeled_loss_weight=10.0, rampup=None, **net),
         "FlexMatch": lambda: FlexMatch(threshold=0.12, **net),
+        # FlexMatch's memory under three views and SequenceMatch's KL terms
+        "SequenceMatch": lambda: SequenceMatch(threshold=0.12, **net),
         "KDStudent": lambda: KDStudent(teacher=str(teacher), teacher_network="tiny_cnn", distill_unlabeled=True,
                                        **net),
         # per-sample memories written from every rank's rows after the step; Z from the first global batch

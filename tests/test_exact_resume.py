@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from datamodules import COCODetection, DigitsSSL, SegmentationFolders
 from lightning_modules import (CPS, AdaMatch, CoMatch, Dash, Detector, FixMatch, FlexMatch, KDStudent, LabelPropagation,
-                               SegFixMatch, SimMatch, SimMatchV2, Supervised, TemporalEnsembling)
+                               SegFixMatch, SequenceMatch, SimMatch, SimMatchV2, Supervised, TemporalEnsembling)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`", "ignore:Checkpoint directory")
 
@@ -165,6 +165,13 @@ def test_temporal_ensembling_memory_resumes_exactly_mid_epoch(tmp_path):
 def test_flexmatch_memory_and_thresholds_resume_exactly_mid_epoch(tmp_path):
     full = assert_resume_is_exact(lambda: FlexMatch(threshold=0.3, **NET), digits(), tmp_path, stop=4,
                                   checkpoint=dict(every_n_train_steps=4), max_epochs=2)
+    assert (full["state_dict"]["memory"] >= 0).any(), "no confident prediction was recorded: a vacuous test"
+
+
+def test_sequencematch_memory_resumes_exactly_mid_epoch(tmp_path):
+    # FlexMatch's memory under SequenceMatch's three views (the medium view's draws continue the stream)
+    full = assert_resume_is_exact(lambda: SequenceMatch(threshold=0.3, **NET), digits(), tmp_path, stop=2,
+                                  checkpoint=dict(every_n_train_steps=2), max_steps=4)
     assert (full["state_dict"]["memory"] >= 0).any(), "no confident prediction was recorded: a vacuous test"
 
 

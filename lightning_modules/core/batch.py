@@ -48,7 +48,7 @@ except ImportError:  # Python 3.10
     from typing_extensions import NotRequired, Required, TypedDict
 
 TASKS = ("classification", "segmentation", "detection")
-VIEW_PREFIXES = ("weak", "strong", "plain")
+VIEW_PREFIXES = ("weak", "medium", "strong", "plain")  # medium: SequenceMatch, classification only
 #: entries of a batch part that are not images
 SAMPLE_KEYS = ("target", "index", "image_id", "file")
 #: the names of the detection batches before 2026-12 (``images``, ``targets``), for the error message
@@ -99,11 +99,11 @@ class BatchContractError(ValueError):
 
 
 def check_view_names(names: Iterable[str]) -> tuple[str, ...]:
-    """``names`` as a tuple, if every one starts with ``weak``, ``strong`` or ``plain``."""
+    """``names`` as a tuple, if every one starts with ``weak``, ``medium``, ``strong`` or ``plain``."""
     names = tuple(names)
     unknown = [name for name in names if not isinstance(name, str) or not name.startswith(VIEW_PREFIXES)]
     if unknown:
-        raise ValueError(f"unknown view(s) {unknown}: view names start with 'weak', 'strong' or 'plain' "
+        raise ValueError(f"unknown view(s) {unknown}: view names start with 'weak', 'medium', 'strong' or 'plain' "
                          f"(e.g. ['weak', 'strong'], or ['weak', 'weak2'] for two weak draws)")
     return names
 

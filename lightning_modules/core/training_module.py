@@ -60,6 +60,9 @@ class TrainingModule(ModelDataContract, OptimizerRecipe, FastForward, LightningM
     #: DropBlock-like regularizers told the training progress before each step; found at fit start
     scheduled_regularizers: list[nn.Module] | tuple = ()
 
+    #: labeled views (of ``labeled_views``) whose labeled loss is averaged with the image's (DeFixMatch: ``("strong",)``)
+    labeled_loss_views: tuple[str, ...] = ()
+
     #: the step's terms shown in the progress bar beside the total loss, when the method logs them
     progress_bar_terms: tuple[str, ...] = ("mask_ratio",)
 
@@ -141,16 +144,31 @@ class TrainingModule(ModelDataContract, OptimizerRecipe, FastForward, LightningM
         return weight
 
     def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One forward over the labeled image (``labeled_passes`` times), the ``labeled_views`` and the
+        ``unlabeled_views``; the labeled loss averaged over the passes and ``labeled_loss_views``; the rest to
+        :meth:`unlabeled_loss`, whose ``logits`` also hold the labeled logits: ``"labeled"`` (the first pass)
+        and ``"labeled_<view>"`` per labeled view (AdaMatch's relative threshold, DeFixMatch's debiasing)."""
         labeled, unlabeled = batch["labeled"], batch.get("unlabeled")
+        missing = [view for view in self.labeled_views if view not in labeled]
+        if missing:
+            places = ", ".join(f"batch['labeled'][{view!r}]" for view in missing)
+            raise ValueError(f"{type(self).__name__} needs the view(s) {missing} of the labeled batch under {places}: "
+                             "a classification DataModule makes them when the trainer's module names them in "
+                             "labeled_views (for a hand-made batch, add them)")
         views = self.unlabeled_views if unlabeled is not None else ()
-        passes = self.task.labeled_passes
-        images = [labeled["image"]] * passes + [unlabeled[v] for v in views]
-        logits = self.forward_views(images, **self.fast_path.no_grad_argument(passes, views))  # {} unless no_grad_target_views
-        labeled_logits, logits = logits[:passes], logits[passes:]
-        loss = sum(self.labeled_loss(x, labeled["target"]) for x in labeled_logits) / passes
+        passes, extra = self.task.labeled_passes, tuple(self.labeled_views)
+        images = [labeled["image"]] * passes + [labeled[v] for v in extra] + [unlabeled[v] for v in views]
+        no_grad = self.fast_path.no_grad_argument(passes + len(extra), views)  # {} unless no_grad_target_views
+        logits = self.forward_views(images, **no_grad)
+        labeled_logits, extra_logits, logits = (logits[:passes], logits[passes:passes + len(extra)],
+                                                logits[passes + len(extra):])
+        by_view = {f"labeled_{v}": x for v, x in zip(extra, extra_logits)}
+        supervised = labeled_logits + [by_view[f"labeled_{v}"] for v in self.labeled_loss_views]
+        loss = sum(self.labeled_loss(x, labeled["target"]) for x in supervised) / len(supervised)
         losses = {"labeled_loss": loss, **self.task.pass_losses(labeled_logits)}
         if views:
-            losses.update(self.unlabeled_loss(dict(zip(views, logits)), unlabeled))
+            losses.update(self.unlabeled_loss({"labeled": labeled_logits[0], **by_view,
+                                               **dict(zip(views, logits))}, unlabeled))
         return losses
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -6,6 +6,7 @@ similarity methods (:mod:`~lightning_modules.ssl.projection`, :mod:`~lightning_m
 
 from lightning_modules.ssl.adamatch import AdaMatch
 from lightning_modules.ssl.comatch import CoMatch
+from lightning_modules.ssl.crmatch import CRMatch
 from lightning_modules.ssl.dash import Dash
 from lightning_modules.ssl.defixmatch import DeFixMatch
 from lightning_modules.ssl.fixmatch import FixMatch
@@ -20,6 +21,7 @@ from lightning_modules.ssl.refixmatch import ReFixMatch
 from lightning_modules.ssl.remixmatch import ReMixMatch
 from lightning_modules.ssl.simmatch import SimMatch
 from lightning_modules.ssl.simmatchv2 import SimMatchV2
+from lightning_modules.ssl.sequencematch import SequenceMatch
 from lightning_modules.ssl.softmatch import SoftMatch
 from lightning_modules.ssl.temporal_ensembling import TemporalEnsembling
 from lightning_modules.ssl.uda import UDA
@@ -27,4 +29,4 @@ from lightning_modules.ssl.vat import VAT
 
 __all__ = ["PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch", "UDA", "ReMixMatch",
            "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DeFixMatch", "ReFixMatch", "LabelPropagation", "SimMatch", "CoMatch", "SimMatchV2"]
+           "DeFixMatch", "ReFixMatch", "LabelPropagation", "SimMatch", "CoMatch", "SimMatchV2", "CRMatch", "SequenceMatch"]

@@ -46,8 +46,8 @@ class AdaMatch(SemiSupervisedModule):
     (uniform at the start), in ``state_dict``; the loss computes the step's marginals from them and proposes
     the gathered probabilities, committed once after the optimizer step (docs/design.md, "Running state").
 
-    The base's ``unlabeled_loss`` sees the unlabeled views only, so ``compute_losses`` here passes the
-    labeled logits too, under the key ``"labeled"`` (R-Drop, which needs the base's forward, is refused).
+    The base's ``compute_losses`` hands the labeled logits to ``unlabeled_loss`` under the key ``"labeled"``.
+    R-Drop is refused: the threshold and the target marginal are USB's, from one labeled pass.
 
     Args:
         threshold: tau, the fraction of the labeled batch's mean confidence an aligned prediction must reach.
@@ -58,7 +58,7 @@ class AdaMatch(SemiSupervisedModule):
     unlabeled_views = FixMatch.unlabeled_views
 
     def __init__(self, threshold: float = 0.95, ema_momentum: float = 0.999, **kwargs: Any) -> None:
-        refuse_rdrop(type(self).__name__, kwargs.get("rdrop_weight", 0.0))  # its own forward (compute_losses)
+        refuse_rdrop(type(self).__name__, kwargs.get("rdrop_weight", 0.0))  # one labeled pass (docstring)
         super().__init__(**kwargs)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1] (a fraction of the labeled confidence), got {threshold}")
@@ -85,16 +85,6 @@ class AdaMatch(SemiSupervisedModule):
             buffer.copy_(value)
 
     # --- loss ------------------------------------------------------------------------------
-    def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        labeled, unlabeled = batch["labeled"], batch.get("unlabeled")
-        if unlabeled is None:  # no unlabeled stream: supervised only
-            return super().compute_losses(batch)
-        views = ("labeled", *self.unlabeled_views)
-        logits = self.forward_views([labeled["image"]] + [unlabeled[v] for v in self.unlabeled_views])
-        losses = {"labeled_loss": self.labeled_loss(logits[0], labeled["target"])}
-        losses.update(self.unlabeled_loss(dict(zip(views, logits)), unlabeled))
-        return losses
-
     def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "labeled" not in logits:
             raise ValueError("AdaMatch's unlabeled_loss needs the labeled batch's logits under 'labeled' "

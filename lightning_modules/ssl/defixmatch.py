@@ -47,32 +47,18 @@ class DeFixMatch(SemiSupervisedModule):
 
     unlabeled_views = FixMatch.unlabeled_views
     labeled_views = ("strong",)
+    labeled_loss_views = ("strong",)  # the labeled loss is the mean over both labeled views
 
     def __init__(self, threshold: float = 0.95, unlabeled_loss_weight: float = 0.5, **kwargs: Any) -> None:
-        refuse_rdrop(type(self).__name__, kwargs.get("rdrop_weight", 0.0))  # its own forward (compute_losses)
+        refuse_rdrop(type(self).__name__, kwargs.get("rdrop_weight", 0.0))  # one pass per labeled view (USB)
         super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, **kwargs)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
         self.threshold = threshold
 
-    def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        labeled, unlabeled = batch["labeled"], batch.get("unlabeled")
-        if "strong" not in labeled:
-            raise ValueError("DeFixMatch needs the strong view of the labeled batch under batch['labeled']['strong']: "
-                             "a classification DataModule makes it when the trainer's module names it in "
-                             "labeled_views (for a hand-made batch, add it)")
-        views = ("labeled_weak", "labeled_strong", *(self.unlabeled_views if unlabeled is not None else ()))
-        images = [labeled["image"], labeled["strong"]] + [unlabeled[v] for v in views[2:]]
-        logits = dict(zip(views, self.forward_views(images)))
-        losses = {"labeled_loss": (self.labeled_loss(logits["labeled_weak"], labeled["target"])
-                                   + self.labeled_loss(logits["labeled_strong"], labeled["target"])) / 2}
-        if unlabeled is not None:
-            losses.update(self.unlabeled_loss(logits, unlabeled))
-        return losses
-
     def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pseudo_labels, mask = confident_pseudo_labels(logits["weak"], self.threshold)
-        labeled_pseudo_labels, labeled_mask = confident_pseudo_labels(logits["labeled_weak"], self.threshold)
+        labeled_pseudo_labels, labeled_mask = confident_pseudo_labels(logits["labeled"], self.threshold)
         unlabeled_term = masked_cross_entropy(logits["strong"], pseudo_labels, mask)
         labeled_term = masked_cross_entropy(logits["labeled_strong"], labeled_pseudo_labels, labeled_mask)
         return {

@@ -106,15 +106,22 @@ class FlexMatch(FixMatch):
         write_last_(self.memory, index[selected].to(self.memory.device), prediction[selected])
 
     # --- loss ------------------------------------------------------------------------------
-    def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        probs = torch.softmax(logits["weak"].detach().float() / self.temperature, dim=1)
+    def flexible_mask(self, weak_logits: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``probs``, ``pseudo_labels``, ``mask`` (``max q_b > T_{argmax q_b}``) and ``thresholds`` of a weak
+        view; proposes the step's memory rows (SequenceMatch masks with it too)."""
+        probs = torch.softmax(weak_logits.detach().float() / self.temperature, dim=1)
         confidence, pseudo_labels = probs.max(dim=1)
         thresholds = self.class_thresholds().to(probs.device)
         mask = (confidence > thresholds[pseudo_labels]).to(probs.dtype)
-        self.step_state.propose(self.update_memory, batch["index"], confidence, pseudo_labels)
+        self.step_state.propose(self.update_memory, index, confidence, pseudo_labels)
+        return {"probs": probs, "pseudo_labels": pseudo_labels, "mask": mask, "thresholds": thresholds}
+
+    def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        flex = self.flexible_mask(logits["weak"], batch["index"])
+        pseudo_labels, mask = flex["pseudo_labels"], flex["mask"]
         return {
             "unlabeled_loss": masked_cross_entropy(logits["strong"], pseudo_labels, mask),
             "mask_ratio": mask.mean(),
             "pseudo_label_acc": masked_accuracy(pseudo_labels, batch["target"], mask),
-            "mean_threshold": thresholds.mean(),
+            "mean_threshold": flex["thresholds"].mean(),
         }

@@ -29,7 +29,7 @@ from lightning import Callback
 from callbacks import FGM, PGD
 from datamodules import DigitsSSL
 from lightning_modules import (AdaMatch, CoMatch, Dash, FlexMatch, FreeMatch, KDStudent, LabelPropagation, ReMixMatch,
-                               SimMatch, SimMatchV2, SoftMatch, Supervised, TemporalEnsembling)
+                               SequenceMatch, SimMatch, SimMatchV2, SoftMatch, Supervised, TemporalEnsembling)
 from lightning_modules.classification.networks import build_network
 from tests.ssl_helpers import SMALL_NET, make_trainer
 
@@ -50,6 +50,7 @@ def _teacher() -> str:
 #: that three steps move the state visibly on a freshly initialized network
 METHODS = {
     "FlexMatch": (lambda: FlexMatch(threshold=0.2, **NET), ("memory",)),
+    "SequenceMatch": (lambda: SequenceMatch(threshold=0.2, **NET), ("memory",)),
     "FreeMatch": (lambda: FreeMatch(ema_momentum=0.5, **NET), ("global_threshold", "class_model", "label_hist")),
     "SoftMatch": (lambda: SoftMatch(ema_momentum=0.5, **NET), ("conf_mean", "conf_var", "prob_mean")),
     "ReMixMatch": (lambda: ReMixMatch(**NET), ("da_history", "da_count")),

@@ -83,7 +83,7 @@ class WideResNet(nn.Module):
     """WRN-``depth``-``widen_factor`` for small images (32x32 CIFAR, 8x8 digits, ...).
 
     ``forward(x)`` returns logits; ``forward_features(x)`` returns the pooled
-    ``(N, num_features)`` features that feed the linear head.
+    ``(N, num_features)`` features that feed the linear head ``fc``, ``forward_feature_maps(x)`` the maps before pooling.
     """
 
     def __init__(
@@ -158,11 +158,13 @@ class WideResNet(nn.Module):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def forward_feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's ``(N, num_features, H/4, W/4)`` maps, after its BatchNorm and activation."""
+        return self.act(self.bn(self.groups(self.stem(x))))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.groups(self.stem(x))
-        x = self.act(self.bn(x))
         # Adaptive pooling keeps the network resolution-agnostic (8x8 digits end at 2x2).
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return F.adaptive_avg_pool2d(self.forward_feature_maps(x), 1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))

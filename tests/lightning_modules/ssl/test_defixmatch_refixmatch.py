@@ -121,7 +121,7 @@ def test_refixmatch_matches_reference_over_fixed_logits():
     detached weak probabilities, masked CE, plus the KL of ``core/criterions/consistency.py`` lines 30-32 on
     ``1 - mask`` with the weak *probabilities* as its ``targets``; ``unsup + unsup_refix`` (lambda_u 1)."""
     g = torch.Generator().manual_seed(0)
-    model = ReFixMatch(num_classes=5, threshold=0.6, in_channels=1, network="wrn10_1")
+    model = ReFixMatch(num_classes=5, threshold=0.6, kl_target="usb", in_channels=1, network="wrn10_1")
     for _ in range(3):
         weak, strong = torch.randn(32, 5, generator=g) * 3, torch.randn(32, 5, generator=g) * 3
         out = model.unlabeled_loss({"weak": weak, "strong": strong}, {"target": weak.argmax(-1)})
@@ -133,6 +133,26 @@ def test_refixmatch_matches_reference_over_fixed_logits():
         torch.testing.assert_close(out["unlabeled_loss"], unsup_loss + unsup_loss_refix)
         torch.testing.assert_close(out["low_confidence_loss"], unsup_loss_refix)
         torch.testing.assert_close(out["mask_ratio"], mask.mean())
+
+
+def test_refixmatch_default_target_matches_reference_sharpened_weak_prediction():
+    """The default is the sharpened weak prediction (the sharpening USB's ``refixmatch.py`` line 26 names),
+    ``Sharpen(q, T) = q^(1/T) / sum q^(1/T)`` (MixMatch's sharpening, written out here on the probabilities),
+    not USB's ``softmax(q / 0.5)`` of them
+    (``consistency.py`` line 31), which flattens: on ``main`` the default was USB's and this test fails."""
+    g = torch.Generator().manual_seed(2)
+    model = ReFixMatch(num_classes=5, threshold=0.6, in_channels=1, network="wrn10_1")
+    weak, strong = torch.randn(32, 5, generator=g) * 3, torch.randn(32, 5, generator=g) * 3
+    q = torch.softmax(weak, dim=-1)
+    sharpened = q ** 2 / (q ** 2).sum(dim=-1, keepdim=True)  # T = 0.5
+    mask = (q.max(dim=-1).values >= 0.6).float()
+    kl = (sharpened * (sharpened.log() - torch.log_softmax(strong / 0.5, dim=-1))).sum(dim=-1)
+    out = model.unlabeled_loss({"weak": weak, "strong": strong}, {"target": weak.argmax(-1)})
+    assert model.kl_target == "sharpened" and 0 < mask.mean() < 1
+    torch.testing.assert_close(out["low_confidence_loss"], (kl * (1 - mask)).mean())
+    # USB's target on the same logits is flatter than the prediction itself, the sharpened one peakier
+    top = lambda p: p.max(dim=-1).values.mean()  # noqa: E731
+    assert top(torch.softmax(q / 0.5, dim=-1)) < top(q) < top(sharpened)
 
 
 def test_refixmatch_sharpened_target_matches_reference_with_weak_logits():
@@ -153,7 +173,7 @@ def test_refixmatch_matches_reference_train_step_on_digits():
     weak and strong images), 73 (labeled CE) and 103 (``sup + lambda_u * unsup + lambda_u * unsup_refix``);
     the gradient reaches the network through both unlabeled terms."""
     torch.manual_seed(0)
-    model = _spread(ReFixMatch(threshold=0.5, **SMALL_NET))
+    model = _spread(ReFixMatch(threshold=0.5, kl_target="usb", **SMALL_NET))
     batch = _digits_step_batch(model)
     net = copy.deepcopy(model.net)
     total = model.total_loss(model.compute_losses(batch))
