@@ -68,6 +68,9 @@ class KDStudent(SemiSupervisedModule):
         at_layers, at_weight: attention transfer over pairs ``[student_path, teacher_path]``.
         vid_layers, vid_weight: VID (Ahn et al., 2019) over pairs ``[student_path, teacher_path]``, each
             with its own :class:`VIDRegressor` (sized from the same probe as the connectors).
+        vid_init_variance: the regressors' initial ``sigma^2``: ``None`` (default) sets each channel's to the mean
+            square of the teacher's feature on the first training batch, so the term starts at the same scale
+            whatever the teacher's; 5.0 is RepDistiller's fixed start (``distiller_zoo/VID.py:16``).
         relation_layer: ``[student_path, teacher_path]`` of the embeddings that the relation
             losses compare (default: the inputs of the ``fc`` heads, i.e. pooled features).
         rkd_distance_weight, rkd_angle_weight, sp_weight, cskd_weight, pkt_weight: relation-loss weights.
@@ -98,6 +101,7 @@ class KDStudent(SemiSupervisedModule):
         at_weight: float = 1000.0,
         vid_layers: list[list[str]] | None = None,
         vid_weight: float = 1.0,
+        vid_init_variance: float | None = None,
         relation_layer: list[str] | None = None,
         rkd_distance_weight: float = 0.0,
         rkd_angle_weight: float = 0.0,
@@ -130,7 +134,8 @@ class KDStudent(SemiSupervisedModule):
                 raise ValueError(f"layer pairs are [student_path, teacher_path], got {list(pair)}")
         self.connectors = self._build_heads(self.hint_pairs, image_size,
                                             lambda s, t: kd_losses.build_connector(s, t, relu=connector_relu))
-        self.vid_heads = self._build_heads(self.vid_pairs, image_size, lambda s, t: VIDRegressor(s.shape[1], t.shape[1]))
+        self.vid_heads = self._build_heads(self.vid_pairs, image_size, lambda s, t: VIDRegressor(
+            s.shape[1], t.shape[1], init_variance=vid_init_variance))
 
     # --- set-up ----------------------------------------------------------------------------
     def _paths(self) -> tuple[list[str], list[str]]:
@@ -167,6 +172,13 @@ class KDStudent(SemiSupervisedModule):
 
     def trainable_modules(self) -> list[nn.Module]:
         return super().trainable_modules() + [self.connectors, self.vid_heads]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if any(not head.variance_initialized for head in self.vid_heads):  # once per run: a buffer, kept on resume
+            teacher = self._probe(self.teacher, [t for _, t in self.vid_pairs], batch["labeled"]["image"])
+            for head, (_, t) in zip(self.vid_heads, self.vid_pairs):
+                head.initialize_variance_(teacher[t])
 
     # --- training --------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
