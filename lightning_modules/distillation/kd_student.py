@@ -36,10 +36,11 @@ import torch
 from torch import nn
 
 from lightning_modules.distillation import losses as kd_losses
+from lightning_modules.distillation.adversarial import LogitDiscriminator, adversarial_loss, discriminator_loss
 from lightning_modules.distillation.feature_hooks import FeatureHooks
-from lightning_modules.distillation.logit_losses import LOGIT_LOSSES, check_logit_loss
+from lightning_modules.distillation.logit_losses import LOGIT_LOSSES, NEEDS_HEAD_INPUTS, check_logit_loss
 from lightning_modules.distillation.probabilistic_losses import VIDRegressor, pkt_loss
-from lightning_modules.distillation.teacher_loading import load_teacher
+from lightning_modules.distillation.teacher_ensemble import TeacherEnsemble, load_teachers
 from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 from lightning_modules.classification.task import refuse_rdrop
 from lightning_modules.core.optimization import linear_rampup
@@ -52,12 +53,20 @@ class KDStudent(SemiSupervisedModule):
 
     Args:
         teacher: path of the teacher: a checkpoint of any labelwise classifier, or a plain
-            ``state_dict`` file (then ``teacher_network`` is required). See :func:`load_teacher`.
+            ``state_dict`` file (then ``teacher_network`` is required). See :func:`load_teacher`. A list of
+            paths distils from all of them (:class:`TeacherEnsemble`); their modules are then addressed
+            ``"<k>.<path>"`` in the feature pairs (``["groups.2", "1.groups.2"]``: teacher 1's last group).
+        teacher_weighting: how several teachers' soft targets mix per sample: ``mean``, ``max_prob`` or
+            ``entropy`` (:mod:`~lightning_modules.distillation.teacher_ensemble`).
         teacher_network, teacher_network_kwargs: the teacher's architecture for a plain state_dict
             (for a checkpoint, a given name must match the stored one).
         ce_weight, kd_weight, temperature: ``w_ce CE + w_kd L_logit`` at temperature ``T``.
         logit_loss: the response term by name: ``kd`` (Hinton), ``dkd`` (needs labels, so not with
-            ``distill_unlabeled``) or ``dist``.
+            ``distill_unlabeled``), ``dist`` or ``fnkd`` (feature-normalized KD, Xu et al., 2020: per-sample
+            temperatures from the norms of the heads' inputs at ``relation_layer``; one teacher).
+        adversarial_weight: adversarial distillation (:mod:`~lightning_modules.distillation.adversarial`): a
+            discriminator on the logits, trained by its own loss, and ``adversarial_weight`` times the student's
+            term that fools it; 0 turns it off.
         logit_loss_kwargs: its options, e.g. ``{"alpha": 1, "beta": 8}`` (DKD), ``{"beta": 1, "gamma": 1}`` (DIST).
         kd_warmup_steps: linear warm-up of the response term over this many optimizer steps (0: none).
         hint_layers, hint_weight: FitNets; pairs ``[student_path, teacher_path]`` of feature maps.
@@ -85,9 +94,10 @@ class KDStudent(SemiSupervisedModule):
 
     def __init__(
         self,
-        teacher: str,
+        teacher: str | list[str],
         teacher_network: str | None = None,
         teacher_network_kwargs: dict[str, Any] | None = None,
+        teacher_weighting: str = "mean",
         ce_weight: float = 0.1,
         kd_weight: float = 0.9,
         temperature: float = 4.0,
@@ -108,6 +118,7 @@ class KDStudent(SemiSupervisedModule):
         sp_weight: float = 0.0,
         cskd_weight: float = 0.0,
         pkt_weight: float = 0.0,
+        adversarial_weight: float = 0.0,
         distill_unlabeled: bool = False,
         image_size: int = 32,
         test_teacher: bool = True,
@@ -120,8 +131,14 @@ class KDStudent(SemiSupervisedModule):
         check_logit_loss(logit_loss, logit_loss_kwargs or {}, distill_unlabeled)
         if kd_warmup_steps < 0:
             raise ValueError(f"kd_warmup_steps must be >= 0 (0 turns the warm-up off), got {kd_warmup_steps}")
-        self.teacher = load_teacher(teacher, self.hparams.num_classes, self.hparams.in_channels,
-                                    teacher_network, teacher_network_kwargs)
+        self.teacher = load_teachers(teacher, self.hparams.num_classes, self.hparams.in_channels, teacher_network,
+                                     teacher_network_kwargs, temperature, teacher_weighting)
+        if logit_loss in NEEDS_HEAD_INPUTS and isinstance(self.teacher, TeacherEnsemble):
+            raise ValueError(f"logit_loss={logit_loss!r} normalizes each network's logits by its own feature norm: "
+                             "use it with one teacher, or logit_loss='kd' with several")
+        if adversarial_weight < 0:
+            raise ValueError(f"adversarial_weight must be >= 0 (0 turns it off), got {adversarial_weight}")
+        self.discriminator = LogitDiscriminator(self.hparams.num_classes) if adversarial_weight > 0 else None
         self.unlabeled_views = ("weak",) if distill_unlabeled else ()
         self.hint_pairs = [tuple(p) for p in hint_layers or []]
         self.at_pairs = [tuple(p) for p in at_layers or []]
@@ -132,6 +149,9 @@ class KDStudent(SemiSupervisedModule):
         for pair in self.hint_pairs + self.at_pairs + self.vid_pairs + [self.relation_pair]:
             if len(pair) != 2:
                 raise ValueError(f"layer pairs are [student_path, teacher_path], got {list(pair)}")
+        if logit_loss in NEEDS_HEAD_INPUTS and not all(p.endswith(":input") for p in self.relation_pair):
+            raise ValueError(f"logit_loss={logit_loss!r} reads the inputs of the linear heads: relation_layer must be "
+                             f"['<head>:input', '<head>:input'] (default ['fc:input', 'fc:input']), got {list(self.relation_pair)}")
         self.connectors = self._build_heads(self.hint_pairs, image_size,
                                             lambda s, t: kd_losses.build_connector(s, t, relu=connector_relu))
         self.vid_heads = self._build_heads(self.vid_pairs, image_size, lambda s, t: VIDRegressor(
@@ -140,7 +160,7 @@ class KDStudent(SemiSupervisedModule):
     # --- set-up ----------------------------------------------------------------------------
     def _paths(self) -> tuple[list[str], list[str]]:
         pairs = self.hint_pairs + self.at_pairs + self.vid_pairs
-        if any(self.relation_weights.values()):
+        if any(self.relation_weights.values()) or self.hparams.logit_loss in NEEDS_HEAD_INPUTS:
             pairs = pairs + [self.relation_pair]
         return list(dict.fromkeys(s for s, _ in pairs)), list(dict.fromkeys(t for _, t in pairs))
 
@@ -171,7 +191,8 @@ class KDStudent(SemiSupervisedModule):
         return self
 
     def trainable_modules(self) -> list[nn.Module]:
-        return super().trainable_modules() + [self.connectors, self.vid_heads]
+        return super().trainable_modules() + [self.connectors, self.vid_heads] + (
+            [self.discriminator] if self.discriminator is not None else [])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
@@ -195,11 +216,17 @@ class KDStudent(SemiSupervisedModule):
             teacher_logits = self.teacher(torch.cat(images))
             teacher = hooks.pop()
         num_labeled = len(labeled["image"])
+        kd_options = dict(self.hparams.logit_loss_kwargs or {})
+        if self.hparams.logit_loss in NEEDS_HEAD_INPUTS:
+            kd_options.update(self._head_inputs(student, teacher))
         losses = {
             "labeled_loss": self.labeled_loss(student_logits[:num_labeled], labeled["target"]),
             "kd_loss": LOGIT_LOSSES[self.hparams.logit_loss](student_logits, teacher_logits, torch.cat(targets),
-                                                             self.hparams.temperature, **(self.hparams.logit_loss_kwargs or {})),
+                                                             self.hparams.temperature, **kd_options),
         }
+        if self.discriminator is not None:
+            losses["adversarial_loss"] = adversarial_loss(self.discriminator, student_logits)
+            losses["discriminator_loss"] = discriminator_loss(self.discriminator, student_logits, teacher_logits)
         if self.hint_pairs:
             losses["hint_loss"] = sum(kd_losses.hint_loss(connector(student[s]), teacher[t])
                                       for connector, (s, t) in zip(self.connectors, self.hint_pairs))
@@ -210,6 +237,13 @@ class KDStudent(SemiSupervisedModule):
             losses["vid_loss"] = sum(head(student[s], teacher[t]) for head, (s, t) in zip(self.vid_heads, self.vid_pairs))
         losses.update(self._relation_losses(student, teacher, torch.cat(targets)))
         return losses
+
+    def _head_inputs(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """FNKD's inputs: the features entering each network's linear head and the head's bias."""
+        (s, t), biases = self.relation_pair, []
+        for net, path in ((self.net, s), (self.teacher, t)):
+            biases.append(getattr(net.get_submodule(path.removesuffix(":input")), "bias", None))
+        return dict(student_features=student[s], teacher_features=teacher[t], student_bias=biases[0], teacher_bias=biases[1])
 
     def _relation_losses(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                          targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -238,6 +272,8 @@ class KDStudent(SemiSupervisedModule):
             loss = loss + hp.at_weight * losses["at_loss"]
         if "vid_loss" in losses:
             loss = loss + hp.vid_weight * losses["vid_loss"]
+        if "adversarial_loss" in losses:  # the discriminator's own loss reaches only its parameters: weight 1
+            loss = loss + hp.adversarial_weight * losses["adversarial_loss"] + losses["discriminator_loss"]
         for term in RELATION_TERMS:
             if f"{term}_loss" in losses:
                 loss = loss + self.relation_weights[term] * losses[f"{term}_loss"]
