@@ -12,7 +12,9 @@ training images (JPEG copies from ../shared/data/cifar10) and is tested, EMA wei
 
 Rows: vanilla CE; label smoothing; Tf-KD reg (virtual teacher); R-Drop; DropMax; the student's dropout family
 (spatial dropout, stochastic depth, DropBlock, DropConnect); Hinton KD; FitNets;
-attention transfer; RKD; similarity-preserving KD; category-structure KD; DKD; DIST; PKT; VID; CRD; ReviewKD;
+attention transfer; RKD; similarity-preserving KD; category-structure KD; DKD; DIST; PKT; VID; CRD; ReviewKD; FNKD;
+multi-teacher KD (the teacher and the CE row's student, entropy-weighted); adversarial KD (KD plus a logit
+discriminator);
 Deep Mutual Learning (two student peers); Tf-KD self (the CE row's student as its own teacher).
 Feature and relation rows use CE plus their own term, as RepDistiller does; weights are the published ones. DKD's warm-up
 keeps its published share of training: 20 of 240 epochs, so 1/12 of the student steps. The teacher is trained
@@ -72,6 +74,9 @@ DROPMAX = dict(criterion="dropmax")
 # outputs and the pooled feature, as their ResNet32x4 -> ResNet8x4 levels (stage outputs, pooled feature).
 CRD = dict(CE_ONLY, crd_weight=0.8)
 REVIEW_LEVELS = ALL_GROUPS + [["fc:input", "fc:input"]]
+# FNKD: the authors' CIFAR recipe (CE 1 + 9 x the normalized responses' KL, tau 2, T 1); multi-teacher and adversarial
+# KD: Hinton KD's weights (CE 0.1 + KD 0.9, T 4), the latter with the discriminator's term at weight 1
+FNKD = dict(logit_loss="fnkd", logit_loss_kwargs={"feature_norm": 2.0}, temperature=1.0, ce_weight=1.0, kd_weight=9.0)
 # row name -> (module, extra arguments or a function of the student steps that gives them); "teacher" /
 # "self" mark the rows that distil from a checkpoint
 METHODS = {
@@ -97,6 +102,9 @@ METHODS = {
     "CRD": ("teacher", CRD),
     "ReviewKD": ("teacher", lambda steps: dict(CE_ONLY, reviewkd_layers=REVIEW_LEVELS, reviewkd_weight=5.0,
                                                reviewkd_warmup_steps=round(steps * 20 / 240))),
+    "FNKD": ("teacher", FNKD),
+    "multi-teacher KD": ("teacher+self", dict(teacher_weighting="entropy")),
+    "adversarial KD": ("teacher", dict(adversarial_weight=1.0)),
     "DML": (MutualLearning, {}),
     "Tf-KD self": ("self", TFKD_SELF),
 }
@@ -140,10 +148,10 @@ def main() -> None:
                                     seed=args.seed, mean=[0.4914, 0.4822, 0.4465], std=[0.2471, 0.2435, 0.2616])
         datamodule.setup("fit")  # decode once, outside every row's train time
         order = [m for m in METHODS if m in args.methods]
-        needs_teacher = any(METHODS[m][0] == "teacher" for m in order)
+        needs_teacher = any(METHODS[m][0] in ("teacher", "teacher+self") for m in order)
         teacher_acc = cached_teacher(teacher_ckpt, datamodule, common, budget, args.seed, accelerator) \
             if needs_teacher else None
-        if "Tf-KD self" in order and "CE" in order:
+        if any(METHODS[m][0] in ("self", "teacher+self") for m in order) and "CE" in order:
             order.remove("CE")
             order.insert(0, "CE")  # Tf-KD self distils from the CE row's student
         for name in order:
@@ -151,11 +159,12 @@ def main() -> None:
             extra = extra(budget["student_steps"]) if callable(extra) else extra
             L.seed_everything(args.seed, verbose=False)
             options = {**common, **extra, "network_kwargs": {**common["network_kwargs"], **extra.get("network_kwargs", {})}}
-            if kind in ("teacher", "self"):
-                source = teacher_ckpt if kind == "teacher" else self_ckpt
-                if not source.exists():
-                    raise SystemExit(f"{name} needs {source}: run the CE row first (it is saved there)")
-                model = KDStudent(teacher=str(source), network=budget["student"], test_teacher=False, **options)
+            if kind in ("teacher", "self", "teacher+self"):
+                sources = {"teacher": [teacher_ckpt], "self": [self_ckpt], "teacher+self": [teacher_ckpt, self_ckpt]}[kind]
+                if not all(source.exists() for source in sources):
+                    raise SystemExit(f"{name} needs {sources}: run the CE row first (it is saved there)")
+                teacher = str(sources[0]) if len(sources) == 1 else [str(source) for source in sources]
+                model = KDStudent(teacher=teacher, network=budget["student"], test_teacher=False, **options)
             else:
                 model = kind(network=budget["student"], **options)
             save = self_ckpt if name == "CE" else None

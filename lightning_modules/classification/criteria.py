@@ -2,7 +2,7 @@
 
 Every criterion is an ``nn.Module`` with ``forward(logits (N, C), targets) -> scalar``, takes
 ``num_classes`` first, and says by its ``multilabel`` attribute whether it expects multi-hot targets.
-Some hold state: ``OnlineLabelSmoothing`` needs ``epoch_end()`` each epoch, and ``KnowledgeRefinery`` and
+Some hold state: ``OnlineLabelSmoothing`` and ``D2L`` need ``epoch_end()`` each epoch, and ``KnowledgeRefinery`` and
 ``DropMax`` have parameters the caller must add to the optimizer. A criterion with ``class_scores(logits)``
 (``DropMax``) changes what evaluation and prediction score: the task calls it on the network's logits.
 """
@@ -13,6 +13,7 @@ import inspect
 
 from torch import nn
 
+from lightning_modules.classification.d2l import D2L
 from lightning_modules.classification.dropmax import DropMax
 from lightning_modules.classification.imbalance_losses import (FocalLoss, MultiLabelBCE, SigmoidF1, TopKLoss,
                                                                WeightedCrossEntropy)
@@ -34,6 +35,7 @@ CRITERIA: dict[str, type[nn.Module]] = {
     "tfkd_reg": TfKDRegularization,
     "knowledge_refinery": KnowledgeRefinery,
     "dropmax": DropMax,
+    "d2l": D2L,
     "focal": FocalLoss,
     "ohem": TopKLoss,
     "weighted_ce": WeightedCrossEntropy,
@@ -60,6 +62,6 @@ def build_criterion(name: str, num_classes: int, **kwargs) -> nn.Module:
 
 __all__ = [
     "CRITERIA", "build_criterion", "symmetric_kl", "CrossEntropy", "LabelSmoothing", "OnlineLabelSmoothing",
-    "DisturbLabel", "TfKDRegularization", "KnowledgeRefinery", "DropMax", "FocalLoss", "TopKLoss", "WeightedCrossEntropy",
+    "DisturbLabel", "TfKDRegularization", "KnowledgeRefinery", "DropMax", "D2L", "FocalLoss", "TopKLoss", "WeightedCrossEntropy",
     "MultiLabelBCE", "SigmoidF1",
 ]

@@ -26,7 +26,7 @@ class SemiSupervisedModule(TrainingModule):
         network: a name for :func:`lightning_modules.classification.networks.build_network` (``wrn28_2``,
             ``wrn28_8``, ``resnet18``, ``timm:<name>``, ...).
         criterion: the labeled loss by name (``ce``, ``label_smoothing``, ``online_label_smoothing``, ``disturb_label``,
-            ``tfkd_reg``, ``knowledge_refinery``, ``dropmax``, ``focal``, ``ohem``, ``weighted_ce``; multi-label: ``bce``,
+            ``tfkd_reg``, ``knowledge_refinery``, ``dropmax``, ``d2l``, ``focal``, ``ohem``, ``weighted_ce``; multi-label: ``bce``,
             ``sigmoid_f1``, which also switch evaluation to macro and micro F1).
         criterion_kwargs: arguments of the criterion (e.g. ``{"smoothing": 0.1}``).
         rdrop_weight: R-Drop (Liang et al., 2021): the labeled batch goes through the network

@@ -143,3 +143,26 @@ class FeatureHooks:
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+@torch.no_grad()
+def probe_features(net: nn.Module, paths: Sequence[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The features at ``paths`` of ``net`` on ``images``, in eval mode (BatchNorm statistics untouched)."""
+    was_training = net.training
+    net.eval()
+    with FeatureHooks(net, paths) as hooks:
+        net(images)
+        features = hooks.pop()
+    net.train(was_training)
+    return features
+
+
+def probe_pairs(student: nn.Module, teacher: nn.Module, pairs: Sequence[tuple[str, str]], in_channels: int,
+                image_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The student's and the teacher's features of ``pairs`` on a probe batch of two blank images (to size the
+    modules that map one to the other: FitNets connectors, VID regressors, CRD heads, ReviewKD's fusions)."""
+    probe = torch.zeros(2, in_channels, image_size, image_size)
+    student_features = probe_features(student, [s for s, _ in pairs], probe)
+    teacher_features = probe_features(teacher, [t for _, t in pairs], probe)
+    return [student_features[s] for s, _ in pairs], [teacher_features[t] for _, t in pairs]
+

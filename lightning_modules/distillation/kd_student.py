@@ -14,20 +14,17 @@ The response term ``L_logit`` is chosen by name (``logit_loss``): Hinton's ``T^2
 :mod:`~lightning_modules.distillation.logit_losses`; ``u(k) = min((k + 1) / kd_warmup_steps, 1)`` at
 optimizer step ``k`` warms it up (DKD's recipe), 1 by default.
 
-Intermediate features come from forward hooks addressed by module path (``groups.2``,
-``layer3``, ``fc:input`` for the input of the head), never from an edited ``forward``. With
-``distill_unlabeled`` the DataModule's unlabeled images join the distillation terms (the teacher's
-soft targets are the unlabeled loss), which is distillation as semi-supervised learning.
+Intermediate features come from forward hooks by module path (``groups.2``, ``fc:input``), never from an
+edited ``forward``. With ``distill_unlabeled`` the unlabeled images join the distillation terms.
 
 Self-distillation without a separate teacher (Tf-KD self, Yuan et al., 2020) is this module with
 a checkpoint of the same architecture as the teacher; the authors' ResNet-18 recipe (alpha 0.95,
 T 6, multiplier 50 on a class-averaged KL) is ``temperature=6, ce_weight=0.05, kd_weight=0.475``
 (``configs/tfkd_self_cifar10.yaml``). Tf-KD's virtual teacher is the ``tfkd_reg`` criterion of any module.
 
-Defaults follow RepDistiller's CIFAR recipe (../shared/guide/ANCHORS.md): T = 4, CE weight 0.1,
-KD weight 0.9; FitNets weight 100 and AT weight 1000 when those are switched on. The DKD, DIST,
-PKT, VID, CRD (Tian et al., 2020) and ReviewKD (Chen et al., 2021; ``v(k) = min(k / reviewkd_warmup_steps, 1)``)
-recipes are ``configs/{dkd,dist,pkt,vid,crd,reviewkd}_cifar10.yaml``; the last two are in ``crd.py``, ``reviewkd.py``.
+Defaults follow RepDistiller's CIFAR recipe (ANCHORS.md): T 4, CE 0.1, KD 0.9; FitNets 100, AT 1000. The DKD, DIST,
+PKT, VID, CRD (Tian et al., 2020; ``crd.py``) and ReviewKD (Chen et al., 2021; ``reviewkd.py``; ``v(k) = min(k /
+reviewkd_warmup_steps, 1)``) recipes are ``configs/{dkd,dist,pkt,vid,crd,reviewkd}_cifar10.yaml``.
 """
 
 from __future__ import annotations
@@ -38,12 +35,14 @@ import torch
 from torch import nn
 
 from lightning_modules.distillation import losses as kd_losses
-from lightning_modules.distillation.feature_hooks import FeatureHooks
-from lightning_modules.distillation.logit_losses import LOGIT_LOSSES, check_logit_loss
+from lightning_modules.distillation.adversarial import LogitDiscriminator, adversarial_loss, discriminator_loss
 from lightning_modules.distillation.crd import CRDLoss
-from lightning_modules.distillation.probabilistic_losses import VIDRegressor, pkt_loss
+from lightning_modules.distillation.feature_hooks import FeatureHooks, probe_features, probe_pairs
+from lightning_modules.distillation.feature_normalized_kd import head_inputs
+from lightning_modules.distillation.logit_losses import LOGIT_LOSSES, NEEDS_HEAD_INPUTS, check_logit_loss
+from lightning_modules.distillation.probabilistic_losses import VIDRegressor
 from lightning_modules.distillation.reviewkd import ReviewFusion, hierarchical_context_loss
-from lightning_modules.distillation.teacher_loading import load_teacher
+from lightning_modules.distillation.teacher_ensemble import TeacherEnsemble, load_teachers
 from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 from lightning_modules.classification.task import refuse_rdrop
 from lightning_modules.core.optimization import linear_rampup
@@ -56,12 +55,20 @@ class KDStudent(SemiSupervisedModule):
 
     Args:
         teacher: path of the teacher: a checkpoint of any labelwise classifier, or a plain
-            ``state_dict`` file (then ``teacher_network`` is required). See :func:`load_teacher`.
+            ``state_dict`` file (then ``teacher_network`` is required). See :func:`load_teacher`. A list of
+            paths distils from all of them (:class:`TeacherEnsemble`); their modules are then addressed
+            ``"<k>.<path>"`` in the feature pairs (``["groups.2", "1.groups.2"]``: teacher 1's last group).
+        teacher_weighting: how several teachers' soft targets mix per sample: ``mean``, ``max_prob`` or
+            ``entropy`` (:mod:`~lightning_modules.distillation.teacher_ensemble`).
         teacher_network, teacher_network_kwargs: the teacher's architecture for a plain state_dict
             (for a checkpoint, a given name must match the stored one).
         ce_weight, kd_weight, temperature: ``w_ce CE + w_kd L_logit`` at temperature ``T``.
         logit_loss: the response term by name: ``kd`` (Hinton), ``dkd`` (needs labels, so not with
-            ``distill_unlabeled``) or ``dist``.
+            ``distill_unlabeled``), ``dist`` or ``fnkd`` (feature-normalized KD, Xu et al., 2020: per-sample
+            temperatures from the norms of the heads' inputs at ``relation_layer``; one teacher).
+        adversarial_weight: adversarial distillation (:mod:`~lightning_modules.distillation.adversarial`): a
+            discriminator on the logits, trained by its own loss, and ``adversarial_weight`` times the student's
+            term that fools it; 0 turns it off.
         logit_loss_kwargs: its options, e.g. ``{"alpha": 1, "beta": 8}`` (DKD), ``{"beta": 1, "gamma": 1}`` (DIST).
         kd_warmup_steps: linear warm-up of the response term over this many optimizer steps (0: none).
         hint_layers, hint_weight: FitNets; pairs ``[student_path, teacher_path]`` of feature maps.
@@ -72,6 +79,9 @@ class KDStudent(SemiSupervisedModule):
         at_layers, at_weight: attention transfer over pairs ``[student_path, teacher_path]``.
         vid_layers, vid_weight: VID (Ahn et al., 2019) over pairs ``[student_path, teacher_path]``, each
             with its own :class:`VIDRegressor` (sized from the same probe as the connectors).
+        vid_init_variance: the regressors' initial ``sigma^2``: ``None`` (default) sets each channel's to the mean
+            square of the teacher's feature on the first training batch, so the term starts at the same scale
+            whatever the teacher's; 5.0 is RepDistiller's fixed start (``distiller_zoo/VID.py:16``).
         relation_layer: ``[student_path, teacher_path]`` of the embeddings that the relation
             losses compare (default: the inputs of the ``fc`` heads, i.e. pooled features).
         rkd_distance_weight, rkd_angle_weight, sp_weight, cskd_weight, pkt_weight: relation-loss weights.
@@ -90,9 +100,10 @@ class KDStudent(SemiSupervisedModule):
 
     def __init__(
         self,
-        teacher: str,
+        teacher: str | list[str],
         teacher_network: str | None = None,
         teacher_network_kwargs: dict[str, Any] | None = None,
+        teacher_weighting: str = "mean",
         ce_weight: float = 0.1,
         kd_weight: float = 0.9,
         temperature: float = 4.0,
@@ -106,6 +117,7 @@ class KDStudent(SemiSupervisedModule):
         at_weight: float = 1000.0,
         vid_layers: list[list[str]] | None = None,
         vid_weight: float = 1.0,
+        vid_init_variance: float | None = None,
         relation_layer: list[str] | None = None,
         rkd_distance_weight: float = 0.0,
         rkd_angle_weight: float = 0.0,
@@ -117,6 +129,7 @@ class KDStudent(SemiSupervisedModule):
         reviewkd_layers: list[list[str]] | None = None,
         reviewkd_weight: float = 5.0,
         reviewkd_warmup_steps: int = 0,
+        adversarial_weight: float = 0.0,
         distill_unlabeled: bool = False,
         image_size: int = 32,
         test_teacher: bool = True,
@@ -129,8 +142,14 @@ class KDStudent(SemiSupervisedModule):
         check_logit_loss(logit_loss, logit_loss_kwargs or {}, distill_unlabeled)
         if kd_warmup_steps < 0:
             raise ValueError(f"kd_warmup_steps must be >= 0 (0 turns the warm-up off), got {kd_warmup_steps}")
-        self.teacher = load_teacher(teacher, self.hparams.num_classes, self.hparams.in_channels,
-                                    teacher_network, teacher_network_kwargs)
+        self.teacher = load_teachers(teacher, self.hparams.num_classes, self.hparams.in_channels, teacher_network,
+                                     teacher_network_kwargs, temperature, teacher_weighting)
+        if logit_loss in NEEDS_HEAD_INPUTS and isinstance(self.teacher, TeacherEnsemble):
+            raise ValueError(f"logit_loss={logit_loss!r} normalizes each network's logits by its own feature norm: "
+                             "use it with one teacher, or logit_loss='kd' with several")
+        if adversarial_weight < 0:
+            raise ValueError(f"adversarial_weight must be >= 0 (0 turns it off), got {adversarial_weight}")
+        self.discriminator = LogitDiscriminator(self.hparams.num_classes) if adversarial_weight > 0 else None
         self.unlabeled_views = ("weak",) if distill_unlabeled else ()
         self.hint_pairs = [tuple(p) for p in hint_layers or []]
         self.at_pairs = [tuple(p) for p in at_layers or []]
@@ -142,9 +161,13 @@ class KDStudent(SemiSupervisedModule):
         for pair in self.hint_pairs + self.at_pairs + self.vid_pairs + self.review_pairs + [self.relation_pair]:
             if len(pair) != 2:
                 raise ValueError(f"layer pairs are [student_path, teacher_path], got {list(pair)}")
+        if logit_loss in NEEDS_HEAD_INPUTS and not all(p.endswith(":input") for p in self.relation_pair):
+            raise ValueError(f"logit_loss={logit_loss!r} reads the inputs of the linear heads: relation_layer must be "
+                             f"['<head>:input', '<head>:input'] (default ['fc:input', 'fc:input']), got {list(self.relation_pair)}")
         self.connectors = self._build_heads(self.hint_pairs, image_size,
                                             lambda s, t: kd_losses.build_connector(s, t, relu=connector_relu))
-        self.vid_heads = self._build_heads(self.vid_pairs, image_size, lambda s, t: VIDRegressor(s.shape[1], t.shape[1]))
+        self.vid_heads = self._build_heads(self.vid_pairs, image_size, lambda s, t: VIDRegressor(
+            s.shape[1], t.shape[1], init_variance=vid_init_variance))
         self.crd = self.review = None
         if crd_weight:
             s, t = self._probe_pairs([self.relation_pair], image_size)
@@ -158,7 +181,7 @@ class KDStudent(SemiSupervisedModule):
     # --- set-up ----------------------------------------------------------------------------
     def _paths(self) -> tuple[list[str], list[str]]:
         pairs = self.hint_pairs + self.at_pairs + self.vid_pairs + self.review_pairs
-        if any(self.relation_weights.values()):
+        if any(self.relation_weights.values()) or self.hparams.logit_loss in NEEDS_HEAD_INPUTS:
             pairs = pairs + [self.relation_pair]
         return list(dict.fromkeys(s for s, _ in pairs)), list(dict.fromkeys(t for _, t in pairs))
 
@@ -170,22 +193,7 @@ class KDStudent(SemiSupervisedModule):
         return nn.ModuleList(make(s, t) for s, t in zip(*self._probe_pairs(pairs, image_size)))
 
     def _probe_pairs(self, pairs: list[tuple[str, str]], image_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The student's and the teacher's features of ``pairs`` on a probe batch of two images."""
-        probe = torch.zeros(2, self.hparams.in_channels, image_size, image_size)
-        student_features = self._probe(self.net, [s for s, _ in pairs], probe)
-        teacher_features = self._probe(self.teacher, [t for _, t in pairs], probe)
-        return [student_features[s] for s, _ in pairs], [teacher_features[t] for _, t in pairs]
-
-    @staticmethod
-    @torch.no_grad()
-    def _probe(net: nn.Module, paths: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
-        was_training = net.training
-        net.eval()  # eval mode: the probe leaves BatchNorm statistics untouched
-        with FeatureHooks(net, paths) as hooks:
-            net(images)
-            features = hooks.pop()
-        net.train(was_training)
-        return features
+        return probe_pairs(self.net, self.teacher, pairs, self.hparams.in_channels, image_size)
 
     def train(self, mode: bool = True) -> "KDStudent":
         super().train(mode)
@@ -193,7 +201,7 @@ class KDStudent(SemiSupervisedModule):
         return self
 
     def trainable_modules(self) -> list[nn.Module]:
-        extra = [m for m in (self.crd, self.review) if m is not None]  # CRD's embedding heads, ReviewKD's ABFs
+        extra = [m for m in (self.crd, self.review, self.discriminator) if m is not None]  # CRD's embedding heads, ReviewKD's ABFs, the discriminator
         return super().trainable_modules() + [self.connectors, self.vid_heads] + extra
 
     def on_fit_start(self) -> None:
@@ -201,6 +209,13 @@ class KDStudent(SemiSupervisedModule):
         size = self.data_facts.num_indices if self.data_facts is not None else None
         if self.crd is not None and size is not None and self.crd.num_samples != size:  # a resumed run keeps its memories
             self.crd.reset_memory(size)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if any(not head.variance_initialized for head in self.vid_heads):  # once per run: a buffer, kept on resume
+            teacher = probe_features(self.teacher, [t for _, t in self.vid_pairs], batch["labeled"]["image"])
+            for head, (_, t) in zip(self.vid_heads, self.vid_pairs):
+                head.initialize_variance_(teacher[t])
 
     # --- training --------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -217,11 +232,17 @@ class KDStudent(SemiSupervisedModule):
             teacher_logits = self.teacher(torch.cat(images))
             teacher = hooks.pop()
         num_labeled = len(labeled["image"])
+        kd_options = dict(self.hparams.logit_loss_kwargs or {})
+        if self.hparams.logit_loss in NEEDS_HEAD_INPUTS:
+            kd_options.update(head_inputs(self.net, self.teacher, self.relation_pair, student, teacher))
         losses = {
             "labeled_loss": self.labeled_loss(student_logits[:num_labeled], labeled["target"]),
             "kd_loss": LOGIT_LOSSES[self.hparams.logit_loss](student_logits, teacher_logits, torch.cat(targets),
-                                                             self.hparams.temperature, **(self.hparams.logit_loss_kwargs or {})),
+                                                             self.hparams.temperature, **kd_options),
         }
+        if self.discriminator is not None:
+            losses["adversarial_loss"] = adversarial_loss(self.discriminator, student_logits)
+            losses["discriminator_loss"] = discriminator_loss(self.discriminator, student_logits, teacher_logits)
         if self.hint_pairs:
             losses["hint_loss"] = sum(kd_losses.hint_loss(connector(student[s]), teacher[t])
                                       for connector, (s, t) in zip(self.connectors, self.hint_pairs))
@@ -233,7 +254,8 @@ class KDStudent(SemiSupervisedModule):
         if self.review_pairs:
             losses["reviewkd_loss"] = hierarchical_context_loss(
                 self.review([student[s] for s, _ in self.review_pairs]), [teacher[t] for _, t in self.review_pairs])
-        losses.update(self._relation_losses(student, teacher, torch.cat(targets)))
+        losses.update(kd_losses.relation_losses(self.relation_weights, student.get(self.relation_pair[0]),
+                                                teacher.get(self.relation_pair[1]), torch.cat(targets)))
         if self.crd is not None:
             index = torch.cat([labeled["index"]] + ([unlabeled["index"]] if len(images) > 1 else []))
             losses["crd_loss"], observation = self.crd(student[self.relation_pair[0]], teacher[self.relation_pair[1]],
@@ -251,23 +273,6 @@ class KDStudent(SemiSupervisedModule):
         """CRD's memory update from every rank's rows (the commit), so every rank holds the same memories."""
         self.crd.update_(*(self._gather(t) for t in observation))
 
-    def _relation_losses(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
-                         targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        s, t = student.get(self.relation_pair[0]), teacher.get(self.relation_pair[1])
-        weights, losses = self.relation_weights, {}
-        if weights["rkd_distance"]:
-            losses["rkd_distance_loss"] = kd_losses.rkd_distance_loss(s, t)
-        if weights["rkd_angle"]:
-            losses["rkd_angle_loss"] = kd_losses.rkd_angle_loss(s, t)
-        if weights["sp"]:
-            losses["sp_loss"] = kd_losses.similarity_preserving_loss(s, t)
-        if weights["cskd"]:
-            intra, inter = kd_losses.category_structure_loss(s, t, targets)
-            losses["cskd_loss"] = intra + inter
-        if weights["pkt"]:
-            losses["pkt_loss"] = pkt_loss(s, t)
-        return losses
-
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         hp = self.hparams
         warmup = linear_rampup(self.global_step + 1, hp.kd_warmup_steps)  # mdistiller's epoch 1 is already 1/20
@@ -280,6 +285,8 @@ class KDStudent(SemiSupervisedModule):
             loss = loss + hp.vid_weight * losses["vid_loss"]
         if "reviewkd_loss" in losses:  # ReviewKD's min(1, epoch / 20): 0 at the first step
             loss = loss + hp.reviewkd_weight * linear_rampup(self.global_step, hp.reviewkd_warmup_steps) * losses["reviewkd_loss"]
+        if "adversarial_loss" in losses:  # the discriminator's own loss reaches only its parameters: weight 1
+            loss = loss + hp.adversarial_weight * losses["adversarial_loss"] + losses["discriminator_loss"]
         for term in RELATION_TERMS:
             if f"{term}_loss" in losses:
                 loss = loss + self.relation_weights[term] * losses[f"{term}_loss"]

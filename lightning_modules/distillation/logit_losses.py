@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from lightning_modules.distillation.feature_normalized_kd import fnkd_loss
 from lightning_modules.distillation.losses import kd_loss
 
 
@@ -108,7 +109,10 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
 
 
 #: ``KDStudent(logit_loss=name)``: the response term, weighted by ``kd_weight``
-LOGIT_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"kd": hinton_kd_loss, "dkd": dkd_loss, "dist": dist_loss}
+LOGIT_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"kd": hinton_kd_loss, "dkd": dkd_loss, "dist": dist_loss,
+                                                        "fnkd": fnkd_loss}
+#: losses that also read the heads' inputs and biases (keyword-only arguments the caller supplies)
+NEEDS_HEAD_INPUTS = frozenset({"fnkd"})
 #: losses that decouple around the ground-truth class, so cannot use unlabeled images
 NEEDS_LABELS = frozenset({"dkd"})
 
@@ -118,8 +122,9 @@ def check_logit_loss(name: str, options: dict[str, Any], distill_unlabeled: bool
     not take, or a loss that needs labels on unlabeled images."""
     if name not in LOGIT_LOSSES:
         raise ValueError(f"logit_loss={name!r} is not one of {sorted(LOGIT_LOSSES)}")
-    accepted = set(inspect.signature(LOGIT_LOSSES[name]).parameters) - {"student_logits", "teacher_logits",
-                                                                         "targets", "temperature"}
+    parameters = inspect.signature(LOGIT_LOSSES[name]).parameters.values()
+    accepted = {p.name for p in parameters if p.kind != p.KEYWORD_ONLY} - {"student_logits", "teacher_logits",
+                                                                           "targets", "temperature"}
     if set(options) - accepted:
         raise ValueError(f"logit_loss_kwargs {sorted(set(options) - accepted)} are not options of "
                          f"logit_loss={name!r}, which takes {sorted(accepted)} (set the temperature with temperature)")

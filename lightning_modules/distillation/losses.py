@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules.distillation.probabilistic_losses import pkt_loss
+
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """``T^2 * KL(softmax(t / T) || softmax(s / T))`` (Hinton et al., 2015), for ``(N, C)`` logits.
@@ -258,3 +260,13 @@ def mutual_learning_loss(logits_list: Sequence[torch.Tensor], temperature: float
         torch.stack([kd_loss(z_k, z_j, temperature) for j, z_j in enumerate(logits_list) if j != k]).mean()
         for k, z_k in enumerate(logits_list)
     ]
+
+
+def relation_losses(weights: dict[str, float], student: torch.Tensor | None, teacher: torch.Tensor | None,
+                    targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The relation terms whose weight is non-zero, on the embeddings ``student``/``teacher`` (PKT from
+    :mod:`~lightning_modules.distillation.probabilistic_losses`; CRD is computed by its own module)."""
+    terms = {"rkd_distance": rkd_distance_loss, "rkd_angle": rkd_angle_loss, "sp": similarity_preserving_loss,
+             "cskd": lambda s, t: sum(category_structure_loss(s, t, targets)), "pkt": pkt_loss}
+    return {f"{name}_loss": loss(student, teacher) for name, loss in terms.items() if weights.get(name)}
+

@@ -6,8 +6,6 @@ detached, computed in float32, unweighted. VID's regressor is an ``nn.Module`` t
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +39,11 @@ def pkt_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, eps: float = 
     return (p_teacher * ((p_teacher + eps) / (p_student + eps)).log()).mean()
 
 
+def _inverse_softplus(value: torch.Tensor) -> torch.Tensor:
+    """``softplus^-1(v) = v + log(1 - exp(-v))``: exact, and finite for large ``v`` where ``log(expm1(v))`` overflows."""
+    return value + torch.log(-torch.expm1(-value))
+
+
 def vid_loss(mean: torch.Tensor, variance: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
     """VID's negative Gaussian log-likelihood (Ahn et al., CVPR 2019, Eq. 6, constant dropped), element mean.
 
@@ -66,10 +69,18 @@ class VIDRegressor(nn.Module):
     teacher's channels, ``train_student.py:219-223``), whose CIFAR-100 recipe is CE 1 + VID 1 on the
     outputs of every block group but the last feature (``feat[1:-1]``, ``helper/loops.py:166-170``;
     ``scripts/run_cifar_distill.sh:15``). Flat ``(N, D)`` features are treated as ``(N, D, 1, 1)``.
+
+    ``init_variance=None`` starts ``sigma_c^2`` at the teacher feature's mean square per channel, set by
+    :meth:`initialize_variance_` from the first training batch (the Gaussian's maximum-likelihood variance for a
+    zero mean). RepDistiller's fixed 5 presumes unit-scale features; a pre-activation group output of a deep
+    residual network can be far larger (a WRN-40-2 whose BatchNorm statistics are not yet estimated: mean
+    squares 13, 930 and 15,500 over its three groups), and then ``(mu - t) / sigma^2`` drives the SGD step on
+    the regressor past stability (``configs/vid_cifar10.yaml`` diverged at step 5). Scaled by the data, the
+    first loss is about ``1/2 (1 + log sigma^2)`` per element whatever the feature's scale.
     """
 
     def __init__(self, student_channels: int, teacher_channels: int, mid_channels: int | None = None,
-                 init_variance: float = 5.0, eps: float = 1e-5) -> None:
+                 init_variance: float | None = 5.0, eps: float = 1e-5) -> None:
         super().__init__()
         mid = mid_channels or teacher_channels
         self.mean = nn.Sequential(
@@ -77,14 +88,34 @@ class VIDRegressor(nn.Module):
             nn.Conv2d(mid, mid, 1, bias=False), nn.ReLU(),
             nn.Conv2d(mid, teacher_channels, 1, bias=False),
         )
+        if init_variance is not None and init_variance <= eps:
+            raise ValueError(f"init_variance must be > eps = {eps} (or None: from the first teacher batch), got {init_variance}")
         # softplus(alpha) + eps = init_variance at the start
-        self.alpha = nn.Parameter(torch.full((teacher_channels,), math.log(math.expm1(init_variance - eps))))
+        start = _inverse_softplus(torch.full((teacher_channels,), (init_variance or 1.0) - eps))
+        self.alpha = nn.Parameter(start)
         self.eps = eps
+        # saved in checkpoints, so a resumed run does not initialise again
+        self.register_buffer("variance_initialized", torch.tensor(init_variance is not None))
 
     def variance(self) -> torch.Tensor:
         return F.softplus(self.alpha) + self.eps
 
+    @torch.no_grad()
+    def initialize_variance_(self, teacher_feature: torch.Tensor) -> None:
+        """``sigma_c^2 = mean_{n, h, w} t_nchw^2`` (averaged over the ranks under DDP); marks the head initialised."""
+        if teacher_feature.ndim == 2:
+            teacher_feature = teacher_feature[:, :, None, None]
+        mean_square = teacher_feature.float().pow(2).mean(dim=(0, 2, 3))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(mean_square)
+            mean_square /= torch.distributed.get_world_size()
+        self.alpha.copy_(_inverse_softplus(mean_square.clamp_min(2 * self.eps) - self.eps))
+        self.variance_initialized.fill_(True)
+
     def forward(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+        if not self.variance_initialized:
+            raise RuntimeError("this VIDRegressor was built with init_variance=None: call initialize_variance_(teacher_feature) "
+                               "once before the first loss (KDStudent does so on the first training batch)")
         if student_feature.ndim == 2:
             student_feature = student_feature[:, :, None, None]
         if teacher_feature.ndim == 2:

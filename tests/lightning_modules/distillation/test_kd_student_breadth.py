@@ -112,7 +112,7 @@ def test_logit_loss_choices_are_checked_with_clear_errors(tmp_path):
     plain = tmp_path / "teacher.pt"
     torch.save(build_network("wrn10_1", num_classes=10, in_channels=1).state_dict(), plain)
     make = lambda **kw: KDStudent(teacher=str(plain), teacher_network="wrn10_1", **{**DIGITS, **kw})  # noqa: E731
-    with pytest.raises(ValueError, match=r"logit_loss='dkt' is not one of \['dist', 'dkd', 'kd'\]"):
+    with pytest.raises(ValueError, match=r"logit_loss='dkt' is not one of \['dist', 'dkd', 'fnkd', 'kd'\]"):
         make(logit_loss="dkt")
     with pytest.raises(ValueError, match=r"\['gamma'\] are not options of logit_loss='dkd', which takes \['alpha', 'beta'\]"):
         make(logit_loss="dkd", logit_loss_kwargs={"alpha": 1.0, "gamma": 1.0})
