@@ -28,7 +28,10 @@ SUPERVISED, QUICKSTART = REPO / "configs" / "supervised_digits.yaml", REPO / "co
 # Schedules counted in steps of a 2^20-step recipe, shortened for the 1,000-step run as the ramp-ups are.
 # Dash: warm-up 50 steps (USB's 2048 of 2^20 would be 2 steps here, too few to train anything) and an
 # update of its threshold every 10 steps (1 % of the run, as USB's 10240 of 2^20).
-SHORTENED = {"Dash": ["--model.supervised_warmup_steps", "50", "--model.rho_update_steps", "10"]}
+SHORTENED = {"Dash": ["--model.supervised_warmup_steps", "50", "--model.rho_update_steps", "10"],
+             # The ladder is its own MLP over the 64 pixels, trained with the paper's Adam (ssl/ladder.py).
+             "LadderNetwork": ["--model.network", "mlp", "--model.input_features", "64", "--model.lr", "0.002",
+                               "--model.weight_decay", "0"]}
 
 
 def run(method: str, seed: int, root: str, extra: list[str], rampup_steps: int) -> tuple[float, float]:

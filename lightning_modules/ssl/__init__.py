@@ -5,10 +5,12 @@
 
 from lightning_modules.ssl.adamatch import AdaMatch
 from lightning_modules.ssl.dash import Dash
+from lightning_modules.ssl.deep_co_training import DeepCoTraining
 from lightning_modules.ssl.defixmatch import DeFixMatch
 from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.ssl.flexmatch import FlexMatch
 from lightning_modules.ssl.freematch import FreeMatch
+from lightning_modules.ssl.ladder import LadderNetwork
 from lightning_modules.ssl.mean_teacher import MeanTeacher
 from lightning_modules.ssl.mixmatch import MixMatch
 from lightning_modules.ssl.pi_model import PiModel
@@ -22,4 +24,4 @@ from lightning_modules.ssl.vat import VAT
 
 __all__ = ["PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch", "UDA", "ReMixMatch",
            "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DeFixMatch", "ReFixMatch"]
+           "DeFixMatch", "ReFixMatch", "LadderNetwork", "DeepCoTraining"]
