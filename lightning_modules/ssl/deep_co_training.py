@@ -24,7 +24,7 @@ prediction use the first network (``net``, through the evaluation EMA when ``ema
 logs each network's accuracy (raw weights) and that of their averaged probabilities.
 
 Defaults reproduce the paper's CIFAR-10 recipe (``main.py`` lines 24-38): lambda_cot = 10, lambda_dif = 0.5,
-both ramped up by ``exp(-5 (1 - t)^2)`` over the first 80 of 600 epochs (2/15 of the run), eps = 0.02 (in
+both ramped up by ``exp(-5 (1 - t)^2)`` over the first 80 of 600 epochs (40,000 of 300,000 steps), eps = 0.02 (in
 the units of the network's input: the authors' images are in [0, 1], ours are normalized by the data's std),
 SGD lr 0.05 momentum 0.9 weight decay 1e-4, no EMA.
 """
@@ -42,7 +42,7 @@ from lightning_modules.classification.networks import build_network
 from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 from lightning_modules.classification.task import refuse_criterion, refuse_rdrop
 
-RAMPUP_STEPS_80_OF_600_EPOCHS = 2 ** 20 * 80 // 600
+RAMPUP_STEPS_80_OF_600_EPOCHS = 80 * 500  # the authors' warm-up: 80 epochs of 50,000 images in batches of 100
 
 
 def cotraining_loss(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ class DeepCoTraining(SemiSupervisedModule):
         cot_weight: lambda_cot, the weight of the Jensen-Shannon co-training loss.
         dif_weight: lambda_dif, the weight of the view-difference loss.
         epsilon: FGSM step size, in the units of the (normalized) input.
-        unlabeled_loss_weight, rampup, rampup_steps: w(t), the ramp of both weights (1, sigmoid, 2/15 of 2^20).
+        unlabeled_loss_weight, rampup, rampup_steps: w(t), the ramp of both weights (1, sigmoid, 40,000 steps).
         **kwargs: :class:`SemiSupervisedModule` arguments.
     """
 

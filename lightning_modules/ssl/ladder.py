@@ -173,6 +173,7 @@ class LadderNetwork(SemiSupervisedModule):
                              f"{list(denoising_weights)}")
         if noise_std < 0 or not 0 <= decay_start <= 1:
             raise ValueError(f"noise_std must be >= 0 and decay_start in [0, 1], got {noise_std} and {decay_start}")
+        hidden_sizes, denoising_weights = list(hidden_sizes), list(denoising_weights)  # hparams as the CLI has them
         super().__init__(network=network, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay,
                          concat_forward=concat_forward, **kwargs)
         self.decoder = LadderDecoder(self.net.sizes)
