@@ -21,7 +21,9 @@ and re-estimate them after training, ``run.py`` lines 313-330).
 Which networks: the encoder is the paper's multilayer perceptron (``network: mlp``), built here because the
 ladder needs each layer's normalized pre-activation before its scale, shift and nonlinearity; a WRN or timm
 network exposes no such points, and the convolutional ladders (the paper's Conv-Large / Conv-Small Gamma)
-are not built. Images are flattened: ``input_features`` is C*H*W (64 for digits, 3072 for CIFAR).
+are not built. Images are flattened: ``input_features`` is C*H*W (64 for digits, 3072 for CIFAR). The paper's
+Gamma model on this encoder (only the top layer reconstructed, the authors' ``mnist_100_gamma``) is
+``denoising_weights: [0, 0, 0, 0, 0, 0, 0.5]``; on another network it would need noise inside every layer, not built.
 
 Defaults reproduce the paper's MNIST 100-label recipe (README of CuriousAI/ladder, ``mnist_100_full``):
 layers 784-1000-500-250-250-250-10, noise std 0.3 (``run.py`` ``--super-noise-std``, ``--f-local-noise-std``),
