@@ -16,9 +16,9 @@ SMALL_LADDER = dict(num_classes=10, in_channels=1, input_features=64, hidden_siz
 
 
 def _reference_step(ref, labeled, targets, unlabeled, noise_std, weights):
-    """The ladder of CuriousAI/ladder ``ladder.py`` written out: encoder ``f`` (lines 334-410: z = W h,
+    """The ladder of CuriousAI/ladder ``ladder.py`` written out: encoder ``f`` (lines 334-415: z = W h,
     batch-normalized with the biased variance and eps 1e-10, + noise, + bias, ReLU, at the top
-    softmax(c * (z + b))), decoder ``g`` 'gauss' (lines 458-482 and 569-590: u = BN(V z^ above) or
+    softmax(c * (z + b))), decoder ``g`` 'gauss' (lines 458-494 and 569-590: u = BN(V z^ above) or
     BN(softmax output) at the top; mu = a1 sig(a2 u + a3) + a4 u + a5, v = a6 sig(a7 u + a8) + a9 u + a10,
     z^ = (z~ - mu) v + mu), the cost (lines 234-246 and 264-278: z^ normalized by the clean unlabeled batch's
     mean and variance above the input, squared error summed over units / units, mean over the batch,
