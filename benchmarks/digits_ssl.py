@@ -31,7 +31,8 @@ SUPERVISED, QUICKSTART = REPO / "configs" / "supervised_digits.yaml", REPO / "co
 SHORTENED = {"Dash": ["--model.supervised_warmup_steps", "50", "--model.rho_update_steps", "10"],
              # The ladder is its own MLP over the 64 pixels, trained with the paper's Adam (ssl/ladder.py).
              "LadderNetwork": ["--model.network", "mlp", "--model.input_features", "64", "--model.lr", "0.002",
-                               "--model.weight_decay", "0"]}
+                               "--model.weight_decay", "0"],
+             "LadderGamma": ["--model.lr", "0.002", "--model.weight_decay", "0"]}
 
 
 def run(method: str, seed: int, root: str, extra: list[str], rampup_steps: int) -> tuple[float, float]:

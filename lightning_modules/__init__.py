@@ -17,14 +17,14 @@ from lightning_modules.distillation import KDStudent, MutualLearning
 from lightning_modules.fusion import Ensemble
 from lightning_modules.segmentation import CPS, SegFixMatch, SegMeanTeacher, Segmenter
 from lightning_modules.ssl import (UDA, VAT, AdaMatch, Dash, DeepCoTraining, DeFixMatch, FixMatch, FlexMatch, FreeMatch,
-                                   LadderNetwork, MeanTeacher, MixMatch, PiModel, PseudoLabel, ReFixMatch, ReMixMatch,
+                                   LadderGamma, LadderNetwork, MeanTeacher, MixMatch, PiModel, PseudoLabel, ReFixMatch, ReMixMatch,
                                    SoftMatch, TemporalEnsembling)
 
 # The semi-supervised family and its supervised baseline, in the order of the results tables.
 SSL_METHODS = [
     "Supervised", "PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch",
     "UDA", "ReMixMatch", "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-    "DeFixMatch", "ReFixMatch", "LadderNetwork", "DeepCoTraining",
+    "DeFixMatch", "ReFixMatch", "LadderNetwork", "LadderGamma", "DeepCoTraining",
 ]
 # Distillation: offline (a frozen teacher) and online (peers teaching each other).
 KD_METHODS = ["KDStudent", "MutualLearning"]

@@ -11,6 +11,7 @@ from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.ssl.flexmatch import FlexMatch
 from lightning_modules.ssl.freematch import FreeMatch
 from lightning_modules.ssl.ladder import LadderNetwork
+from lightning_modules.ssl.ladder_gamma import LadderGamma
 from lightning_modules.ssl.mean_teacher import MeanTeacher
 from lightning_modules.ssl.mixmatch import MixMatch
 from lightning_modules.ssl.pi_model import PiModel
@@ -24,4 +25,5 @@ from lightning_modules.ssl.vat import VAT
 
 __all__ = ["PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch", "UDA", "ReMixMatch",
            "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DeFixMatch", "ReFixMatch", "LadderNetwork", "DeepCoTraining"]
+           "DeFixMatch", "ReFixMatch", "LadderNetwork", "LadderGamma",
+           "DeepCoTraining"]

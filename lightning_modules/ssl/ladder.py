@@ -140,7 +140,21 @@ def denoising_costs(clean_zs: list[torch.Tensor], clean_stats: list, estimates: 
     return costs
 
 
-class LadderNetwork(SemiSupervisedModule):
+class LadderAdam:
+    """The ladder's optimizer, mixed in before the base: Adam, its learning rate decayed linearly to 0 after
+    ``decay_start`` of the run (CuriousAI/ladder ``run.py`` lines 497-499, ``--lrate-decay``)."""
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameter_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def lr_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        start = self.hparams.decay_start * total
+        factor = lambda k: 1.0 if k < start else max(0.0, (total - k) / max(1.0, total - start))  # noqa: E731
+        return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
+
+
+class LadderNetwork(LadderAdam, SemiSupervisedModule):
     """The Ladder Network: CE of the corrupted encoder on labeled images plus the weighted per-layer
     denoising cost on unlabeled ones (the module docstring has the equations and the recipe).
 
@@ -201,13 +215,3 @@ class LadderNetwork(SemiSupervisedModule):
         losses["unlabeled_loss"] = sum(weight * cost for weight, cost in zip(hp.denoising_weights, costs))
         losses.update({f"denoising_cost_{layer}": cost.detach() for layer, cost in enumerate(costs)})
         return losses
-
-    # The paper's optimizer: Adam, its learning rate decayed linearly to 0 after decay_start of the run.
-    def build_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameter_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-
-    def lr_schedule(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        start = self.hparams.decay_start * total
-        factor = lambda k: 1.0 if k < start else max(0.0, (total - k) / max(1.0, total - start))  # noqa: E731
-        return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
