@@ -1,4 +1,4 @@
-"""Ladder Network: one step against the paper's equations and the authors' Theano code in plain tensors, the
+"""Ladder Network and its Gamma model: one step against the paper's equations and the authors' Theano code in plain tensors, the
 gradients and running statistics, a real training run on digits, and the refusals."""
 
 import copy
@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from datamodules import DigitsSSL
-from lightning_modules import LadderNetwork
-from tests.ssl_helpers import digits_batch, make_trainer
+from lightning_modules import LadderGamma, LadderNetwork
+from lightning_modules.ssl.ladder_gamma import batch_norm_noise
+from tests.ssl_helpers import SMALL_NET, digits_batch, make_trainer
 
 SMALL_LADDER = dict(num_classes=10, in_channels=1, input_features=64, hidden_sizes=[40, 20],
                     denoising_weights=[1000.0, 10.0, 0.1, 0.1])
@@ -148,3 +149,68 @@ def test_ladder_images_of_another_size_name_input_features():
     model = LadderNetwork(**{**SMALL_LADDER, "input_features": 784})
     with pytest.raises(ValueError, match="input_features"):
         model.net.encode(torch.zeros(4, 1, 8, 8))
+
+
+def test_ladder_gamma_matches_reference():
+    # Gamma model, Rasmus et al. Sec. 3 and CuriousAI/ladder (decoder spec 0-...-0-gauss): only the top g, its
+    # cost (ladder.py lines 234-246) on the logits normalized by the clean unlabeled batch's statistics.
+    # noise_std = 0 makes the corrupted pass the clean one, so the cost, the combinator and the gradients are
+    # compared exactly; the noise itself: the next test.
+    torch.manual_seed(0)
+    model = LadderGamma(**SMALL_NET, noise_std=0.0)
+    batch = digits_batch(model, batch_size=16, uratio=2)
+    with torch.no_grad():
+        for a in model.combinator.a:
+            a.add_(0.5 * torch.randn_like(a))
+    net, a = copy.deepcopy(model.net), [p.detach().clone().requires_grad_(True) for p in model.combinator.a]
+    losses = model.compute_losses(batch)
+    model.total_loss(losses).backward()
+
+    x, y, u = batch["labeled"]["image"], batch["labeled"]["target"], batch["unlabeled"]["plain"]
+    class_cost = F.cross_entropy(net(x), y)
+    logits = net(u)
+    m, s = logits.mean(0), ((logits - logits.mean(0)) ** 2).mean(0)
+    z = (logits - m) / torch.sqrt(s + 1e-10)
+    h = torch.softmax(logits, dim=1)
+    v_u = (h - h.mean(0)) / torch.sqrt(((h - h.mean(0)) ** 2).mean(0) + 1e-10)
+    mu = a[0] * torch.sigmoid(a[1] * v_u + a[2]) + a[3] * v_u + a[4]
+    v = a[5] * torch.sigmoid(a[6] * v_u + a[7]) + a[8] * v_u + a[9]
+    estimate = (z - mu) * v + mu
+    cost = (((estimate - m) / torch.sqrt(s + 1e-10) - z) ** 2).sum(1).mean() / z.shape[1]
+    (class_cost + 4.0 * cost).backward()
+
+    assert losses["labeled_loss"].item() == pytest.approx(class_cost.item(), rel=1e-5)
+    assert losses["unlabeled_loss"].item() == pytest.approx(cost.item(), rel=1e-5)
+    for ours, reference in zip(model.combinator.a, a):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-4, atol=1e-6)
+    for ours, reference in zip(model.net.parameters(), net.parameters()):
+        assert (ours.grad - reference.grad).abs().max() <= 1e-5 * reference.grad.abs().max() + 1e-7
+
+
+def test_ladder_gamma_corrupts_every_batchnorm_and_leaves_running_statistics_to_the_clean_pass():
+    torch.manual_seed(0)
+    model = LadderGamma(**SMALL_NET)
+    batch = digits_batch(model, batch_size=16, uratio=2)
+    images = batch["unlabeled"]["plain"]
+    norms = [m for m in model.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with batch_norm_noise(model.net, 0.3) as found:
+        assert found == len(norms) > 0
+    before = copy.deepcopy(model.net.state_dict())
+    first, second = model.corrupted_logits(images), model.corrupted_logits(images)
+    assert not torch.allclose(first, second)  # fresh noise each pass
+    assert all(torch.equal(v, model.net.state_dict()[k]) for k, v in before.items())
+    assert not model.net._forward_hooks and not any(m._forward_hooks for m in norms)  # hooks removed
+    model.compute_losses(batch)
+    assert not torch.equal(before[next(k for k in before if k.endswith("running_mean"))],
+                           model.net.state_dict()[next(k for k in before if k.endswith("running_mean"))])
+
+
+def test_ladder_gamma_trains_on_digits_through_the_trainer(tmp_path):
+    torch.manual_seed(0)
+    model = LadderGamma(**SMALL_NET)
+    before = copy.deepcopy(model.state_dict())
+    trainer = make_trainer(max_epochs=1, default_root_dir=tmp_path)
+    trainer.fit(model, DigitsSSL(num_labeled=50, batch_size=8, uratio=2, steps_per_epoch=3))
+    assert trainer.global_step == 3 and isinstance(trainer.optimizers[0], torch.optim.Adam)
+    for key in ("net.fc.weight", "combinator.a.9"):
+        assert not torch.equal(before[key], model.state_dict()[key]), key
