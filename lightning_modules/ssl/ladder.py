@@ -23,7 +23,7 @@ ladder needs each layer's normalized pre-activation before its scale, shift and 
 network exposes no such points, and the convolutional ladders (the paper's Conv-Large / Conv-Small Gamma)
 are not built. Images are flattened: ``input_features`` is C*H*W (64 for digits, 3072 for CIFAR). The paper's
 Gamma model on this encoder (only the top layer reconstructed, the authors' ``mnist_100_gamma``) is
-``denoising_weights: [0, 0, 0, 0, 0, 0, 0.5]``; on another network it would need noise inside every layer, not built.
+``denoising_weights: [0, 0, 0, 0, 0, 0, 0.5]``; on any network with BatchNorm it is ``LadderGamma`` (``ladder_gamma.py``).
 
 Defaults reproduce the paper's MNIST 100-label recipe (README of CuriousAI/ladder, ``mnist_100_full``):
 layers 784-1000-500-250-250-250-10, noise std 0.3 (``run.py`` ``--super-noise-std``, ``--f-local-noise-std``),
@@ -182,7 +182,7 @@ class LadderNetwork(LadderAdam, SemiSupervisedModule):
         if network != "mlp":
             raise ValueError(f"LadderNetwork builds its own fully connected encoder (network: mlp), got "
                              f"network={network!r}: a ladder needs every layer's normalized pre-activation, which "
-                             "a WRN or timm network does not expose (convolutional ladders are not built)")
+                             "a WRN or timm network does not expose; LadderGamma is the top-layer Gamma model on any such network")
         if len(denoising_weights) != len(hidden_sizes) + 2:
             raise ValueError(f"denoising_weights needs one lambda per layer, input and logits included: "
                              f"{len(hidden_sizes) + 2} values for hidden_sizes={list(hidden_sizes)}, got "
