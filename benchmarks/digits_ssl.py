@@ -34,7 +34,11 @@ SUPERVISED, QUICKSTART = REPO / "configs" / "supervised_digits.yaml", REPO / "co
 # SimMatchV2: 32 steps' unlabeled rows (7 x 32 each), where the authors keep 256 steps' of a 300-epoch run.
 SHORTENED = {"Dash": ["--model.supervised_warmup_steps", "50", "--model.rho_update_steps", "10"],
              "LabelPropagation": ["--model.warmup_epochs", "5"],
-             "CoMatch": ["--model.queue_size", "1280"], "SimMatchV2": ["--model.queue_size", "7168"]}
+             "CoMatch": ["--model.queue_size", "1280"], "SimMatchV2": ["--model.queue_size", "7168"],
+             # The ladder is its own MLP over the 64 pixels, trained with the paper's Adam (ssl/ladder.py).
+             "LadderNetwork": ["--model.network", "mlp", "--model.input_features", "64", "--model.lr", "0.002",
+                               "--model.weight_decay", "0"],
+             "LadderGamma": ["--model.lr", "0.002", "--model.weight_decay", "0"]}
 
 
 def run(method: str, seed: int, root: str, extra: list[str], rampup_steps: int) -> tuple[float, float]:

@@ -16,9 +16,9 @@ from lightning_modules.detection import Detector, UnbiasedTeacher
 from lightning_modules.distillation import KDStudent, MutualLearning
 from lightning_modules.fusion import Ensemble
 from lightning_modules.segmentation import CPS, SegFixMatch, SegMeanTeacher, Segmenter
-from lightning_modules.ssl import (UDA, VAT, AdaMatch, Dash, DeFixMatch, FixMatch, FlexMatch, FreeMatch,
-                                   LabelPropagation, MeanTeacher, MixMatch, PiModel, PseudoLabel, ReFixMatch, ReMixMatch,
-                                   SoftMatch, TemporalEnsembling)
+from lightning_modules.ssl import (UDA, VAT, AdaMatch, Dash, DeepCoTraining, DeFixMatch, FixMatch, FlexMatch, FreeMatch,
+                                   LabelPropagation, LadderGamma, LadderNetwork, MeanTeacher, MixMatch, PiModel,
+                                   PseudoLabel, ReFixMatch, ReMixMatch, SoftMatch, TemporalEnsembling)
 from lightning_modules.ssl import CoMatch, CRMatch, SequenceMatch, SimMatch, SimMatchV2
 
 # The semi-supervised family and its supervised baseline, in the order of the results tables.
@@ -26,7 +26,7 @@ SSL_METHODS = [
     "Supervised", "PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch",
     "UDA", "ReMixMatch", "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
     "DeFixMatch", "ReFixMatch", "LabelPropagation",
-    "SimMatch", "CoMatch", "SimMatchV2", "CRMatch", "SequenceMatch",
+    "SimMatch", "CoMatch", "SimMatchV2", "CRMatch", "SequenceMatch", "LadderNetwork", "LadderGamma", "DeepCoTraining",
 ]
 # Distillation: offline (a frozen teacher) and online (peers teaching each other).
 KD_METHODS = ["KDStudent", "MutualLearning"]

@@ -29,6 +29,8 @@ def test_print_config_for_every_model(model, capsys):
         assert "network: unet3plus" in out
     elif issubclass(cls, lightning_modules.Detector):
         assert "network: fasterrcnn_resnet50_fpn" in out
+    elif cls is lightning_modules.LadderNetwork:  # its own fully connected encoder (ssl/ladder.py)
+        assert "network: mlp" in out
     elif issubclass(cls, lightning_modules.SemiSupervisedModule):
         assert "network: wrn28_2" in out
 

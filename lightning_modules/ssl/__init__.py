@@ -8,11 +8,14 @@ from lightning_modules.ssl.adamatch import AdaMatch
 from lightning_modules.ssl.comatch import CoMatch
 from lightning_modules.ssl.crmatch import CRMatch
 from lightning_modules.ssl.dash import Dash
+from lightning_modules.ssl.deep_co_training import DeepCoTraining
 from lightning_modules.ssl.defixmatch import DeFixMatch
 from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.ssl.flexmatch import FlexMatch
 from lightning_modules.ssl.freematch import FreeMatch
 from lightning_modules.ssl.label_propagation import LabelPropagation
+from lightning_modules.ssl.ladder import LadderNetwork
+from lightning_modules.ssl.ladder_gamma import LadderGamma
 from lightning_modules.ssl.mean_teacher import MeanTeacher
 from lightning_modules.ssl.mixmatch import MixMatch
 from lightning_modules.ssl.pi_model import PiModel
@@ -29,4 +32,5 @@ from lightning_modules.ssl.vat import VAT
 
 __all__ = ["PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch", "UDA", "ReMixMatch",
            "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DeFixMatch", "ReFixMatch", "LabelPropagation", "SimMatch", "CoMatch", "SimMatchV2", "CRMatch", "SequenceMatch"]
+           "DeFixMatch", "ReFixMatch", "LabelPropagation", "SimMatch", "CoMatch", "SimMatchV2", "CRMatch", "SequenceMatch",
+           "LadderNetwork", "LadderGamma", "DeepCoTraining"]
