@@ -56,6 +56,8 @@ def box_uncertainty(refined: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     times, n = refined.shape[:2]
     if times < 2:
         raise ValueError(f"box_uncertainty needs at least 2 jitters per box for a spread, got {times}")
+    if n == 0:  # no box: no spread to measure (and std over an empty tensor warns)
+        return refined.new_zeros(0)
     of_label = refined[:, torch.arange(n, device=refined.device), labels]  # (times, n, 4)
     spread, mean = of_label.std(dim=0), of_label.mean(dim=0)  # unbiased std, as torch's and the authors'
     sides = (mean[:, 2:4] - mean[:, :2]).clamp(min=1.0).repeat(1, 2)
