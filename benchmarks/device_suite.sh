@@ -65,12 +65,13 @@ if (( DETECTION )); then
   # unlabeled), Faster R-CNN MobileNetV3 FPN from random weights, one row per step so a row that runs out of time
   # costs only itself; writes det_<row>.md (3 files). Needs coco128 carried in .data/coco128 (22 MB; or
   # ../shared/data/coco128) and faster-coco-eval importable (the mAP backend; a C extension pack_carry.py cannot
-  # rebuild). 1500 steps of 4 (+ 4 unlabeled) images is a guess at what fits 170 s per row: unmeasured on a GPU.
+  # rebuild). lr 0.005: torchvision's 0.00125 per image. 1500 steps of 4 (+ 4 unlabeled) images is a guess at
+  # what fits 170 s per row: unmeasured on a GPU.
   COCO=.data/coco128; [[ -d $COCO ]] || COCO=../shared/data/coco128
   python -c "import faster_coco_eval" || echo "faster-coco-eval is missing: the rows cannot score mAP" >&2
   for row in mobilenet_32_labels unbiased_teacher_32_labels soft_teacher_32_labels; do
     step 180 "coco128 $row" python benchmarks/det_coco128.py --rows "$row" --steps 1500 --batch-size 4 \
-      --ema-decay 0.99 --shared "$(dirname "$COCO")" --output "$OUT/det_$row.md"
+      --lr 0.005 --ema-decay 0.99 --shared "$(dirname "$COCO")" --output "$OUT/det_$row.md"
   done
   for table in "$OUT"/det_*.md; do echo "-- $table"; cat "$table"; done
   exit 0
