@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/device_suite.sh           # on the GPU machine, from the checkout's root: ends within 9.5 min
 #   bash benchmarks/device_suite.sh --smoke   # the same pipeline on CPU with tiny budgets (tests/test_device_suite.py)
+#   bash benchmarks/device_suite.sh --detection   # queued (issue 20), its own call: the coco128 semi-supervised rows
 #
 # Installs the wheels carried in .whl/ (pure-Python packages the GPU machine lacks) into a folder of their own on
 # PYTHONPATH, unpacks the CIFAR-10
@@ -10,8 +11,9 @@
 # and writes under $OUT (at most 8 files): suite.log, speed.md, speed.json, profile.txt, tta.md, tta.json,
 # ema_overhead.md. A step that fails or runs out of time is logged and the next one still runs.
 set -uo pipefail
-SMOKE=0
+SMOKE=0 DETECTION=0
 [[ "${1:-}" == "--smoke" ]] && SMOKE=1
+[[ "${1:-}" == "--detection" ]] && DETECTION=1
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 1
 OUT=${OUT:-$REPO/benchmarks/.cache/device_suite}
@@ -57,6 +59,23 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # into a folder of their own: no en
   export PYTHONPATH="$PYTHONPATH:$TMP/labelwise-wheels"  # after the checkout; installed packages come first
 fi
 step 60 "import check" python -c "import datamodules, lightning_modules; print('imports ok')" || exit 1
+
+if (( DETECTION )); then
+  # Queued, not yet run: Detector, UnbiasedTeacher and SoftTeacher on the same 32 labeled coco128 images (80
+  # unlabeled), Faster R-CNN MobileNetV3 FPN from random weights, one row per step so a row that runs out of time
+  # costs only itself; writes det_<row>.md (3 files). Needs coco128 carried in .data/coco128 (22 MB; or
+  # ../shared/data/coco128) and faster-coco-eval importable (the mAP backend; a C extension pack_carry.py cannot
+  # rebuild). lr 0.005: torchvision's 0.00125 per image. 1500 steps of 4 (+ 4 unlabeled) images is a guess at
+  # what fits 170 s per row: unmeasured on a GPU.
+  COCO=.data/coco128; [[ -d $COCO ]] || COCO=../shared/data/coco128
+  python -c "import faster_coco_eval" || echo "faster-coco-eval is missing: the rows cannot score mAP" >&2
+  for row in mobilenet_32_labels unbiased_teacher_32_labels soft_teacher_32_labels; do
+    step 180 "coco128 $row" python benchmarks/det_coco128.py --rows "$row" --steps 1500 --batch-size 4 \
+      --lr 0.005 --ema-decay 0.99 --shared "$(dirname "$COCO")" --output "$OUT/det_$row.md"
+  done
+  for table in "$OUT"/det_*.md; do echo "-- $table"; cat "$table"; done
+  exit 0
+fi
 
 # 1. speed table (~2 min on the GPU): the best row decides the time-to-accuracy options
 step "${LIMITS[0]}" "speed table" python benchmarks/speed_fixmatch.py --data "$DATA-speed" --out "$OUT" "${SPEED[@]}"

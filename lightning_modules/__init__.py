@@ -12,7 +12,7 @@ from importlib import import_module
 
 from lightning_modules.classification.supervised import Supervised
 from lightning_modules.classification.semi_supervised import SemiSupervisedModule
-from lightning_modules.detection import Detector, UnbiasedTeacher
+from lightning_modules.detection import Detector, SoftTeacher, UnbiasedTeacher
 from lightning_modules.distillation import KDStudent, MutualLearning
 from lightning_modules.fusion import Ensemble
 from lightning_modules.segmentation import CPS, SegFixMatch, SegMeanTeacher, Segmenter
@@ -32,8 +32,8 @@ SSL_METHODS = [
 KD_METHODS = ["KDStudent", "MutualLearning"]
 # Segmentation: supervised, and the semi-supervised methods applied per pixel.
 SEGMENTATION_METHODS = ["Segmenter", "SegFixMatch", "SegMeanTeacher", "CPS"]
-# Detection: supervised, and Unbiased Teacher.
-DETECTION_METHODS = ["Detector", "UnbiasedTeacher"]
+# Detection: supervised, Unbiased Teacher and Soft Teacher.
+DETECTION_METHODS = ["Detector", "UnbiasedTeacher", "SoftTeacher"]
 # Concrete modules selectable by class name on the command line.
 MODELS = SSL_METHODS + KD_METHODS + SEGMENTATION_METHODS + DETECTION_METHODS + ["Ensemble"]
 __all__ = ["SemiSupervisedModule", *MODELS]

@@ -70,11 +70,16 @@ class UnbiasedTeacher(Detector):
         unlabeled = batch.get("unlabeled")
         if unlabeled is None or self.global_step < self.hparams.burn_in_steps:
             return losses
+        return {**losses, **self.unlabeled_losses(unlabeled)}
+
+    def unlabeled_losses(self, unlabeled: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"unlabeled_loss": ..., "unlabeled_<term>": ..., <pseudo-label stats>}`` of one unlabeled batch;
+        the seam a teacher-student detector that trains otherwise on the same views overrides (SoftTeacher)."""
         with torch.no_grad():
             detections = self.teacher.eval()(unlabeled["weak"])
         targets = pseudo_labels(detections, self.hparams.score_threshold)
         unlabeled_terms = classification_terms(self.net(unlabeled["strong"], targets))
-        losses["unlabeled_loss"] = sum(unlabeled_terms.values())
+        losses = {"unlabeled_loss": sum(unlabeled_terms.values())}
         losses.update({f"unlabeled_{k}": v for k, v in unlabeled_terms.items()})
         losses.update(pseudo_label_stats(targets, unlabeled.get("target")))
         return losses
