@@ -51,7 +51,7 @@ class UnbiasedTeacher(Detector):
     def __init__(self, score_threshold: float = 0.7, burn_in_steps: int = 2000, unlabeled_loss_weight: float = 4.0,
                  ema_decay: float | None = 0.9996, **kwargs: Any) -> None:
         if ema_decay is None:
-            raise ValueError("UnbiasedTeacher needs ema_decay: its teacher is the EMA of the student")
+            raise ValueError(f"{type(self).__name__} needs ema_decay (a decay in (0, 1), not null): its teacher is the EMA of the student")
         if burn_in_steps < 0:
             raise ValueError(f"burn_in_steps must be >= 0, got {burn_in_steps}")
         super().__init__(unlabeled_loss_weight=unlabeled_loss_weight, ema_decay=ema_decay, **kwargs)

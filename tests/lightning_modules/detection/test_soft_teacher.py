@@ -142,6 +142,8 @@ def test_bad_settings_are_refused_with_the_fix():
         SoftTeacher(num_classes=3, jitter_times=1, **SMALL)
     with pytest.raises(ValueError, match="box_score_threshold"):
         SoftTeacher(num_classes=3, box_score_threshold=0.95, **SMALL)
+    with pytest.raises(ValueError, match="^SoftTeacher needs ema_decay"):  # named as the user wrote it
+        SoftTeacher(num_classes=3, **{**SMALL, "ema_decay": None})
 
 
 def test_cli_fits_and_tests_soft_teacher_on_coco128(shared_data, tmp_path, one_thread):
