@@ -15,7 +15,7 @@ from lightning_modules.classification.semi_supervised import SemiSupervisedModul
 from lightning_modules.detection import Detector, UnbiasedTeacher
 from lightning_modules.distillation import KDStudent, MutualLearning
 from lightning_modules.fusion import Ensemble
-from lightning_modules.segmentation import CPS, SegFixMatch, SegMeanTeacher, Segmenter
+from lightning_modules.segmentation import CPS, SegFixMatch, SegMeanTeacher, Segmenter, UniMatch
 from lightning_modules.ssl import (UDA, VAT, AdaMatch, Dash, DeFixMatch, FixMatch, FlexMatch, FreeMatch, MeanTeacher,
                                    MixMatch, PiModel, PseudoLabel, ReFixMatch, ReMixMatch, SoftMatch, TemporalEnsembling)
 
@@ -28,7 +28,7 @@ SSL_METHODS = [
 # Distillation: offline (a frozen teacher) and online (peers teaching each other).
 KD_METHODS = ["KDStudent", "MutualLearning"]
 # Segmentation: supervised, and the semi-supervised methods applied per pixel.
-SEGMENTATION_METHODS = ["Segmenter", "SegFixMatch", "SegMeanTeacher", "CPS"]
+SEGMENTATION_METHODS = ["Segmenter", "SegFixMatch", "SegMeanTeacher", "CPS", "UniMatch"]
 # Detection: supervised, and Unbiased Teacher.
 DETECTION_METHODS = ["Detector", "UnbiasedTeacher"]
 # Concrete modules selectable by class name on the command line.
