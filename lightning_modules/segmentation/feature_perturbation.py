@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +34,9 @@ def check_feature_perturbation(net: nn.Module, method: str = "UniMatch") -> None
         raise ValueError(f"{method}'s feature perturbation needs a network with an encoder submodule (net.encoder) "
                          f"whose feature maps feed the decoder; {type(net).__name__} has none. Use an smp "
                          "architecture (Unet, FPN, DeepLabV3Plus, ...), unet3plus, refinenet or lw_refinenet")
+    if isinstance(net, smp.DPT):  # its encoder returns (features, prefix tokens), not the decoder's feature list
+        raise ValueError(f"{method}'s feature perturbation does not support smp's DPT (its encoder returns prefix "
+                         "tokens beside the feature maps); use Segformer, UPerNet, Unet, DeepLabV3Plus, ... instead")
 
 
 @contextmanager
