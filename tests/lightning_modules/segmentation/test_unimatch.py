@@ -228,7 +228,6 @@ def test_unimatch_fits_and_tests_from_the_cli(membrane, tmp_path, one_thread):
              "--trainer.enable_progress_bar", "false"]
     cli = cli_main(["fit", *quick, "--trainer.max_epochs", "1"])
     assert type(cli.model) is UniMatch and cli.model.hparams.threshold == 0.95
-    assert {"train/loss_fp", "train/loss_strong2", "train/mask_ratio"} <= set(cli.trainer.logged_metrics)
     fitted = float(cli.trainer.callback_metrics["test/miou"])
     ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     cli = cli_main(["test", *quick, "--ckpt_path", str(ckpt)])
