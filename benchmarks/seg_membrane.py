@@ -42,6 +42,7 @@ ROWS = {
     "cps_6_labels": (CPS, "Unet", 6, {}),  # parameters: the first network, the one evaluated (CPS trains two)
     "cps_cutmix_6_labels": (CPS, "Unet", 6, {"cutmix": True}),
     "unimatch_6_labels": (UniMatch, "Unet", 6, {}),  # the paper's threshold 0.95 and stream weights
+    "unimatch_threshold09_6_labels": (UniMatch, "Unet", 6, {"threshold": 0.9}),  # SegFixMatch's row's threshold
 }
 
 
