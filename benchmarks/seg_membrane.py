@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from benchmarks.report import report_header, timed_fit, write_report  # noqa: E402
 
 from datamodules import SegmentationFolders  # noqa: E402
-from lightning_modules import CPS, SegFixMatch, SegMeanTeacher, Segmenter  # noqa: E402
+from lightning_modules import CPS, SegFixMatch, SegMeanTeacher, Segmenter, UniMatch  # noqa: E402
 
 # row -> (module, network, labeled slices (None = all 25), extra module arguments)
 ROWS = {
@@ -41,6 +41,8 @@ ROWS = {
     "segmeanteacher_6_labels": (SegMeanTeacher, "Unet", 6, {}),
     "cps_6_labels": (CPS, "Unet", 6, {}),  # parameters: the first network, the one evaluated (CPS trains two)
     "cps_cutmix_6_labels": (CPS, "Unet", 6, {"cutmix": True}),
+    "unimatch_6_labels": (UniMatch, "Unet", 6, {}),  # the paper's threshold 0.95 and stream weights
+    "unimatch_threshold09_6_labels": (UniMatch, "Unet", 6, {"threshold": 0.9}),  # SegFixMatch's row's threshold
 }
 
 

@@ -15,7 +15,7 @@ from lightning_modules.classification.semi_supervised import SemiSupervisedModul
 from lightning_modules.detection import Detector, SoftTeacher, UnbiasedTeacher
 from lightning_modules.distillation import KDStudent, MutualLearning
 from lightning_modules.fusion import Ensemble
-from lightning_modules.segmentation import CPS, SegFixMatch, SegMeanTeacher, Segmenter
+from lightning_modules.segmentation import CPS, SegFixMatch, SegMeanTeacher, Segmenter, UniMatch
 from lightning_modules.ssl import (UDA, VAT, AdaMatch, Dash, DeepCoTraining, DeFixMatch, FixMatch, FlexMatch, FreeMatch,
                                    LabelPropagation, LadderGamma, LadderNetwork, MeanTeacher, MixMatch, PiModel,
                                    PseudoLabel, ReFixMatch, ReMixMatch, SoftMatch, TemporalEnsembling)
@@ -31,7 +31,7 @@ SSL_METHODS = [
 # Distillation: offline (a frozen teacher) and online (peers teaching each other).
 KD_METHODS = ["KDStudent", "MutualLearning"]
 # Segmentation: supervised, and the semi-supervised methods applied per pixel.
-SEGMENTATION_METHODS = ["Segmenter", "SegFixMatch", "SegMeanTeacher", "CPS"]
+SEGMENTATION_METHODS = ["Segmenter", "SegFixMatch", "SegMeanTeacher", "CPS", "UniMatch"]
 # Detection: supervised, Unbiased Teacher and Soft Teacher.
 DETECTION_METHODS = ["Detector", "UnbiasedTeacher", "SoftTeacher"]
 # Concrete modules selectable by class name on the command line.

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from datamodules import COCODetection, DigitsSSL, SegmentationFolders
 from lightning_modules import (CPS, AdaMatch, CoMatch, Dash, Detector, FixMatch, FlexMatch, KDStudent, LabelPropagation,
-                               SegFixMatch, SequenceMatch, SimMatch, SimMatchV2, Supervised, TemporalEnsembling)
+                               SegFixMatch, SequenceMatch, SimMatch, SimMatchV2, Supervised, TemporalEnsembling, UniMatch)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`", "ignore:Checkpoint directory")
 
@@ -284,6 +284,17 @@ def test_cps_second_network_resumes_exactly(shared_data, tmp_path, cutmix, one_t
     full = assert_resume_is_exact(make, make_data, tmp_path, stop=1, max_epochs=1,
                                   checkpoint=dict(every_n_train_steps=1, save_last="link"))
     assert any(k.startswith("second_net.") for k in full["state_dict"])
+
+def test_unimatch_resumes_exactly(shared_data, tmp_path, one_thread):
+    """UniMatch draws its CutMix boxes and feature-dropout masks in the step from the global RNG: a resumed run
+    draws them again the same, so its weights and EMA match the uninterrupted run's."""
+    make_data = lambda: SegmentationFolders(root=str(shared_data / "membrane"), num_labeled=4, num_test=2,  # noqa: E731
+                                            crop_size=64, batch_size=2, uratio=1, steps_per_epoch=2)
+    make = lambda: UniMatch(network="Unet", network_kwargs={"encoder_name": "resnet18"}, log_images=0,  # noqa: E731
+                            threshold=0.0, cutmix_probability=1.0, ema_decay=0.9)
+    assert_resume_is_exact(make, make_data, tmp_path, stop=1, max_epochs=1,
+                           checkpoint=dict(every_n_train_steps=1, save_last="link"))
+
 
 @pytest.fixture()
 def coco_subset(shared_data, tmp_path) -> Path:
