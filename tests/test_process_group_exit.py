@@ -8,6 +8,8 @@ process finished (or that they all stopped for a signal at the same step)."""
 
 from __future__ import annotations
 
+import os
+
 import torch.distributed as dist
 
 import train
@@ -22,9 +24,15 @@ TINY = ["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--data.st
 
 def test_a_ddp_fit_through_main_leaves_no_process_group(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    environment = dict(os.environ)
     try:
         train.main(TINY)
         assert not dist.is_initialized(), "the run's process group is still up after main() returned"
     finally:
         if dist.is_initialized():  # the old behaviour: leave nothing to the next test
             dist.destroy_process_group()
+        # Lightning's launcher sets LOCAL_RANK, WORLD_SIZE, MASTER_PORT... in this process; left there, every later
+        # train.py subprocess of the session inherits them, takes its DDP ranks for externally launched and waits
+        # for a rank 1 that nobody starts
+        os.environ.clear()
+        os.environ.update(environment)
