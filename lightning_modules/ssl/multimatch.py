@@ -41,8 +41,8 @@ class MultiMatch(SemiSupervisedModule):
     * USB recalibrates at an epoch's end through ``Hook.end_of_epoch`` (``core/hooks/hook.py`` line 36), which
       reads ``it + 1 % len(loader) == 0``, i.e. ``it + 1 == 0``: never, so with ``num_recalibrate_iter: 0`` (its
       default and the released config) its cutoffs stay 0. We recalibrate at each epoch end as the paper and
-      the hook's name intend (at the next epoch's start, from the same committed state, so a checkpoint taken
-      at the epoch end resumes exactly).
+      the hook's name intend (before the next epoch's first batch, from the same committed state, so a
+      checkpoint taken at the epoch end resumes exactly).
     * USB's recalibration loop ``break``s at the first class no sample agrees on (utils.py lines 139-141), leaving
       every later class's cutoff stale; we read it as a ``continue`` (that class gets 0, the others are computed).
     * USB calls each head's FreeMatch hook twice per step (once for each head it serves as a peer, lines 98-101),
@@ -103,6 +103,7 @@ class MultiMatch(SemiSupervisedModule):
         self.disagreement_weight, self.clamp_at_zero = disagreement_weight, not negative_cutoffs
         self.recalibrate_every, self.threshold_algo, self.ema_momentum = recalibrate_every, threshold_algo, ema_momentum
         self.threshold, self.threshold_warmup = threshold, threshold_warmup
+        self._checked_mark: int | None = None  # the epoch (or step) whose recalibration was last checked
         num_classes, size = self.hparams.num_classes, num_unlabeled or 0
         self.register_buffer("apm", torch.zeros(size, num_heads, num_classes))
         self.register_buffer("weak_labels", torch.full((size, num_heads), -1, dtype=torch.long))
@@ -172,19 +173,18 @@ class MultiMatch(SemiSupervisedModule):
         """The per-class APM cutoffs from the committed APM and weak labels (identical on every rank)."""
         self.apm_cutoff.copy_(apm_cutoffs(self.apm, self.weak_labels, self.percentile, self.clamp_at_zero))
 
-    def on_train_epoch_start(self) -> None:
-        super().on_train_epoch_start()
-        # the end of the previous epoch, from the same committed state (USB after_train_step; see the docstring)
-        if not self.recalibrate_every and self.current_epoch > int(self.calibrated_at):
-            self.recalibrate_cutoffs()
-            self.calibrated_at.fill_(self.current_epoch)
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # USB's after_train_step at an epoch's end (or every N steps), run before the next batch instead, from the
+        # same committed state: Lightning 2.6 skips on_train_epoch_start when it resumes from an epoch-end checkpoint
         super().on_train_batch_start(batch, batch_idx)
-        step, every = self.global_step, self.recalibrate_every
-        if every and step and step % every == 0 and step > int(self.calibrated_at):
+        every = self.recalibrate_every
+        mark = self.global_step if every else self.current_epoch
+        if mark == self._checked_mark or (every and mark % every) or mark == 0:
+            return
+        self._checked_mark = mark  # one read of the buffer per epoch (or per N steps), not per batch
+        if mark > int(self.calibrated_at):
             self.recalibrate_cutoffs()
-            self.calibrated_at.fill_(step)
+            self.calibrated_at.fill_(mark)
 
     # --- loss ------------------------------------------------------------------------------
     def peer_masks(self, weak: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -245,5 +245,6 @@ class MultiMatch(SemiSupervisedModule):
                                               unlabeled.get("target")))
         return losses
 
-    def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def unlabeled_loss(self, logits: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
         raise ValueError("MultiMatch's loss needs every head's logits: call compute_losses (or multihead_loss)")

@@ -155,7 +155,7 @@ def test_multimatch_matches_reference_over_steps_and_an_epoch_boundary(threshold
     usb = _USBMultiMatch(threshold_algo, **options)
     seen_weights = set()
     for k, (weak, strong, idx, epoch) in enumerate(_steps()):
-        if k == 3:  # the epoch boundary: USB's after_train_step at the epoch's end, ours at the next start
+        if k == 3:  # the epoch boundary: USB's after_train_step at the epoch's end, ours before the next batch
             usb.recalibrate()
             model.recalibrate_cutoffs()
             torch.testing.assert_close(model.apm_cutoff, usb.apm_cutoff)
