@@ -140,7 +140,8 @@ def build(method: str, batch_size: int, teacher: Path, membrane: Path) -> tuple[
         "SimMatchV2": lambda: SimMatchV2(threshold=0.12, queue_size=64, topn=8,
                                          **(net | dict(network="tiny_cnn_features"))),
         # per-sample APM and weak labels written from every rank's rows, each head's FreeMatch thresholds from the
-        # gathered batch, cutoffs recalibrated from that state after step 2 (the run stays in epoch 0: no pseudo-label)
+        # gathered batch, cutoffs recalibrated from that state after step 2. The run stays in epoch 0 (no
+        # pseudo-label) and the fresh heads never agree, so the cutoffs stay 0 here: test_multimatch pins them
         "MultiMatch": lambda: MultiMatch(ema_momentum=0.5, recalibrate_every=2,
                                          **(net | dict(network="tiny_cnn_features"))),
     }
