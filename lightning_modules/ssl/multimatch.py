@@ -53,7 +53,6 @@ class MultiMatch(SemiSupervisedModule):
       which updates it before labeling, lines 136-139). An index drawn twice in one step is updated once,
       from its last row (USB updates it twice in sequence).
     * Three heads only: the agreement rule pairs exactly two peers (USB: "This works only for 3 heads").
-    * USB's per-sample diagnostics (``strong_labels``, ``apm_labels``, ``agreement_types``) are not kept.
 
     Recipe (``configs/multimatch_cifar10.yaml``): FixMatch's image hyper-parameters; USB's MultiMatch defaults
     (``get_argument``, lines 257-275): 3 heads, ``apm_percentile`` 0.05, ``smoothness`` 0.997,
@@ -102,8 +101,7 @@ class MultiMatch(SemiSupervisedModule):
         self.num_heads, self.percentile, self.smoothness = num_heads, apm_percentile, smoothness
         self.disagreement_weight, self.clamp_at_zero = disagreement_weight, not negative_cutoffs
         self.recalibrate_every, self.threshold_algo, self.ema_momentum = recalibrate_every, threshold_algo, ema_momentum
-        self.threshold, self.threshold_warmup = threshold, threshold_warmup
-        self._checked_mark: int | None = None  # the epoch (or step) whose recalibration was last checked
+        self.threshold, self.threshold_warmup, self._checked_mark = threshold, threshold_warmup, None
         num_classes, size = self.hparams.num_classes, num_unlabeled or 0
         self.register_buffer("apm", torch.zeros(size, num_heads, num_classes))
         self.register_buffer("weak_labels", torch.full((size, num_heads), -1, dtype=torch.long))
@@ -132,8 +130,10 @@ class MultiMatch(SemiSupervisedModule):
             self.apm = torch.zeros(size, heads, classes, device=self.device)
             self.weak_labels = torch.full((size, heads), -1, dtype=torch.long, device=self.device)
             if self.threshold_algo == "flexmatch":  # -2: outside the unlabeled set, neither used nor unused
-                self.head_memory = torch.full((size, heads), -2, dtype=torch.long, device=self.device)
-                self.head_memory[facts.unlabeled_indices.to(self.device)] = -1
+                outside = -2 if facts.unlabeled_indices is not None else -1
+                self.head_memory = torch.full((size, heads), outside, dtype=torch.long, device=self.device)
+                if facts.unlabeled_indices is not None:
+                    self.head_memory[facts.unlabeled_indices.to(self.device)] = -1
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         for name in ("apm", "weak_labels", "head_memory"):
@@ -181,7 +181,7 @@ class MultiMatch(SemiSupervisedModule):
         mark = self.global_step if every else self.current_epoch
         if mark == self._checked_mark or (every and mark % every) or mark == 0:
             return
-        self._checked_mark = mark  # one read of the buffer per epoch (or per N steps), not per batch
+        self._checked_mark = mark  # the buffer read once per epoch (or per N steps), not per batch
         if mark > int(self.calibrated_at):
             self.recalibrate_cutoffs()
             self.calibrated_at.fill_(mark)
@@ -190,7 +190,7 @@ class MultiMatch(SemiSupervisedModule):
     def peer_masks(self, weak: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Each head's FreeMatch (or FlexMatch) mask ``(H, N)`` of its weak-view logits ``(H, N, C)``; proposes
         the step's threshold state."""
-        if self.threshold_algo == "none":
+        if self.threshold_algo == "none":  # USB line 93
             return torch.ones(weak.shape[:2], device=weak.device)
         probs = torch.softmax(weak, dim=2)
         confidence, prediction = probs.max(dim=2)

@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from datamodules import DigitsSSL
 from lightning_modules import MultiMatch
-from tests.ssl_helpers import SMALL_NET, digits_batch
+from tests.ssl_helpers import SMALL_NET, digits_batch, make_trainer
 
 NUM_CLASSES, INDEX_SPACE = 4, 20
 NET = dict(in_channels=1, network="wrn10_1")
@@ -243,3 +244,21 @@ def test_prediction_is_the_mean_of_the_heads():
 def test_bad_arguments_are_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         MultiMatch(**SMALL_NET, **bad)
+
+
+@pytest.mark.parametrize("threshold_algo, recalibrate_every", [("freematch", 0), ("flexmatch", 0), ("none", 3)])
+def test_trains_on_digits_and_recalibrates_from_the_committed_state(threshold_algo, recalibrate_every):
+    torch.manual_seed(0)
+    model = MultiMatch(threshold_algo=threshold_algo, recalibrate_every=recalibrate_every, threshold=0.12,
+                       ema_momentum=0.5, **SMALL_NET)
+    data = DigitsSSL(num_labeled=50, batch_size=8, uratio=2, steps_per_epoch=4)
+    make_trainer(max_epochs=2).fit(model, data)
+    facts = data.data_facts()
+    assert model.apm.shape == (facts.num_indices, 3, 10)
+    assert int(model.calibrated_at) == (1 if recalibrate_every == 0 else 6)  # epoch 1, or step 6 (of 8)
+    outside = torch.ones(facts.num_indices, dtype=torch.bool)  # indices the unlabeled stream never draws
+    outside[facts.unlabeled_indices] = False
+    assert (model.weak_labels[~outside] >= 0).any() and (model.weak_labels[outside] == -1).all()
+    assert model.apm_cutoff.sum() > 0, "the cutoffs were never recalibrated from agreeing heads: a vacuous test"
+    if threshold_algo == "flexmatch":  # labeled-only indices are outside FlexMatch's counts
+        assert (model.head_memory[outside] == -2).all() and (model.head_memory >= 0).any()
