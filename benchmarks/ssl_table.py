@@ -41,7 +41,8 @@ URATIO = {"FixMatch": 7, "FlexMatch": 7, "FreeMatch": 7, "SoftMatch": 7, "UDA": 
           "SimMatch": 7, "CoMatch": 7,  # USB results/classic_cv.csv, 40 labels: SimMatch 5.18 %, CoMatch 5.44 % error
           "SimMatchV2": 7,  # no USB CIFAR-10 number in ANCHORS.md
           "CRMatch": 7,  # USB results/classic_cv.csv: 10.13 % error at 40 labels, 3.81 % at 4000 (ANCHORS.md)
-          "SequenceMatch": 7}  # USB publishes no SequenceMatch row
+          "SequenceMatch": 7,  # USB publishes no SequenceMatch row
+          "MultiMatch": 7}  # FixMatch's image ratio; USB runs MultiMatch on text only (ag_news config: uratio 1)
 # Schedules counted in steps of a 2^20-step recipe, shortened with the budget as in benchmarks/digits_ssl.py:
 # Dash's supervised warm-up over 5 % of the run and an update of its threshold every 1 % (USB: every 10 epochs).
 SCHEDULES = {"Dash": lambda steps: dict(supervised_warmup_steps=max(1, steps // 20),
@@ -54,7 +55,9 @@ SCHEDULES = {"Dash": lambda steps: dict(supervised_warmup_steps=max(1, steps // 
 # Methods that act once per epoch see the budget as this many epochs (the others as one): LabelPropagation's
 # supervised first half and a propagation over all training images at each later epoch's start (the paper
 # propagates every epoch after a supervised stage of the same length). No published USB number.
-EPOCHS = {"LabelPropagation": 20}
+# MultiMatch: USB's 100 epochs (config/usb_nlp/multimatch/*.yaml), in which its APM weight smoothness / (1 + epoch)
+# decays, its cutoffs are recalibrated at each end, and epoch 0 (1 %) has no pseudo-label; no published image number.
+EPOCHS = {"LabelPropagation": 20, "MultiMatch": 100}
 # Methods that replace the shared network or optimizer. The ladder is its own MLP over the 3072 pixels with the
 # paper's Adam (its conv ladders are not built: ssl/ladder.py); published CIFAR-10 errors at 4000 labels, no USB
 # number for these: Ladder Conv-Large Gamma 20.40 (Rasmus et al. Table 3; LadderGamma, here on the shared WRN),

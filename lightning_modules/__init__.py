@@ -19,14 +19,15 @@ from lightning_modules.segmentation import CPS, SegFixMatch, SegMeanTeacher, Seg
 from lightning_modules.ssl import (UDA, VAT, AdaMatch, Dash, DeepCoTraining, DeFixMatch, FixMatch, FlexMatch, FreeMatch,
                                    LabelPropagation, LadderGamma, LadderNetwork, MeanTeacher, MixMatch, PiModel,
                                    PseudoLabel, ReFixMatch, ReMixMatch, SoftMatch, TemporalEnsembling)
-from lightning_modules.ssl import CoMatch, CRMatch, SequenceMatch, SimMatch, SimMatchV2
+from lightning_modules.ssl import CoMatch, CRMatch, MultiMatch, SequenceMatch, SimMatch, SimMatchV2
 
 # The semi-supervised family and its supervised baseline, in the order of the results tables.
 SSL_METHODS = [
     "Supervised", "PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch",
     "UDA", "ReMixMatch", "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
     "DeFixMatch", "ReFixMatch", "LabelPropagation",
-    "SimMatch", "CoMatch", "SimMatchV2", "CRMatch", "SequenceMatch", "LadderNetwork", "LadderGamma", "DeepCoTraining",
+    "SimMatch", "CoMatch", "SimMatchV2", "CRMatch", "SequenceMatch", "MultiMatch", "LadderNetwork", "LadderGamma",
+    "DeepCoTraining",
 ]
 # Distillation: offline (a frozen teacher) and online (peers teaching each other).
 KD_METHODS = ["KDStudent", "MutualLearning"]

@@ -31,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import DigitsSSL, SegmentationFolders  # noqa: E402
 from lightning_modules import (CPS, AdaMatch, CoMatch, Dash, FixMatch, FlexMatch, FreeMatch, KDStudent,  # noqa: E402
-                               LabelPropagation, MeanTeacher, MutualLearning, Segmenter, SequenceMatch, SimMatch,
+                               LabelPropagation, MeanTeacher, MultiMatch, MutualLearning, Segmenter, SequenceMatch, SimMatch,
                                SimMatchV2, SoftMatch, Supervised, TemporalEnsembling)
 from lightning_modules.classification.networks import available_networks, register_network  # noqa: E402
 
 METHODS = ("FixMatch", "MeanTeacher", "TemporalEnsembling", "FlexMatch", "KDStudent", "Segmenter",
            "OnlineLabelSmoothing", "MutualLearning", "FixMatchBN", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DropMaxDropout", "CPS", "LabelPropagation", "CRD", "SimMatch", "CoMatch", "SimMatchV2", "SequenceMatch")
+           "DropMaxDropout", "CPS", "LabelPropagation", "CRD", "SimMatch", "CoMatch", "SimMatchV2", "SequenceMatch",
+           "MultiMatch")
 STEPS = 4
 RANK_BATCH = 2  # labeled images per rank and step; one process gets 2 * RANK_BATCH
 SEED = 100  # rank r seeds SEED + r
@@ -137,6 +138,11 @@ def build(method: str, batch_size: int, teacher: Path, membrane: Path) -> tuple[
                                    **(net | dict(network="tiny_cnn_features"))),
         # the labeled bank, the queue (two steps' unlabeled rows) and DA's marginal from every rank's rows
         "SimMatchV2": lambda: SimMatchV2(threshold=0.12, queue_size=64, topn=8,
+                                         **(net | dict(network="tiny_cnn_features"))),
+        # per-sample APM and weak labels written from every rank's rows, each head's FreeMatch thresholds from the
+        # gathered batch, cutoffs recalibrated from that state after step 2. The run stays in epoch 0 (no
+        # pseudo-label) and the fresh heads never agree, so the cutoffs stay 0 here: test_multimatch pins them
+        "MultiMatch": lambda: MultiMatch(ema_momentum=0.5, recalibrate_every=2,
                                          **(net | dict(network="tiny_cnn_features"))),
     }
     return models[method](), TinyDigits(batch_size=batch_size)

@@ -133,6 +133,9 @@ def test_two_ranks_match_one_process_on_the_global_batch(ranks, inputs, method, 
         assert single["memories"]["bank.labels"].any(), "no labeled row was written: a vacuous test"
     if method == "SimMatchV2":
         assert int(single["memories"]["queue.count"]) == 4 * 32 and "da_marginal" in single["method_buffers"]
+    if method == "MultiMatch":
+        buffers = single["method_buffers"]
+        assert (buffers["weak_labels"] >= 0).any() and int(buffers["calibrated_at"]) == 2, "vacuous"
     if "update_counts" in single:
         assert int(single["update_counts"].max()) >= 2, "no sample was revisited: Temporal Ensembling's targets untested"
     print(f"{method}: max |DDP - one process| = {max(worst.values()):.2e} over {len(worst)} tensors")

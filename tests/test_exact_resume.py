@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from datamodules import COCODetection, DigitsSSL, SegmentationFolders
 from lightning_modules import (CPS, AdaMatch, CoMatch, Dash, Detector, FixMatch, FlexMatch, KDStudent, LabelPropagation,
-                               SegFixMatch, SequenceMatch, SimMatch, SimMatchV2, Supervised, TemporalEnsembling, UniMatch)
+                               MultiMatch, SegFixMatch, SequenceMatch, SimMatch, SimMatchV2, Supervised, TemporalEnsembling, UniMatch)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`", "ignore:Checkpoint directory")
 
@@ -173,6 +173,16 @@ def test_sequencematch_memory_resumes_exactly_mid_epoch(tmp_path):
     full = assert_resume_is_exact(lambda: SequenceMatch(threshold=0.3, **NET), digits(), tmp_path, stop=2,
                                   checkpoint=dict(every_n_train_steps=2), max_steps=4)
     assert (full["state_dict"]["memory"] >= 0).any(), "no confident prediction was recorded: a vacuous test"
+
+
+@pytest.mark.parametrize("stop", [3, 4])
+def test_multimatch_apm_and_cutoffs_resume_exactly(tmp_path, stop):
+    # stop 3: the checkpoint of epoch 0's end, before the cutoffs are recalibrated (before epoch 1's first batch, in the
+    # resumed run); stop 4: mid epoch 1, after it (the resumed run keeps the checkpoint's cutoffs)
+    full = assert_resume_is_exact(lambda: MultiMatch(ema_momentum=0.5, **NET), digits(), tmp_path, stop=stop,
+                                  checkpoint=dict(every_n_train_steps=stop), max_epochs=2)
+    state = full["state_dict"]
+    assert int(state["calibrated_at"]) == 1 and (state["weak_labels"] >= 0).any(), "no recalibration: vacuous"
 
 
 def test_adamatch_marginals_resume_exactly_mid_epoch(tmp_path):

@@ -222,7 +222,7 @@ def test_old_module_paths_name_the_same_classes():
              for old, new in lightning_modules.MOVED_MODULES.items()}
     added_after_the_move = {"AdaMatch", "Dash", "DeFixMatch", "ReFixMatch", "CPS",  # never had a flat-layout path
                             "LabelPropagation", "SimMatch", "CoMatch", "SimMatchV2", "CRMatch", "SequenceMatch",
-                            "LadderNetwork", "LadderGamma", "DeepCoTraining", "UniMatch", "SoftTeacher"}
+                            "MultiMatch", "LadderNetwork", "LadderGamma", "DeepCoTraining", "UniMatch", "SoftTeacher"}
     for name in set(lightning_modules.MODELS) - added_after_the_move:
         cls = getattr(lightning_modules, name)
         assert getattr(import_module(moved[cls.__module__]), name) is cls

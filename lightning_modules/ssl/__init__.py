@@ -18,6 +18,7 @@ from lightning_modules.ssl.ladder import LadderNetwork
 from lightning_modules.ssl.ladder_gamma import LadderGamma
 from lightning_modules.ssl.mean_teacher import MeanTeacher
 from lightning_modules.ssl.mixmatch import MixMatch
+from lightning_modules.ssl.multimatch import MultiMatch
 from lightning_modules.ssl.pi_model import PiModel
 from lightning_modules.ssl.pseudo_label import PseudoLabel
 from lightning_modules.ssl.refixmatch import ReFixMatch
@@ -32,5 +33,5 @@ from lightning_modules.ssl.vat import VAT
 
 __all__ = ["PseudoLabel", "PiModel", "TemporalEnsembling", "MeanTeacher", "VAT", "MixMatch", "UDA", "ReMixMatch",
            "FixMatch", "FlexMatch", "FreeMatch", "SoftMatch", "AdaMatch", "Dash",
-           "DeFixMatch", "ReFixMatch", "LabelPropagation", "SimMatch", "CoMatch", "SimMatchV2", "CRMatch", "SequenceMatch",
+           "DeFixMatch", "ReFixMatch", "LabelPropagation", "SimMatch", "CoMatch", "SimMatchV2", "CRMatch", "SequenceMatch", "MultiMatch",
            "LadderNetwork", "LadderGamma", "DeepCoTraining"]

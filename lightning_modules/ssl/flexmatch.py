@@ -9,7 +9,7 @@ import torch
 
 from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.ssl.losses import masked_accuracy, masked_cross_entropy
-from lightning_modules.ssl.threshold_state import gather_rows, write_last_
+from lightning_modules.ssl.threshold_state import flexible_thresholds, gather_rows, write_last_
 
 #: memory value of an unlabeled sample with no confident prediction yet
 UNUSED = -1
@@ -89,14 +89,7 @@ class FlexMatch(FixMatch):
 
     def class_thresholds(self) -> torch.Tensor:
         """``T_c = M(beta_c) * tau`` from the current memory, shape ``(C,)``."""
-        num_classes = self.hparams.num_classes
-        used = self.memory[self.memory >= 0]
-        sigma = torch.bincount(used, minlength=num_classes)[:num_classes].float()
-        norm = sigma.max()
-        if self.threshold_warmup:
-            norm = torch.maximum(norm, (self.memory == UNUSED).sum().float())
-        beta = sigma / norm.clamp_min(1)
-        return beta / (2.0 - beta) * self.threshold
+        return flexible_thresholds(self.memory, self.hparams.num_classes, self.threshold, self.threshold_warmup)
 
     @torch.no_grad()
     def update_memory(self, index: torch.Tensor, confidence: torch.Tensor, prediction: torch.Tensor) -> None:

@@ -50,6 +50,19 @@ def class_histogram(labels: torch.Tensor, num_classes: int, dtype: torch.dtype =
     return counts / counts.sum().clamp_min(1)
 
 
+def flexible_thresholds(memory: torch.Tensor, num_classes: int, threshold: float, warmup: bool) -> torch.Tensor:
+    """FlexMatch's per-class thresholds ``T_c = M(beta_c) * tau`` (``M(x) = x / (2 - x)``), shape ``(C,)``, from a
+    per-sample ``memory`` holding a class (``>= 0``), ``-1`` (unused) or ``-2`` (outside the unlabeled set):
+    ``beta_c = sigma_c / max(max_c' sigma_c', N_unused)`` with warm-up, else ``/ max_c' sigma_c'``."""
+    used = memory[memory >= 0]
+    sigma = torch.bincount(used, minlength=num_classes)[:num_classes].float()
+    norm = sigma.max()
+    if warmup:
+        norm = torch.maximum(norm, (memory == -1).sum().float())
+    beta = sigma / norm.clamp_min(1)
+    return beta / (2.0 - beta) * threshold
+
+
 @torch.no_grad()
 def write_last_(memory: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
     """``memory[index] = values`` where an index seen twice keeps its *last* value, deterministically.

@@ -28,8 +28,8 @@ from lightning import Callback
 
 from callbacks import FGM, PGD
 from datamodules import DigitsSSL
-from lightning_modules import (AdaMatch, CoMatch, Dash, FlexMatch, FreeMatch, KDStudent, LabelPropagation, ReMixMatch,
-                               SequenceMatch, SimMatch, SimMatchV2, SoftMatch, Supervised, TemporalEnsembling)
+from lightning_modules import (AdaMatch, CoMatch, Dash, FlexMatch, FreeMatch, KDStudent, LabelPropagation, MultiMatch,
+                               ReMixMatch, SequenceMatch, SimMatch, SimMatchV2, SoftMatch, Supervised, TemporalEnsembling)
 from lightning_modules.classification.networks import build_network
 from tests.ssl_helpers import SMALL_NET, make_trainer
 
@@ -53,6 +53,8 @@ METHODS = {
     "SequenceMatch": (lambda: SequenceMatch(threshold=0.2, **NET), ("memory",)),
     "FreeMatch": (lambda: FreeMatch(ema_momentum=0.5, **NET), ("global_threshold", "class_model", "label_hist")),
     "SoftMatch": (lambda: SoftMatch(ema_momentum=0.5, **NET), ("conf_mean", "conf_var", "prob_mean")),
+    "MultiMatch": (lambda: MultiMatch(ema_momentum=0.5, **NET), ("apm", "weak_labels", "head_threshold",
+                                                                   "head_class_model")),
     "ReMixMatch": (lambda: ReMixMatch(**NET), ("da_history", "da_count")),
     "AdaMatch": (lambda: AdaMatch(ema_momentum=0.5, **NET), ("da_model_marginal", "da_target_marginal")),
     "Dash": (lambda: Dash(supervised_warmup_steps=STEPS, rho_window=STEPS, **NET), ("rho_loss_sum", "rho_loss_count")),
