@@ -16,8 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from datamodules.classification.randaugment_ops import (FIRST_GEOMETRIC, RANDAUGMENT_OPS, apply_round, choose,
-                                                           to_float)
+from datamodules.classification.randaugment_ops import FIRST_GEOMETRIC, RANDAUGMENT_OPS, apply_round, as_mask, choose
 
 __all__ = ["RANDAUGMENT_OPS", "apply_ops", "cutout", "normalize", "rand_augment", "strong_augment", "weak_augment"]
 
@@ -118,7 +117,7 @@ def cutout(
     inside_y = (rows >= y0[:, None]) & (rows < (y0 + side)[:, None])
     inside_x = (cols >= x0[:, None]) & (cols < (x0 + side)[:, None])
     mask = (inside_y[:, :, None] & inside_x[:, None, :]).unsqueeze(1)  # (N, 1, H, W)
-    return choose(mask.to(torch.uint8) * 255, images, fill)
+    return choose(as_mask(mask), images, fill)
 
 
 def strong_augment(
@@ -139,8 +138,11 @@ def strong_augment(
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """``(images / 255 - mean) / std`` per channel, float32; mean and std on the [0, 1] scale."""
-    x = to_float(images)
-    if len(mean) != x.shape[-3] or len(std) != x.shape[-3]:
-        raise ValueError(f"need one mean and std per channel, got {len(mean)}, {len(std)} for {x.shape[-3]}")
+    if len(mean) != images.shape[-3] or len(std) != images.shape[-3]:
+        raise ValueError(f"need one mean and std per channel, got {len(mean)}, {len(std)} for {images.shape[-3]}")
+    # In place on the one float copy (a temporary per step costs page faults at batch size on the CPU);
     # Python scalars per channel: no host-to-device copy of a mean/std tensor.
-    return torch.stack([(x[..., i, :, :] - mu) / sd for i, (mu, sd) in enumerate(zip(mean, std))], dim=-3)
+    x = images.to(torch.float32, copy=True, memory_format=torch.contiguous_format).div_(255.0)
+    for i, (mu, sd) in enumerate(zip(mean, std)):
+        x[..., i, :, :].sub_(mu).div_(sd)
+    return x

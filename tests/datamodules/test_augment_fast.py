@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import datamodules.classification.randaugment_ops as randaugment_ops
-from datamodules.classification.augment import (RANDAUGMENT_OPS, apply_ops, cutout, rand_augment, strong_augment,
-                                                   weak_augment)
+from datamodules.classification.augment import (RANDAUGMENT_OPS, apply_ops, cutout, normalize, rand_augment,
+                                                   strong_augment, weak_augment)
 from tests.datamodules import augment_float_reference as reference
 
 OP = {name: i for i, name in enumerate(RANDAUGMENT_OPS)}
@@ -51,6 +51,18 @@ def images(request) -> torch.Tensor:
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def test_normalize_is_the_same_arithmetic_in_place(images):
+    c = images.shape[1]
+    mean, std = [0.4914, 0.4822, 0.4465][:c], [0.2471, 0.2435, 0.2616][:c]
+    x = images.float() / 255.0
+    expected = torch.stack([(x[:, i] - mu) / sd for i, (mu, sd) in enumerate(zip(mean, std))], dim=1)
+    assert torch.equal(normalize(images, mean, std), expected)
+    assert torch.equal(normalize(images.contiguous(memory_format=torch.channels_last), mean, std), expected)
+    floats = images.float()
+    normalize(floats, mean, std)
+    assert torch.equal(floats, images.float())  # a float input is read, not overwritten
 
 
 @pytest.mark.parametrize("hflip", [True, False])
