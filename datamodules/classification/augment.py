@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from datamodules.classification.randaugment_ops import FIRST_GEOMETRIC, RANDAUGMENT_OPS, apply_round, as_mask, choose
+from datamodules.classification.randaugment_ops import (FIRST_GEOMETRIC, RANDAUGMENT_OPS, apply_round, as_mask, choose,
+                                                           chunk_length)
 
 __all__ = ["RANDAUGMENT_OPS", "apply_ops", "cutout", "normalize", "rand_augment", "strong_augment", "weak_augment"]
 
@@ -39,7 +40,7 @@ def weak_augment(
     columns on each side (reflect mode) and cropped back to ``H x W`` at a random integer
     offset; pixels are copied exactly: one gather of each output pixel's source pixel, the same
     for every channel (a single index per pixel, 30x cheaper on the CPU than indexing by
-    sample, channel, row and column).
+    sample, channel, row and column), chunk by chunk (:func:`chunk_length`).
     """
     n, c, h, w = images.shape
     dev = images.device
@@ -52,8 +53,12 @@ def weak_augment(
         cols = torch.where(flip, w - 1 - cols, cols)
     rows = _reflect(torch.arange(h, device=dev) + off_y - pad_h, h)  # (N, H)
     cols = _reflect(cols + off_x - pad_w, w)  # (N, W)
-    source = (rows.view(n, h, 1) * w + cols.view(n, 1, w)).view(n, 1, h * w)
-    return images.reshape(n, c, h * w).gather(2, source.expand(n, c, h * w)).view(n, c, h, w)
+    flat, out = images.reshape(n, c, h * w), torch.empty((n, c, h, w), dtype=images.dtype, device=dev)
+    step = chunk_length(images)
+    for i in range(0, n, step):
+        source = (rows[i:i + step, :, None] * w + cols[i:i + step, None, :]).view(-1, 1, h * w)
+        torch.gather(flat[i:i + step], 2, source.expand(-1, c, h * w), out=out[i:i + step].view(-1, c, h * w))
+    return out
 
 
 def apply_ops(images: Tensor, op_ids: Tensor, magnitudes: Tensor) -> Tensor:
@@ -140,9 +145,12 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     """``(images / 255 - mean) / std`` per channel, float32; mean and std on the [0, 1] scale."""
     if len(mean) != images.shape[-3] or len(std) != images.shape[-3]:
         raise ValueError(f"need one mean and std per channel, got {len(mean)}, {len(std)} for {images.shape[-3]}")
-    # In place on the one float copy (a temporary per step costs page faults at batch size on the CPU);
-    # Python scalars per channel: no host-to-device copy of a mean/std tensor.
-    x = images.to(torch.float32, copy=True, memory_format=torch.contiguous_format).div_(255.0)
-    for i, (mu, sd) in enumerate(zip(mean, std)):
-        x[..., i, :, :].sub_(mu).div_(sd)
+    # In place on the result, chunk by chunk for a batch (temporaries at batch size cost page faults on
+    # the CPU); Python scalars per channel: no host-to-device copy of a mean/std tensor.
+    x = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+    step = chunk_length(images) if images.dim() == 4 and len(images) else max(len(images), 1)
+    for i in range(0, max(len(images), 1), step):
+        part = x[i:i + step].copy_(images[i:i + step]).div_(255.0)
+        for channel, (mu, sd) in enumerate(zip(mean, std)):
+            part[..., channel, :, :].sub_(mu).div_(sd)
     return x

@@ -29,6 +29,14 @@ FIRST_GEOMETRIC = OP["rotate"]  # ops from here on are geometric and take a sign
 CPU_CHUNK_PIXELS = 1 << 16
 
 
+def chunk_length(images: Tensor) -> int:
+    """Images per chunk for a batch ``(N, C, H, W)``: about :data:`CPU_CHUNK_PIXELS` pixels on the CPU, so a
+    chunk's temporaries stay in cache and are reused instead of allocated (and faulted in) at batch size;
+    the whole batch on other devices, where one launch per step matters more."""
+    n, _, h, w = images.shape
+    return max(1, CPU_CHUNK_PIXELS // (h * w)) if images.device.type == "cpu" else max(n, 1)
+
+
 def to_float(images: Tensor) -> Tensor:
     return images.float() / 255.0
 
@@ -163,10 +171,8 @@ def round_chunk(result: Tensor, images: Tensor, op_ids: Tensor, m: Tensor, is_co
 def apply_round(images: Tensor, op_ids: Tensor, magnitudes: Tensor) -> Tensor:
     """Sample ``i`` through ``RANDAUGMENT_OPS[op_ids[i]]`` at ``magnitudes[i]``; uint8 in, uint8 out.
 
-    On the CPU the batch goes through in chunks of about 2^16 pixels, so that a chunk's temporaries stay
-    in cache and are reused instead of being allocated (and faulted in) at full size: 1.3 to 1.9 times
-    faster at batches of 448 to 1024. On other devices in one piece. Samples do not interact, so the
-    result does not depend on the chunks."""
+    The batch goes through in chunks (:func:`chunk_length`; 1.3 to 1.9 times faster than whole batches
+    of 448 to 1024 on one CPU thread). Samples do not interact, so the result does not depend on them."""
     n, c, h, w = images.shape
     if n == 0:
         return images.clone()
@@ -179,7 +185,7 @@ def apply_round(images: Tensor, op_ids: Tensor, magnitudes: Tensor) -> Tensor:
     result = torch.empty_like(images)
     per_sample = (result, images, op_ids, m_colour, (ids == OP["color"]).float(), (0.05 + 0.9 * m_colour).view(n, 1, 1, 1),
                   (ids >= FIRST_GEOMETRIC).float(), as_mask(by_pixel), *affine_coefficients(op_ids, m, h, w))
-    chunk = max(1, CPU_CHUNK_PIXELS // (h * w)) if images.device.type == "cpu" else n
+    chunk = chunk_length(images)
     for i in range(0, n, chunk):
         round_chunk(*(v[i:i + chunk] for v in per_sample))
     return result

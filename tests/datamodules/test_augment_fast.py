@@ -116,8 +116,12 @@ def test_chunks_do_not_change_the_result(cifar_images, monkeypatch):
     whole = apply_ops(cifar_images, ids, mags)
     monkeypatch.setattr(randaugment_ops, "CPU_CHUNK_PIXELS", 5 * h * w)  # 13 chunks, the last of 4 images
     assert torch.equal(apply_ops(cifar_images, ids, mags), whole)
+    weak, normalized = weak_augment(cifar_images, generator=gen(3)), normalize(cifar_images, [0.5] * 3, [0.25] * 3)
     monkeypatch.setattr(randaugment_ops, "CPU_CHUNK_PIXELS", 1)  # one image per chunk
     assert torch.equal(apply_ops(cifar_images, ids, mags), whole)
+    assert torch.equal(weak_augment(cifar_images, generator=gen(3)), weak)
+    assert torch.equal(normalize(cifar_images, [0.5] * 3, [0.25] * 3), normalized)
+    assert torch.equal(normalize(cifar_images[0], [0.5] * 3, [0.25] * 3), normalized[0])  # one image, (C, H, W)
 
 
 def test_two_rounds_keep_the_statistics_of_the_float_path(cifar_images):
