@@ -84,8 +84,8 @@ class PerImageStrongView:
 
     def __init__(self, seed: int, size: int = 32):
         self.rng, self.np_rng = random.Random(seed), np.random.default_rng(seed)
-        self.flip_crop = transforms.Compose([transforms.RandomHorizontalFlip(),
-                                             transforms.RandomCrop(size, padding=int(size * 0.125), padding_mode="reflect")])
+        crop = transforms.RandomCrop(size, padding=int(size * 0.125), padding_mode="reflect")
+        self.flip_crop = transforms.Compose([transforms.RandomHorizontalFlip(), crop])
         self.to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
         self.cut = int(size * 0.5)
 
@@ -192,8 +192,9 @@ def scaling(args: argparse.Namespace, images: torch.Tensor) -> list[str]:
             seconds = interleaved({"strong": lambda: normalize(strong_augment(uint8, generator=generator), MEAN, STD),
                                    "weak": lambda: normalize(weak_augment(uint8, generator=generator), MEAN, STD)},
                                   args.repeats)
-            row = (f"| {size}x{size} | {batch} | {1e3 * seconds['strong']:.1f} | {1e6 * seconds['strong'] / batch:.0f} |"
-                   f" {1e3 * seconds['weak']:.2f} | {1e6 * seconds['weak'] / batch:.1f} |")
+            strong, weak = seconds["strong"], seconds["weak"]
+            row = (f"| {size}x{size} | {batch} | {1e3 * strong:.1f} | {1e6 * strong / batch:.0f} |"
+                   f" {1e3 * weak:.2f} | {1e6 * weak / batch:.1f} |")
             lines.append(row)
             print(row, flush=True)
     return lines

@@ -183,8 +183,9 @@ def apply_round(images: Tensor, op_ids: Tensor, magnitudes: Tensor) -> Tensor:
     ids = op_ids.view(n, 1, 1, 1)
     by_pixel = (ids == OP["color"]) | (ids == OP["sharpness"]) | (ids >= FIRST_GEOMETRIC)
     result = torch.empty_like(images)
-    per_sample = (result, images, op_ids, m_colour, (ids == OP["color"]).float(), (0.05 + 0.9 * m_colour).view(n, 1, 1, 1),
-                  (ids >= FIRST_GEOMETRIC).float(), as_mask(by_pixel), *affine_coefficients(op_ids, m, h, w))
+    per_sample = (result, images, op_ids, m_colour, (ids == OP["color"]).float(),
+                  (0.05 + 0.9 * m_colour).view(n, 1, 1, 1), (ids >= FIRST_GEOMETRIC).float(), as_mask(by_pixel),
+                  *affine_coefficients(op_ids, m, h, w))
     chunk = chunk_length(images)
     for i in range(0, n, chunk):
         round_chunk(*(v[i:i + chunk] for v in per_sample))

@@ -28,7 +28,6 @@ def _to_uint8(x: Tensor) -> Tensor:
 
 
 def _reflect(index: Tensor, size: int) -> Tensor:
-    """Map integer coordinates onto ``[0, size)`` by mirroring without repeating the edge."""
     if size == 1:
         return torch.zeros_like(index)
     period = 2 * (size - 1)
@@ -36,20 +35,12 @@ def _reflect(index: Tensor, size: int) -> Tensor:
     return torch.where(index >= size, period - index, index)
 
 
-def weak_augment(
-    images: Tensor, hflip: bool = True, pad_fraction: float = 0.125, generator: torch.Generator | None = None
-) -> Tensor:
-    """Random horizontal flip (p=0.5) and random reflect-padded translation, per sample.
-
-    The image is padded by ``round(pad_fraction * H)`` rows and ``round(pad_fraction * W)``
-    columns on each side (reflect mode) and cropped back to ``H x W`` at a random integer
-    offset; pixels are copied exactly (gather with index tensors, no resampling).
-    """
+def weak_augment(images, hflip=True, pad_fraction=0.125, generator=None):
     n, c, h, w = images.shape
     dev = images.device
     pad_h, pad_w = round(pad_fraction * h), round(pad_fraction * w)
-    off_y = torch.randint(0, 2 * pad_h + 1, (n, 1), generator=generator, device=dev)
-    off_x = torch.randint(0, 2 * pad_w + 1, (n, 1), generator=generator, device=dev)
+    # off_y, then off_x, then the flip coin: the order the package draws them in
+    off_y, off_x = (torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=dev) for pad in (pad_h, pad_w))
     cols = torch.arange(w, device=dev).expand(n, w)
     if hflip:
         flip = torch.rand(n, 1, generator=generator, device=dev) < 0.5
@@ -62,19 +53,16 @@ def weak_augment(
 
 
 def _gray(x: Tensor) -> Tensor:
-    """ITU-R 601-2 luma, ``(N, 1, H, W)``; the image itself for one channel."""
     if x.shape[1] == 1:
         return x
     return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def _blend(degenerate: Tensor, x: Tensor, factor: Tensor) -> Tensor:
-    """PIL's ``Image.blend(degenerate, x, factor)`` with a per-sample factor."""
     return (degenerate + factor.view(-1, 1, 1, 1) * (x - degenerate)).clamp(0, 1)
 
 
 def _smooth(x: Tensor) -> Tensor:
-    """PIL's ImageFilter.SMOOTH: 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]]/13, border pixels kept."""
     c, h, w = x.shape[1:]
     if h < 3 or w < 3:
         return x
@@ -93,7 +81,6 @@ def _autocontrast(x: Tensor) -> Tensor:
 
 
 def _equalize(x: Tensor) -> Tensor:
-    """Per image and channel histogram equalisation with PIL's lookup table."""
     n, c, h, w = x.shape
     levels = (x * 255.0).round().clamp(0, 255).long().reshape(n * c, h * w)
     hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device)
@@ -108,21 +95,12 @@ def _equalize(x: Tensor) -> Tensor:
 
 
 def _posterize(x: Tensor, m: Tensor) -> Tensor:
-    """Keep the ``4 + round(4 m)`` high bits of the uint8 value."""
     quantum = torch.exp2(4.0 - torch.round(4.0 * m)).view(-1, 1, 1, 1)
     levels = (x * 255.0).round()
     return torch.div(levels, quantum, rounding_mode="floor") * quantum / 255.0
 
 
 def _affine(x: Tensor, op_ids: Tensor, m: Tensor) -> Tensor:
-    """Rotate / shear / translate each sample about the image centre with one grid_sample.
-
-    Output pixel at centred coordinates ``p`` (pixels, y down) samples the input at ``A p + t``:
-    rotate turns the content counter-clockwise by ``30 m`` degrees, shear_x uses
-    ``x + 0.3 m y``, shear_y ``y + 0.3 m x``, translate moves the content by ``0.3 m``
-    of the width/height towards +x/+y. Samples with other ops get the identity.
-    Outside the image is filled with grey 0.5.
-    """
     h, w = x.shape[2:]
     zero, one = torch.zeros_like(m), torch.ones_like(m)
     angle = torch.deg2rad(30.0 * m)
@@ -144,7 +122,6 @@ def _affine(x: Tensor, op_ids: Tensor, m: Tensor) -> Tensor:
 
 
 def _apply_ops(x: Tensor, op_ids: Tensor, magnitudes: Tensor) -> Tensor:
-    """Float version of :func:`apply_ops` (``x`` in [0, 1])."""
     m = magnitudes.to(device=x.device, dtype=x.dtype)
     m_colour = m.clamp(0, 1)
     factor = 0.05 + 0.9 * m_colour
@@ -170,30 +147,10 @@ def _apply_ops(x: Tensor, op_ids: Tensor, magnitudes: Tensor) -> Tensor:
 
 
 def apply_ops(images: Tensor, op_ids: Tensor, magnitudes: Tensor) -> Tensor:
-    """Apply to sample ``i`` the op ``RANDAUGMENT_OPS[op_ids[i]]`` at magnitude ``magnitudes[i]``.
-
-    Magnitudes lie in [0, 1] (FixMatch ranges: enhance factor 0.05 + 0.9 m, posterize
-    4 + round(4 m) bits, solarize threshold m, rotate 30 m degrees, shear 0.3 m,
-    translate 0.3 m of the size); geometric ops also accept [-1, 0) for the opposite
-    direction, colour ops clamp to [0, 1]. Deterministic.
-    """
     return _to_uint8(_apply_ops(_to_float(images), op_ids, magnitudes))
 
 
-def rand_augment(
-    images: Tensor,
-    num_ops: int = 2,
-    apply_probability: float = 0.5,
-    generator: torch.Generator | None = None,
-    return_ops: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """FixMatch RandAugment: ``num_ops`` rounds of a random op at a random magnitude per sample.
-
-    Each round draws per sample an op uniformly from :data:`RANDAUGMENT_OPS`, a magnitude
-    uniform in [0, 1] (random sign for geometric ops) and applies it with probability
-    ``apply_probability``. With ``return_ops`` also returns the ``(N, num_ops)`` op ids
-    (0 = identity where the op was not applied).
-    """
+def rand_augment(images, num_ops=2, apply_probability=0.5, generator=None, return_ops=False):
     n, dev = images.shape[0], images.device
     x = _to_float(images)
     drawn = []
@@ -213,35 +170,19 @@ def rand_augment(
     return out
 
 
-def cutout(
-    images: Tensor, max_fraction: float = 0.5, fill: int = 127, generator: torch.Generator | None = None
-) -> Tensor:
-    """Fill a square per sample, side ``round(U(0, max_fraction) * min(H, W))`` at a uniformly
-    random centre (clipped at the border), with ``fill``."""
+def cutout(images, max_fraction=0.5, fill=127, generator=None):
     n, _, h, w = images.shape
     dev = images.device
     side = torch.round(torch.rand(n, generator=generator, device=dev) * (max_fraction * min(h, w))).long()
-    cy = torch.randint(0, h, (n,), generator=generator, device=dev)
-    cx = torch.randint(0, w, (n,), generator=generator, device=dev)
-    y0, x0 = cy - side // 2, cx - side // 2
-    rows = torch.arange(h, device=dev).view(1, h)
-    cols = torch.arange(w, device=dev).view(1, w)
-    inside_y = (rows >= y0[:, None]) & (rows < (y0 + side)[:, None])
-    inside_x = (cols >= x0[:, None]) & (cols < (x0 + side)[:, None])
-    mask = (inside_y[:, :, None] & inside_x[:, None, :]).unsqueeze(1)  # (N, 1, H, W)
-    return torch.where(mask, fill, images)
+    # the centre's row, then its column: the order the package draws them in
+    y0, x0 = (torch.randint(0, size, (n,), generator=generator, device=dev) - side // 2 for size in (h, w))
+    inside_y, inside_x = ((lo[:, None] <= torch.arange(size, device=dev))
+                          & (torch.arange(size, device=dev) < (lo + side)[:, None]) for lo, size in ((y0, h), (x0, w)))
+    return torch.where((inside_y[:, :, None] & inside_x[:, None, :]).unsqueeze(1), fill, images)
 
 
-def strong_augment(
-    images: Tensor,
-    hflip: bool = True,
-    pad_fraction: float = 0.125,
-    num_ops: int = 2,
-    cutout_fraction: float = 0.5,
-    generator: torch.Generator | None = None,
-    return_ops: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """FixMatch's strong view: :func:`weak_augment`, then :func:`rand_augment`, then :func:`cutout`."""
+def strong_augment(images, hflip=True, pad_fraction=0.125, num_ops=2, cutout_fraction=0.5, generator=None,
+                   return_ops=False):
     x = weak_augment(images, hflip=hflip, pad_fraction=pad_fraction, generator=generator)
     x, ops = rand_augment(x, num_ops=num_ops, generator=generator, return_ops=True)
     x = cutout(x, max_fraction=cutout_fraction, generator=generator)
