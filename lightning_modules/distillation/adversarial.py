@@ -14,13 +14,13 @@ stepped by one optimizer (this repository's Lightning form: no manual optimizati
 so FGM, PGD, EMA and gradient accumulation work unchanged). The teacher's logits are detached targets.
 
 The discriminator's own step size (issue 19). Stepped like the student (SGD, lr 0.05, Nesterov momentum 0.9)
-on raw logits, ``D`` overshoots: on the KD table's CPU budget its verdict on the student's logits swung
-sign from step to step with a growing amplitude (|D| 8 at step 20, 250 at step 32, 2,000 at step 38), and
-the student's term, whose gradient grows with ``D``'s slope, then blew the student's weights up (NaN at step
-43). ``discriminator_parameter_groups`` gives ``D`` its own learning rate inside the one optimizer, and
-``x(z)`` is by default the temperature-``T`` softmax that the KD term matches (``"softmax"``): a point of the
-simplex whatever the logits' scale, so ``D``'s input, and its gradient, cannot grow with the logits.
-``"logits"`` keeps the raw logits.
+on raw logits, ``D`` overshoots: on the KD table's CPU budget its mean verdict on the student's logits
+flipped sign from step to step with a growing amplitude (-15 at step 20, -245 at step 32, -2,094 at step 38),
+and the student's term, whose gradient grows with ``D``'s slope, then blew the student's weights up (NaN at
+step 43; ``benchmarks/adversarial_probe.py``). By default ``x(z)`` is the class probabilities ``softmax(z)``
+(``"softmax"``): a point of the simplex whatever the logits' scale, so ``D``'s input, and its weights'
+gradients, cannot grow with the logits; ``"logits"`` keeps the raw logits. ``discriminator_parameter_groups``
+gives ``D`` a learning rate of its own inside the one optimizer.
 """
 
 from __future__ import annotations
