@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from lightning_modules.distillation import losses as kd_losses
-from lightning_modules.distillation.adversarial import LogitDiscriminator, adversarial_loss, discriminator_loss
+from lightning_modules.distillation.adversarial import (adversarial_loss, build_discriminator,
+                                                       discriminator_loss, discriminator_parameter_groups)
 from lightning_modules.distillation.crd import CRDLoss
 from lightning_modules.distillation.feature_hooks import FeatureHooks, probe_features, probe_pairs
 from lightning_modules.distillation.feature_normalized_kd import head_inputs
@@ -46,8 +47,6 @@ from lightning_modules.distillation.teacher_ensemble import TeacherEnsemble, loa
 from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 from lightning_modules.classification.task import refuse_rdrop
 from lightning_modules.core.optimization import linear_rampup
-
-RELATION_TERMS = ("rkd_distance", "rkd_angle", "sp", "cskd", "pkt", "crd")
 
 
 class KDStudent(SemiSupervisedModule):
@@ -68,7 +67,8 @@ class KDStudent(SemiSupervisedModule):
             temperatures from the norms of the heads' inputs at ``relation_layer``; one teacher).
         adversarial_weight: adversarial distillation (:mod:`~lightning_modules.distillation.adversarial`): a
             discriminator on the logits, trained by its own loss, and ``adversarial_weight`` times the student's
-            term that fools it; 0 turns it off.
+            term that fools it (0: off); ``discriminator_lr``, its own learning rate (None: ``lr``), ``discriminator_input``,
+            what it reads: ``softmax`` (the class probabilities) or ``logits``.
         logit_loss_kwargs: its options, e.g. ``{"alpha": 1, "beta": 8}`` (DKD), ``{"beta": 1, "gamma": 1}`` (DIST).
         kd_warmup_steps: linear warm-up of the response term over this many optimizer steps (0: none).
         hint_layers, hint_weight: FitNets; pairs ``[student_path, teacher_path]`` of feature maps.
@@ -130,6 +130,8 @@ class KDStudent(SemiSupervisedModule):
         reviewkd_weight: float = 5.0,
         reviewkd_warmup_steps: int = 0,
         adversarial_weight: float = 0.0,
+        discriminator_lr: float | None = None,
+        discriminator_input: str = "softmax",
         distill_unlabeled: bool = False,
         image_size: int = 32,
         test_teacher: bool = True,
@@ -147,9 +149,8 @@ class KDStudent(SemiSupervisedModule):
         if logit_loss in NEEDS_HEAD_INPUTS and isinstance(self.teacher, TeacherEnsemble):
             raise ValueError(f"logit_loss={logit_loss!r} normalizes each network's logits by its own feature norm: "
                              "use it with one teacher, or logit_loss='kd' with several")
-        if adversarial_weight < 0:
-            raise ValueError(f"adversarial_weight must be >= 0 (0 turns it off), got {adversarial_weight}")
-        self.discriminator = LogitDiscriminator(self.hparams.num_classes) if adversarial_weight > 0 else None
+        self.discriminator = build_discriminator(self.hparams.num_classes, adversarial_weight, discriminator_lr,
+                                                 discriminator_input)
         self.unlabeled_views = ("weak",) if distill_unlabeled else ()
         self.hint_pairs = [tuple(p) for p in hint_layers or []]
         self.at_pairs = [tuple(p) for p in at_layers or []]
@@ -203,6 +204,9 @@ class KDStudent(SemiSupervisedModule):
     def trainable_modules(self) -> list[nn.Module]:
         extra = [m for m in (self.crd, self.review, self.discriminator) if m is not None]  # CRD's embedding heads, ReviewKD's ABFs, the discriminator
         return super().trainable_modules() + [self.connectors, self.vid_heads] + extra
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        return discriminator_parameter_groups(self.trainable_modules(), self.discriminator, self.hparams.discriminator_lr)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -277,19 +281,14 @@ class KDStudent(SemiSupervisedModule):
         hp = self.hparams
         warmup = linear_rampup(self.global_step + 1, hp.kd_warmup_steps)  # mdistiller's epoch 1 is already 1/20
         loss = hp.ce_weight * losses["labeled_loss"] + hp.kd_weight * warmup * losses["kd_loss"]
-        if "hint_loss" in losses:
-            loss = loss + hp.hint_weight * losses["hint_loss"]
-        if "at_loss" in losses:
-            loss = loss + hp.at_weight * losses["at_loss"]
-        if "vid_loss" in losses:
-            loss = loss + hp.vid_weight * losses["vid_loss"]
         if "reviewkd_loss" in losses:  # ReviewKD's min(1, epoch / 20): 0 at the first step
             loss = loss + hp.reviewkd_weight * linear_rampup(self.global_step, hp.reviewkd_warmup_steps) * losses["reviewkd_loss"]
         if "adversarial_loss" in losses:  # the discriminator's own loss reaches only its parameters: weight 1
             loss = loss + hp.adversarial_weight * losses["adversarial_loss"] + losses["discriminator_loss"]
-        for term in RELATION_TERMS:
+        weights = {"hint": hp.hint_weight, "at": hp.at_weight, "vid": hp.vid_weight, **self.relation_weights}
+        for term, weight in weights.items():  # the feature and relation terms present
             if f"{term}_loss" in losses:
-                loss = loss + self.relation_weights[term] * losses[f"{term}_loss"]
+                loss = loss + weight * losses[f"{term}_loss"]
         return loss
 
     # --- evaluation ------------------------------------------------------------------------
