@@ -113,12 +113,15 @@ def test_vat_matches_reference_loss_gradient_and_batchnorm():
     expected, _ = _reference_vat_step(start, batch, **args)
     cosine = F.cosine_similarity(r_adv.flatten(1).double(), expected["r_adv"].flatten(1))
     assert cosine.min().item() > 0.9999
-    for key in ("labeled_loss", "unlabeled_loss", "entropy", "total"):
-        value = model.total_loss(losses) if key == "total" else losses[key]
-        assert value.item() == pytest.approx(expected[key].item(), rel=1e-4), key
-    # The loss's gradient and the BatchNorm statistics, at the method's own r_adv (the gradient of a ReLU
-    # network moves by a few % when r_adv moves within float32 rounding, so it is compared at the same r_adv).
+    for key in ("labeled_loss", "entropy"):  # independent of the direction
+        assert losses[key].item() == pytest.approx(expected[key].item(), rel=1e-5), key
+    # The direction-dependent terms, the loss's gradient and the BatchNorm statistics, at the method's own r_adv:
+    # within the cosine above, the float32 direction's rounding (which differs between CPUs: 1.6e-4 of the
+    # unlabeled loss on an AMD EPYC, under 1e-4 on the CPUs of earlier CI runs) moves the loss and
+    # the gradient of a ReLU network by more than float32 arithmetic does, so they are compared at the same r_adv.
     at_same_r, reference = _reference_vat_step(start, batch, **args, r_adv=r_adv)
+    assert losses["unlabeled_loss"].item() == pytest.approx(at_same_r["unlabeled_loss"].item(), rel=1e-5)
+    assert losses["unlabeled_loss"].item() == pytest.approx(expected["unlabeled_loss"].item(), rel=1e-3)
     assert model.total_loss(losses).item() == pytest.approx(at_same_r["total"].item(), rel=1e-5)
     for (name, p), q in zip(model.net.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad.double(), q.grad, rtol=1e-4, atol=1e-6, msg=name)
