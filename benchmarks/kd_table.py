@@ -10,7 +10,8 @@ student network from the same seed for the same number of steps on all 50,000 la
 training images (JPEG copies from ../shared/data/cifar10) and is tested, EMA weights, on the
 10,000 test images. Writes ``docs/results/kd_cifar10.md`` with the command, machine and date.
 
-Rows: vanilla CE; label smoothing; Tf-KD reg (virtual teacher); R-Drop; DropMax; the student's dropout family
+Rows: vanilla CE; label smoothing; Tf-KD reg (virtual teacher); R-Drop; DropMax; D2L (40 epochs of 10 steps at the
+cpu budget); the student's dropout family
 (spatial dropout, stochastic depth, DropBlock, DropConnect); Hinton KD; FitNets;
 attention transfer; RKD; similarity-preserving KD; category-structure KD; DKD; DIST; PKT; VID; CRD; ReviewKD; FNKD;
 multi-teacher KD (the teacher and the CE row's student, entropy-weighted); adversarial KD (KD plus a logit
@@ -69,6 +70,13 @@ DIST = dict(logit_loss="dist", logit_loss_kwargs={"beta": 1.0, "gamma": 1.0}, te
 # stochastic depth p_L 0.5 (Huang et al.'s CIFAR value); DropBlock keep 0.9 ramped from 1 (Ghiasi et al.) with
 # block 3, not ImageNet's 7, as wrn10_1's DropBlock maps are 16 x 16 and 8 x 8; DropConnect 0.5 (Wan et al.).
 DROPMAX = dict(criterion="dropmax")
+# D2L watches the LID once per epoch and needs more than init_epochs + window of them before it can turn: its row
+# runs the same steps as 40 epochs (EPOCHS) and keeps the authors' CIFAR-10 shares (xingjunm/dimensionality-driven-
+# learning train_models.py: init_epochs 40 of 120, window 5, k 20), so init_epochs is 13 of 40.
+D2L_EPOCHS = 40
+D2L = dict(criterion="d2l", criterion_kwargs={"epochs": D2L_EPOCHS, "init_epochs": round(D2L_EPOCHS * 40 / 120),
+                                              "window": 5, "k": 20})
+EPOCHS = {"D2L": D2L_EPOCHS}  # rows whose run is cut into this many epochs (every other row: one epoch)
 # CRD: RepDistiller's CIFAR-100 recipe (CE 1, KD 0, CRD 0.8 on the pooled features; feat_dim 128, 16384 negatives,
 # T 0.07, momentum 0.5). ReviewKD: the authors' (CE 1 + HCL 5, warm-up 20 of 240 epochs) over the three group
 # outputs and the pooled feature, as their ResNet32x4 -> ResNet8x4 levels (stage outputs, pooled feature).
@@ -85,6 +93,7 @@ METHODS = {
     "Tf-KD reg": (Supervised, TFKD_REG),
     "R-Drop": (Supervised, dict(rdrop_weight=1.0, network_kwargs={"dropout": 0.1})),
     "DropMax": (Supervised, DROPMAX),
+    "D2L": (Supervised, D2L),
     "spatial dropout": (Supervised, dict(network_kwargs={"spatial_dropout": 0.1})),
     "stochastic depth": (Supervised, dict(network_kwargs={"stochastic_depth": 0.5})),
     "DropBlock": (Supervised, dict(network_kwargs={"drop_block": 0.1, "drop_block_size": 3})),
@@ -168,9 +177,14 @@ def main() -> None:
             else:
                 model = kind(network=budget["student"], **options)
             save = self_ckpt if name == "CE" else None
+            datamodule.steps_per_epoch = budget["student_steps"] // EPOCHS.get(name, 1)
             metrics, seconds = fit_and_test(model, datamodule, budget["student_steps"], accelerator, save)
             rows.append((name, metrics["test/acc"], seconds))
             print(f"{name}: test accuracy {100 * metrics['test/acc']:.2f} %, {seconds:.0f} s", flush=True)
+            criterion = getattr(getattr(model, "task", None), "criterion", None)
+            if hasattr(criterion, "turning_epoch"):  # D2L: whether and when the LID turned (-1: never)
+                print(f"{name}: LID per epoch {[round(v, 2) for v in criterion.lids.tolist()]}, turning epoch "
+                      f"{int(criterion.turning_epoch)}, alpha {float(criterion.alpha):.3f}", flush=True)
     write_table(args, budget, accelerator, teacher_acc, rows)
 
 
