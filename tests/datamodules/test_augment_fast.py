@@ -23,30 +23,11 @@ import datamodules.classification.randaugment_ops as randaugment_ops
 from datamodules.classification.augment import (RANDAUGMENT_OPS, apply_ops, cutout, normalize, rand_augment,
                                                    strong_augment, weak_augment)
 from tests.datamodules import augment_float_reference as reference
+# The same images and the same one-thread setting as the float path's tests (their docstrings say why).
+from tests.datamodules.test_augment import digit_images, images, one_intra_op_thread  # noqa: F401
 
 OP = {name: i for i, name in enumerate(RANDAUGMENT_OPS)}
 MAGNITUDES = (-1.0, -0.61, -0.2, 0.0, 0.13, 0.5, 0.77, 1.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digit_images() -> torch.Tensor:
-    from sklearn.datasets import load_digits
-
-    images = torch.from_numpy(load_digits().images[:64]).float()
-    return (images * 255.0 / 16.0).round().to(torch.uint8).unsqueeze(1)
-
-
-@pytest.fixture(params=["digits", "cifar"])
-def images(request) -> torch.Tensor:
-    return request.getfixturevalue({"digits": "digit_images", "cifar": "cifar_images"}[request.param])
 
 
 def gen(seed: int) -> torch.Generator:
