@@ -59,6 +59,9 @@ from lightning_modules.fusion import run_soup
 RECIPES = Path(__file__).resolve().parent / "configs"
 
 
+LINKED_FROM_DATA = {"data.num_classes": "num_classes", "data.num_channels": "in_channels"}  # data -> model argument
+
+
 class LabelwiseCLI(LightningCLI):
     """Links the data's class and channel counts into the model, checks ``--ckpt_path`` and resolves
     ``last`` (:mod:`callbacks.ckpt_path`), keeps ``last.ckpt`` resumable
@@ -69,8 +72,8 @@ class LabelwiseCLI(LightningCLI):
     _resumed_version: str | None = None
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.num_channels", "model.init_args.in_channels", apply_on="instantiate")
+        for source, target in LINKED_FROM_DATA.items():
+            parser.link_arguments(source, f"model.init_args.{target}", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, test the final (EMA) weights on the test set and print the accuracy.")
         parser.add_argument("--allow_untrained", type=bool, default=False,
@@ -100,7 +103,7 @@ class LabelwiseCLI(LightningCLI):
         if not subcommand:
             return
         try:
-            resumed = resolve_ckpt_path(self.config[subcommand], subcommand, Path.cwd())
+            resumed = resolve_ckpt_path(self.config[subcommand], subcommand, Path.cwd(), tuple(LINKED_FROM_DATA.values()))
         except ValueError as error:
             parser.error(str(error))
         if resumed is not None:  # the resumed fit logs on in the run's own folder

@@ -12,6 +12,10 @@
   checkpoint's class from its hyper-parameters in place of the config's model, without a word, and
   a file that is not a checkpoint failed with torch's advice to load it with ``weights_only=False``; it is
   read here as every checkpoint is (:mod:`lightning_modules.core.checkpoint_loading`).
+* A resumed ``fit`` must ask for the checkpoint's model arguments: LightningCLI replaces the config's by the
+  checkpoint's, so ``--model.lr 0.01`` on a resume trained on at the old rate without a word. A difference is
+  an error naming each argument (arguments the CLI links from the data are left out); ``test`` and ``predict``
+  evaluate the checkpoint's model as it was trained and are not compared.
 """
 
 from __future__ import annotations
@@ -123,10 +127,11 @@ def keep_csv_metrics(logger: Any) -> None:
     writer.metrics_keys = sorted(header.split(",")) if header else []  # appends under the same columns
 
 
-def resolve_ckpt_path(config: Any, subcommand: str, cwd: Path) -> tuple[str, dict] | None:
+def resolve_ckpt_path(config: Any, subcommand: str, cwd: Path, linked: tuple[str, ...] = ()) -> tuple[str, dict] | None:
     """Check a subcommand's ``ckpt_path`` and put the file in place of ``last``; raises ``ValueError``
     naming the problem. For a ``fit`` from ``last`` returns ``(version, logger config)`` that continues
-    the run's own folder, else ``None``."""
+    the run's own folder, else ``None``. ``linked``: model arguments the CLI sets from the data at
+    instantiation (the parsed config holds their defaults), left out of the resume's comparison."""
     ckpt_path = config.get("ckpt_path")
     if not isinstance(ckpt_path, str):
         return None
@@ -143,14 +148,17 @@ def resolve_ckpt_path(config: Any, subcommand: str, cwd: Path) -> tuple[str, dic
         resumed = (version, logger) if logger is not None else None
     if ckpt_path in ("best", "hpc") or "://" in ckpt_path or ckpt_path.startswith("registry:"):
         return None  # Lightning's own names and remote files
-    problem = checkpoint_problem(ckpt_path, config.model.class_path)
+    model_args = _plain(config.model.get("init_args")) if subcommand == "fit" else None  # a resume continues it
+    model_args = {k: v for k, v in model_args.items() if k not in linked} if model_args else None
+    problem = checkpoint_problem(ckpt_path, config.model.class_path, model_args)
     if problem:
         raise ValueError(problem)
     return resumed
 
 
-def checkpoint_problem(path: str, model_class_path: str | None) -> str | None:
-    """Why ``path`` cannot be used as ``--ckpt_path`` with a model of ``model_class_path``, or ``None``."""
+def checkpoint_problem(path: str, model_class_path: str | None, model_args: dict | None = None) -> str | None:
+    """Why ``path`` cannot be used as ``--ckpt_path`` with a model of ``model_class_path`` (and, for a resumed
+    ``fit``, the config's ``model_args``), or ``None``."""
     file = Path(path)
     if not file.exists():
         return f"--ckpt_path {path} does not exist: pass a checkpoint file, or 'last' for the newest run of this config"
@@ -165,7 +173,26 @@ def checkpoint_problem(path: str, model_class_path: str | None) -> str | None:
         return (f"--ckpt_path {path} holds a {saved} but the config builds a {model_class_path}: LightningCLI "
                 f"would silently build a {saved.rpartition('.')[2]} instead. Pass a checkpoint of a "
                 f"{model_class_path.rpartition('.')[2]} run, or the config (or --model) of the run that wrote it")
+    hparams = _plain(checkpoint.get("hyper_parameters") or {})
+    changed = [f"{name} {hparams[name]!r} in the checkpoint, {model_args[name]!r} here"
+               for name in sorted(hparams.keys() & (model_args or {}).keys()) if hparams[name] != model_args[name]]
+    if changed:  # LightningCLI replaces the config's model arguments by the checkpoint's, without a word
+        return (f"--ckpt_path {path}: a resumed fit continues the checkpoint's model, whose arguments differ from "
+                f"this config's ({'; '.join(changed)}); LightningCLI would train on with the checkpoint's values "
+                f"and ignore these. Resume with the arguments the run was started with (its run folder's "
+                f"config.yaml), or start a new fit without --ckpt_path to train with the new ones")
     return None
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain dicts and lists (a parsed config's namespaces and tuples), for comparing arguments."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _same_class(a: str, b: str) -> bool:

@@ -164,3 +164,18 @@ def test_readme_checkpoint_paths_are_files_the_recipes_write():
     _fit("--trainer.max_epochs", "1")
     cli = cli_main([*args, *tiny])
     assert Path(args[args.index("--ckpt_path") + 1]).is_file() and "test/acc" in cli.trainer.callback_metrics
+
+
+
+def test_a_resumed_fit_with_changed_model_arguments_is_an_error_not_silently_the_checkpoints(capsys):
+    # LightningCLI replaces the config's model arguments by the checkpoint's on --ckpt_path: --model.lr 0.01
+    # trained on at 0.03 without a word.
+    _fit("--trainer.max_epochs", "1")
+    err = _error(capsys, ["fit", *QUICK, "--trainer.max_epochs", "2", "--model.lr", "0.01", "--model.threshold", "0.9",
+                          "--ckpt_path", "last"])
+    assert "lr 0.03 in the checkpoint, 0.01 here; threshold 0.95 in the checkpoint, 0.9 here" in err
+    assert "Resume with the arguments the run was started with" in err and "without --ckpt_path" in err
+    cli = _fit("--trainer.max_epochs", "2", "--ckpt_path", "last")  # the same arguments resume
+    assert cli.trainer.global_step == 4
+    # test and predict evaluate the checkpoint's model as it was trained: no comparison there
+    cli_main(["test", *QUICK, "--model.threshold", "0.9", "--ckpt_path", "last"])
