@@ -9,7 +9,7 @@ import torch
 from lightning_modules.ssl.fixmatch import FixMatch
 from lightning_modules.classification.semi_supervised import SemiSupervisedModule
 from lightning_modules.ssl.losses import masked_accuracy, masked_cross_entropy
-from lightning_modules.ssl.threshold_state import class_histogram, ema_step, gather_rows
+from lightning_modules.ssl.threshold_state import class_histogram, ema_step, gather_rows, self_adaptive_thresholds
 
 
 class FreeMatch(SemiSupervisedModule):
@@ -91,7 +91,7 @@ class FreeMatch(SemiSupervisedModule):
     def class_thresholds(self, state: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """``tau_t(c) = p~_t(c) / max p~_t * tau_t``, shape ``(C,)``, from ``state`` (the committed one by default)."""
         tau, class_model, _ = state if state is not None else self.committed_state
-        return class_model / class_model.max() * tau
+        return self_adaptive_thresholds(tau, class_model)
 
     def fairness_loss(self, strong_logits: torch.Tensor, mask: torch.Tensor,
                       state: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:

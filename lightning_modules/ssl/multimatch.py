@@ -13,7 +13,8 @@ from lightning_modules.classification.task import refuse_rdrop
 from lightning_modules.ssl.losses import masked_accuracy, masked_cross_entropy
 from lightning_modules.ssl.multihead_agreement import (MultiHeadNet, agreement_targets, apm_cutoffs, apm_step,
                                                        other_heads, pseudo_margins)
-from lightning_modules.ssl.threshold_state import ema_step, flexible_thresholds, gather_rows, write_last_
+from lightning_modules.ssl.threshold_state import (ema_step, flexible_thresholds, gather_rows,
+                                                  self_adaptive_thresholds, write_last_)
 
 THRESHOLD_ALGOS = ("freematch", "flexmatch", "none")
 
@@ -198,7 +199,7 @@ class MultiMatch(SemiSupervisedModule):
             observed = gather_rows(self, probs.transpose(0, 1))  # every rank's batch moves the thresholds
             tau, class_model = self.next_head_state(observed)
             self.step_state.propose(self.update_head_state, observed)
-            thresholds = class_model / class_model.max(dim=1, keepdim=True).values * tau[:, None]
+            thresholds = self_adaptive_thresholds(tau, class_model)
         else:  # the memory before the step, as FlexMatch
             thresholds = torch.stack([flexible_thresholds(self.head_memory[:, h], weak.shape[2], self.threshold,
                                                           self.threshold_warmup) for h in range(self.num_heads)])

@@ -50,6 +50,12 @@ def class_histogram(labels: torch.Tensor, num_classes: int, dtype: torch.dtype =
     return counts / counts.sum().clamp_min(1)
 
 
+def self_adaptive_thresholds(tau: torch.Tensor, class_model: torch.Tensor) -> torch.Tensor:
+    """FreeMatch's per-class thresholds ``tau_t(c) = p~_t(c) / max_c' p~_t(c') * tau_t`` over the last dimension of
+    ``class_model`` (``(C,)``, or ``(H, C)`` with one ``tau`` per row, ``(H,)``)."""
+    return class_model / class_model.max(dim=-1, keepdim=True).values * tau[..., None]
+
+
 def flexible_thresholds(memory: torch.Tensor, num_classes: int, threshold: float, warmup: bool) -> torch.Tensor:
     """FlexMatch's per-class thresholds ``T_c = M(beta_c) * tau`` (``M(x) = x / (2 - x)``), shape ``(C,)``, from a
     per-sample ``memory`` holding a class (``>= 0``), ``-1`` (unused) or ``-2`` (outside the unlabeled set):
