@@ -168,12 +168,12 @@ def checkpoint_problem(path: str, model_class_path: str | None, model_args: dict
         checkpoint = read_checkpoint(path, "--ckpt_path", mmap=True)
     except ValueError as error:
         return str(error)
-    saved = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    hparams = _plain(checkpoint.get("hyper_parameters") or {})
+    saved = hparams.get("_class_path")
     if saved and model_class_path and not _same_class(saved, model_class_path):
         return (f"--ckpt_path {path} holds a {saved} but the config builds a {model_class_path}: LightningCLI "
                 f"would silently build a {saved.rpartition('.')[2]} instead. Pass a checkpoint of a "
                 f"{model_class_path.rpartition('.')[2]} run, or the config (or --model) of the run that wrote it")
-    hparams = _plain(checkpoint.get("hyper_parameters") or {})
     changed = [f"{name} {hparams[name]!r} in the checkpoint, {model_args[name]!r} here"
                for name in sorted(hparams.keys() & (model_args or {}).keys()) if hparams[name] != model_args[name]]
     if changed:  # LightningCLI replaces the config's model arguments by the checkpoint's, without a word
